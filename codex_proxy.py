@@ -942,7 +942,8 @@ class CodexRun:
     # -- process -----------------------------------------------------------
     def start(self, prompt):
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=self.tempdir, stdin=subprocess.PIPE,
+            self.argv, env=self.env, cwd=os.path.join(self.tempdir, "work"),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_group_kwargs())
         threading.Thread(target=self._read_stdout, name=f"codex-out-{self.id}",
                          daemon=True).start()
@@ -1563,7 +1564,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
             return
         self.server.require_key(self)
-        self.send_json(200, {"events": self.server.logs.since(self._since())})
+        self.send_json(200, {"events": self.server.logs.since(self._since()),
+                             "instance": self.server.instance})
 
     def _since(self):
         try:
@@ -1700,7 +1702,7 @@ class TurnPump:
         if kind == "thread":
             run.thread_id = payload
             logs.add("codex_forward", rid, turn=run.id, thread_id=payload,
-                     mapped_model=run.model, effort=run.effort)
+                     mapped_model=run.model, effort=run.effort, pid=run.proc.pid)
         elif kind == "text":
             self.out.text(payload[1])
         elif kind == "reasoning":
@@ -1755,12 +1757,14 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.codex = CodexInfo(config, self.env)
         self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
         self.stopping = threading.Event()
+        self.instance = secrets.token_hex(6)    # lets the log page notice a restart
         self.catalog_path, self.catalog_models = None, []
         # _lock guards _runs and _active.
         self._lock = threading.Lock()
         self._runs = {}
         self._active = 0
         self._logs_html = None
+        self._bridge_thread = None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         super().__init__((config.host, config.port), ProxyHandler)
         self.bridge = BridgeListener(self)
@@ -1770,8 +1774,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         """Check Codex, build the model catalog, start the helper threads."""
         self.codex.refresh()
         self.refresh_catalog()
-        threading.Thread(target=self.bridge.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="bridge-listener", daemon=True).start()
+        self._bridge_thread = threading.Thread(
+            target=self.bridge.serve_forever, kwargs={"poll_interval": 0.2},
+            name="bridge-listener", daemon=True)
+        self._bridge_thread.start()
         threading.Thread(target=self._reap_parked, name="parked-reaper",
                          daemon=True).start()
 
@@ -1795,7 +1801,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             runs = list(self._runs.values())
         for run in runs:
             self.end_run(run, "shutdown")
-        self.bridge.shutdown()
+        if self._bridge_thread is not None:   # shutdown() waits for serve_forever
+            self.bridge.shutdown()
         self.bridge.server_close()
         self.server_close()
 

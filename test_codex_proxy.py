@@ -190,3 +190,966 @@ def function_call_item(name, arguments, call_id, namespace="mcp__client"):
     if namespace:
         item["namespace"] = namespace
     return item
+
+
+# ---------------------------------------------------------------------------
+# Fake codex
+# ---------------------------------------------------------------------------
+
+FAKE_CODEX = r'''
+import json, os, signal, subprocess, sys, threading, time, tomllib
+
+STATE = os.environ["FAKE_CODEX_DIR"]
+args = sys.argv[1:]
+if args[:1] == ["--version"]:
+    print("codex-cli 0.0.0-fake")
+    sys.exit(0)
+if args[:2] == ["login", "status"]:
+    if os.path.exists(os.path.join(STATE, "logged_out")):
+        print("Not logged in", file=sys.stderr)
+        sys.exit(1)
+    print("Logged in using ChatGPT")
+    sys.exit(0)
+if args[:2] == ["debug", "models"]:
+    print(json.dumps({"models": [
+        {"slug": "gpt-5.5", "visibility": "list", "supports_search_tool": True,
+         "apply_patch_tool_type": "freeform"},
+        {"slug": "secret-model", "visibility": "hide"}]}))
+    sys.exit(0)
+assert args[0] == "exec", args
+
+conf, model, images, i = {}, None, [], 1
+while i < len(args):
+    a = args[i]
+    if a == "-c":
+        key, _, value = args[i + 1].partition("=")
+        conf[key] = value
+        i += 2
+    elif a in ("-m", "-i", "-s", "-C", "--disable"):
+        if a == "-m":
+            model = args[i + 1]
+        if a == "-i":
+            images.append(args[i + 1])
+        i += 2
+    else:
+        i += 1
+
+def toml(value):
+    return tomllib.loads("v = " + value)["v"]
+
+prompt = sys.stdin.read()
+record = {"argv": args, "conf": conf, "prompt": prompt, "model": model,
+          "pid": os.getpid(), "cwd": os.getcwd(), "cwd_files": os.listdir(os.getcwd()),
+          "instructions": open(toml(conf["model_instructions_file"])).read(),
+          "images": [open(p, "rb").read().hex() for p in images],
+          "image_paths": images, "tools": None, "results": [], "ended": False}
+
+def save():
+    path = os.path.join(STATE, "records", f"{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+out_lock = threading.Lock()
+def emit(event):
+    with out_lock:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+class Mcp:
+    def __init__(self, command, argv):
+        self.proc = subprocess.Popen([command] + argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        self.lock, self.waiting, self.next_id = threading.Lock(), {}, 0
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.lock:
+                slot = self.waiting.pop(msg.get("id"), None)
+            if slot:
+                slot.append(msg)
+                slot[0].set()
+
+    def request(self, method, params):
+        with self.lock:
+            self.next_id += 1
+            msg_id, slot = self.next_id, [threading.Event()]
+            self.waiting[msg_id] = slot
+        self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method,
+                                          "params": params}) + "\n").encode())
+        self.proc.stdin.flush()
+        slot[0].wait()
+        return slot[1]
+
+mcp = None
+if "mcp_servers.client.command" in conf:
+    mcp = Mcp(toml(conf["mcp_servers.client.command"]), toml(conf["mcp_servers.client.args"]))
+    mcp.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}})
+    mcp.proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+    mcp.proc.stdin.flush()
+    record["tools"] = mcp.request("tools/list", {})["result"]["tools"]
+    record["bridge_pid"] = mcp.proc.pid
+save()
+
+def fill(text):
+    results = [r["text"] for r in record["results"]]
+    return text.format(prompt=prompt, results=" | ".join(results), model=model)
+
+def call_tools(calls):
+    answers = [None] * len(calls)
+    def one(n, call):
+        params = {"name": call["name"], "arguments": call.get("arguments", {})}
+        if call.get("id"):
+            params["_meta"] = {"callId": call["id"]}
+        emit({"type": "item.started", "item": {"id": f"item_c{n}", "type": "mcp_tool_call",
+              "server": "client", "tool": call["name"], "arguments": params["arguments"],
+              "status": "in_progress"}})
+        answers[n] = mcp.request("tools/call", params)["result"]
+    threads = [threading.Thread(target=one, args=(n, c)) for n, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n, answer in enumerate(answers):
+        record["results"].append({"name": calls[n]["name"], "text": answer["content"][0]["text"],
+                                  "is_error": answer.get("isError", False)})
+    save()
+
+steps = [{"thread": True}, {"text": "fake answer"}, {"complete": {}}]
+path = os.path.join(STATE, "scenario.json")
+if os.path.exists(path):
+    for rule in json.load(open(path)):
+        if rule.get("when") is None or rule["when"] in prompt:
+            steps = rule["steps"]
+            break
+
+usage = {"input_tokens": 11, "cached_input_tokens": 3, "output_tokens": 7,
+         "reasoning_output_tokens": 2}
+item = 0
+for step in steps:
+    kind, value = next(iter(step.items()))
+    if kind == "thread":
+        emit({"type": "thread.started", "thread_id": "thread-fake"})
+        emit({"type": "turn.started"})
+    elif kind in ("text", "reasoning"):
+        item += 1
+        emit({"type": "item.completed", "item": {"id": f"item_{item}",
+              "type": "agent_message" if kind == "text" else "reasoning", "text": fill(value)}})
+    elif kind == "warning":
+        emit({"type": "error", "message": value})
+    elif kind == "item_error":
+        emit({"type": "item.completed", "item": {"id": "item_e", "type": "error", "message": value}})
+    elif kind == "complete":
+        emit({"type": "turn.completed", "usage": dict(usage, **value)})
+    elif kind == "fail":
+        emit({"type": "turn.failed", "error": {"message": value}})
+    elif kind == "plain":
+        print(value, flush=True)
+    elif kind == "stderr":
+        print(value, file=sys.stderr, flush=True)
+    elif kind == "sleep":
+        time.sleep(value)
+    elif kind == "wait_file":
+        deadline = time.time() + 30
+        while not os.path.exists(os.path.join(STATE, value)) and time.time() < deadline:
+            time.sleep(0.01)
+    elif kind == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif kind == "calls":
+        call_tools(value)
+    elif kind == "exit":
+        sys.exit(value)
+record["ended"] = True
+save()
+'''
+
+
+class FakeCodex:
+    """The fake codex's folder: its scenario in, its records out."""
+
+    def __init__(self, folder):
+        self.dir = folder
+        (folder / "records").mkdir(parents=True)
+        self.script = folder / "codex"
+        self.script.write_text(f"#!{sys.executable}\n{FAKE_CODEX}")
+        self.script.chmod(0o755)
+
+    def scenario(self, *rules):
+        """Each rule: steps, or (prompt substring, steps); first match wins."""
+        data = [{"when": r[0], "steps": r[1]} if isinstance(r, tuple) else
+                {"when": None, "steps": r} for r in rules]
+        (self.dir / "scenario.json").write_text(json.dumps(data))
+
+    def records(self):
+        out = []
+        for path in sorted((self.dir / "records").glob("*.json"), key=os.path.getmtime):
+            try:
+                out.append(json.loads(path.read_text()))
+            except ValueError:
+                pass
+        return out
+
+    def wait_records(self, n, timeout=10):
+        assert wait_until(lambda: len(self.records()) >= n, timeout), self.records()
+        return self.records()
+
+    def set_logged_out(self, value=True):
+        flag = self.dir / "logged_out"
+        if value:
+            flag.write_text("")
+        elif flag.exists():
+            flag.unlink()
+
+
+class Proxy:
+    def __init__(self, server, thread):
+        self.server = server
+        self.thread = thread
+        self.base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def events(self, type=None):
+        return [e for e in self.server.logs.since(0) if type is None or e["type"] == type]
+
+    def wait_event(self, type, count=1, timeout=10):
+        assert wait_until(lambda: len(self.events(type)) >= count, timeout), self.events()
+        return self.events(type)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.close()
+        self.thread.join(10)
+
+
+def start_proxy(config, extra_env=None):
+    server = cp.ProxyServer(config, log_stream=None)
+    server.env.update(extra_env or {})
+    server.start_background()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="test-proxy", daemon=True)
+    thread.start()
+    return Proxy(server, thread)
+
+
+@pytest.fixture
+def fake_codex(tmp_path):
+    return FakeCodex(tmp_path / "fake")
+
+
+@pytest.fixture
+def run_tmp(tmp_path, monkeypatch):
+    """Temp files of the proxy's runs land here; none may be left behind."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    monkeypatch.setattr(cp.tempfile, "tempdir", str(folder))
+    yield folder
+    assert wait_until(lambda: not os.listdir(folder), 10), os.listdir(folder)
+
+
+@pytest.fixture
+def make_proxy(tmp_path, fake_codex, run_tmp):
+    """Start proxies on port 0 against the fake codex; stop them and check
+    that no fake codex process (or its bridge) outlives the test."""
+    proxies = []
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def make(**overrides):
+        fields = dict(port=0, codex_bin=str(fake_codex.script), codex_home=str(home),
+                      state_dir=str(tmp_path / "state"), quiet=True, tool_quiet=0.1,
+                      logs_html=os.path.join(HERE, "logs.html"))
+        fields.update(overrides)
+        proxy = start_proxy(cp.Config(**fields), {"FAKE_CODEX_DIR": str(fake_codex.dir)})
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+    pids = [r[k] for r in fake_codex.records() for k in ("pid", "bridge_pid") if r.get(k)]
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10), \
+        [p for p in pids if pid_alive(p)]
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy()
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, aliases, expected", [
+    ("xedoc-2.5-tpg", {}, ("gpt-5.2-codex", None)),
+    ("5.5-tpg", {}, ("gpt-5.5", None)),
+    ("hgih-5.5-tpg", {}, ("gpt-5.5", "high")),       # reversed, then the suffix
+    ("gpt-5.5-xhigh", {}, ("gpt-5.5", "xhigh")),
+    ("o3", {}, ("o3", None)),
+    ("my-model", {"my-model": "gpt-5.4-low"}, ("gpt-5.4", "low")),
+    ("xedoc-2.5-tpg", {"xedoc-2.5-tpg": "other"}, ("other", None)),   # alias wins
+    (None, {}, (None, None)),
+    ("gpt-5-turbo", {}, ("gpt-5-turbo", None)),
+])
+def test_resolve_model(name, aliases, expected):
+    assert cp.resolve_model(name, aliases) == expected
+
+
+def test_render_prompt_lone_user_message_is_verbatim():
+    msgs = [cp.Message("system", "be brief"), cp.Message("user", "hi <there>")]
+    assert cp.render_prompt(msgs) == "hi <there>"
+
+
+def test_render_prompt_transcript_carries_roles_calls_and_results():
+    req = cp.parse_chat_request({"messages": [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "read a.py"},
+        {"role": "assistant", "content": [], "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "read_file", "arguments": "{\"path\": \"a.py\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "print(1)"}]},
+    ]})
+    prompt = cp.render_prompt(req.messages)
+    assert "SYS" not in prompt
+    assert '<message role="user">\nread a.py\n</message>' in prompt
+    assert '<tool_call id="call_1" name="read_file">{"path": "a.py"}</tool_call>' in prompt
+    assert '<tool_result id="call_1" name="read_file">\nprint(1)\n</tool_result>' in prompt
+    assert prompt.index("read a.py") < prompt.index("tool_call") < prompt.index("print(1)")
+
+
+def test_instructions_hold_preamble_then_client_text_verbatim():
+    msgs = [cp.Message("system", "  Rule one.\n"), cp.Message("user", "x"),
+            cp.Message("system", "Rule two.")]
+    text = cp.render_instructions(msgs, [], "auto")
+    assert text.startswith(cp.INSTRUCTIONS_PREAMBLE)
+    assert "  Rule one.\n" in text and text.index("Rule one") < text.index("Rule two")
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ("auto", ""), ("none", ""), ("required", "must call at least one"),
+    ({"type": "function", "function": {"name": "read_file"}}, "`read_file`"),
+])
+def test_tool_choice_instruction(choice, expected):
+    tools = [cp.ToolSpec("read_file")]
+    text = cp.tool_choice_instruction(choice, tools)
+    assert (expected in text) if expected else text == ""
+
+
+def test_normalize_tools_accepts_chat_flat_and_custom_forms():
+    specs = cp.normalize_tools([
+        {"type": "function", "function": {"name": "a", "description": "A",
+                                          "parameters": {"type": "object", "properties": {"x": {}}}}},
+        {"type": "function", "name": "b", "parameters": {"type": "object"}},
+        {"type": "custom", "name": "ApplyPatch", "description": "patch",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: x"}},
+        {"type": "web_search"},
+    ])
+    assert [(s.name, s.custom) for s in specs] == [("a", False), ("b", False), ("ApplyPatch", True)]
+    assert specs[2].parameters["required"] == ["input"]
+    assert "start: x" in specs[2].description
+
+
+def test_translate_codex_event_table():
+    t = cp.translate_codex_event
+    assert t({"type": "thread.started", "thread_id": "T"}) == [("thread", "T")]
+    assert t({"type": "item.completed", "item": {"id": "i", "type": "agent_message",
+                                                  "text": "hi"}}) == [("text", ("i", "hi"))]
+    assert t({"type": "item.updated", "item": {"type": "agent_message", "text": "h"}}) == []
+    assert t({"type": "error", "message": "Reconnecting... 1/5"}) == [("warning", "Reconnecting... 1/5")]
+    assert t({"type": "turn.failed", "error": {"message": "boom"}}) == [("failed", "boom")]
+    assert t({"type": "item.completed", "item": {"type": "command_execution"}}) == \
+        [("unexpected", "command_execution")]
+
+
+def test_openai_usage_maps_every_field():
+    assert cp.openai_usage({"input_tokens": 10, "cached_input_tokens": 4, "output_tokens": 6,
+                            "reasoning_output_tokens": 2}) == {
+        "prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16,
+        "prompt_tokens_details": {"cached_tokens": 4},
+        "completion_tokens_details": {"reasoning_tokens": 2}}
+
+
+@pytest.mark.parametrize("message, status, code, retry", [
+    ("You've hit your usage limit. Try again in 2 hours 5 minutes.", 429, "usage_limit_reached", "7500"),
+    ("You've hit your usage limit. Upgrade to Pro.", 429, "usage_limit_reached", None),
+    ("unexpected status 401 Unauthorized: token expired", 401, "codex_unauthorized", None),
+    ("Your input exceeds the context window of this model.", 400, "context_length_exceeded", None),
+    ("stream disconnected before completion", 502, "codex_error", None),
+])
+def test_classify_failure(message, status, code, retry):
+    err = cp.classify_failure(message)
+    assert (err.status, err.code, err.headers.get("Retry-After")) == (status, code, retry)
+
+
+def test_toml_value_round_trips_through_tomllib():
+    value = {"a b": [1, 2.5, True], "path": "C:\\dir\\\"q\"", "nested": {"x": "y"}}
+    assert cp.tomllib.loads("v = " + cp.toml_value(value))["v"] == value
+
+
+# ---------------------------------------------------------------------------
+# Chat completions against the fake codex
+# ---------------------------------------------------------------------------
+
+def test_stream_follows_every_chunk_rule(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"reasoning": "thinking"}, {"text": "Hello"},
+                         {"text": "World"}, {"complete": {}}])
+    status, hdrs, raw = post_chat(proxy.base, chat_body(
+        stream=True, stream_options={"include_usage": True}))
+    assert status == 200
+    assert hdrs["content-type"] == "text/event-stream"
+    assert hdrs["cache-control"] == "no-cache"
+    assert hdrs["transfer-encoding"] == "chunked"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert len({c["created"] for c in chunks}) == 1
+    assert all(c["model"] == "xedoc-2.5-tpg" and c["object"] == "chat.completion.chunk"
+               for c in chunks)
+    finishes = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finishes) == 1 and finishes[0]["choices"][0]["finish_reason"] == "stop"
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == "Hello\n\nWorld"
+    reasoning = [c["choices"][0]["delta"]["reasoning_content"] for c in chunks
+                 if c["choices"] and "reasoning_content" in c["choices"][0]["delta"]]
+    assert reasoning == ["thinking"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 18
+    assert proxy.events("reasoning_detected")[0]["summary_chars"] == 8
+
+
+def test_non_stream_answer_has_message_finish_reason_and_usage(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"reasoning": "hmm"}, {"text": "Hi there"},
+                         {"complete": {}}])
+    status, _, raw = post_chat(proxy.base, chat_body())
+    body = json.loads(raw)
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["model"] == "xedoc-2.5-tpg"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Hi there",
+                                 "reasoning_content": "hmm"}
+    assert choice["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+                             "prompt_tokens_details": {"cached_tokens": 3},
+                             "completion_tokens_details": {"reasoning_tokens": 2}}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions"])
+def test_both_route_forms_answer_and_model_is_resolved(proxy, fake_codex, path):
+    status, _, raw = post_chat(proxy.base, chat_body(), path=path)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "fake answer"
+    record = fake_codex.wait_records(1)[0]
+    assert record["model"] == "gpt-5.2-codex"
+
+
+def test_codex_runs_as_a_pure_forwarder(proxy, fake_codex, run_tmp):
+    post_chat(proxy.base, {"messages": [{"role": "system", "content": "SYSTEM RULES"},
+                                        {"role": "developer", "content": "DEV RULES"},
+                                        {"role": "user", "content": "hello"}]})
+    record = fake_codex.wait_records(1)[0]
+    argv = record["argv"]
+    for flag in ("--json", "--skip-git-repo-check", "--ephemeral", "--ignore-user-config"):
+        assert flag in argv
+    assert argv[argv.index("-s") + 1] == "read-only"
+    disabled = {argv[i + 1] for i, a in enumerate(argv) if a == "--disable"}
+    assert disabled >= {"shell_tool", "view_image", "goals", "apps", "plugins"}
+    assert record["conf"]["web_search"] == '"disabled"'
+    assert record["conf"]["include_environment_context"] == "false"
+    assert record["conf"]["project_doc_max_bytes"] == "0"
+    assert argv[-1] == "-" and record["prompt"] == "hello"
+    assert record["instructions"].startswith(cp.INSTRUCTIONS_PREAMBLE)
+    assert "SYSTEM RULES\n\nDEV RULES" in record["instructions"]
+    assert record["cwd_files"] == [] and record["cwd"].startswith(str(run_tmp))
+    assert "-m" not in argv         # no model named: Codex's default
+
+
+def test_config_toml_keys_are_forwarded_and_nothing_else(make_proxy, fake_codex, tmp_path):
+    (tmp_path / "home" / "config.toml").write_text(
+        'model = "gpt-5.4"\nmodel_reasoning_summary = "detailed"\nservice_tier = "fast"\n'
+        '[mcp_servers.evil]\ncommand = "rm"\n')
+    proxy = make_proxy(codex_config=['model_verbosity="high"'])
+    post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}]})
+    record = fake_codex.wait_records(1)[0]
+    assert record["model"] == "gpt-5.4"
+    assert record["conf"]["model_reasoning_summary"] == '"detailed"'
+    assert record["conf"]["service_tier"] == '"fast"'
+    assert record["conf"]["model_verbosity"] == '"high"'
+    assert not any("evil" in a for a in record["argv"])
+    models = json.loads(http_request(proxy.base, "GET", "/v1/models")[2])["data"]
+    assert {"gpt-5.4", "4.5-tpg", "gpt-5.5", "5.5-tpg"} <= {m["id"] for m in models}
+    assert "secret-model" not in {m["id"] for m in models}
+
+
+@pytest.mark.parametrize("model, body_extra, effort", [
+    ("hgih-2.5-tpg", {}, "high"),
+    ("xedoc-2.5-tpg", {"reasoning_effort": "low"}, "low"),
+    ("gpt-5.2-minimal", {"reasoning_effort": "xhigh"}, "xhigh"),
+])
+def test_reasoning_effort_reaches_codex(proxy, fake_codex, model, body_extra, effort):
+    post_chat(proxy.base, dict(chat_body(model=model), **body_extra, model=model))
+    record = fake_codex.wait_records(1)[0]
+    assert record["conf"]["model_reasoning_effort"] == f'"{effort}"'
+
+
+def test_models_health_and_cors(make_proxy):
+    proxy = make_proxy(aliases={"fast": "gpt-5.4-low"})
+    for path in ("/v1/models", "/models"):
+        status, hdrs, raw = http_request(proxy.base, "GET", path)
+        body = json.loads(raw)
+        assert status == 200 and body["object"] == "list"
+        assert hdrs["access-control-allow-origin"] == "*"
+        ids = [m["id"] for m in body["data"]]
+        assert {"fast", "tsaf", "gpt-5.5", "5.5-tpg"} <= set(ids)
+        assert all(m["object"] == "model" for m in body["data"])
+    status, _, raw = http_request(proxy.base, "GET", "/v1/health")
+    assert status == 200 and json.loads(raw)["status"] == "ok"
+    assert json.loads(raw)["codex_version"] == "codex-cli 0.0.0-fake"
+    assert json.loads(raw)["logged_in"] is True
+    status, hdrs, _ = http_request(proxy.base, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://x", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert status == 204
+    assert hdrs["access-control-allow-origin"] == "*"
+    assert hdrs["access-control-allow-methods"] == "POST"
+    assert hdrs["access-control-allow-headers"] == "authorization,content-type"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ([1, 2], 400, None),
+    ({"messages": []}, 400, "messages"),
+    ({"model": "x"}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url":
+        {"url": "https://example.com/a.png"}}]}]}, 400, None),
+])
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(proxy, body, status, param):
+    got, hdrs, raw = post_chat(proxy.base, body)
+    error = json.loads(raw)["error"]
+    assert got == status and error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert error["param"] == param
+    assert hdrs["access-control-allow-origin"] == "*"
+    assert post_chat(proxy.base, chat_body())[0] == 200
+
+
+def test_remote_image_error_says_why(proxy):
+    _, _, raw = post_chat(proxy.base, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+    assert "data:" in json.loads(raw)["error"]["message"]
+
+
+def test_unknown_fields_are_ignored(proxy):
+    status, _, _ = post_chat(proxy.base, chat_body(
+        temperature=0.2, max_tokens=5, user="u", metadata={"a": "b"}, top_p=1,
+        stream_options={"include_usage": False}, presence_penalty=0, seed=1))
+    assert status == 200
+
+
+def test_unknown_path_404_and_wrong_method_405(proxy):
+    status, _, raw = http_request(proxy.base, "GET", "/v1/nothing")
+    assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+    status, hdrs, raw = http_request(proxy.base, "GET", "/v1/chat/completions")
+    assert status == 405 and json.loads(raw)["error"]["message"] and hdrs["allow"] == "POST"
+    status, _, _ = http_request(proxy.base, "DELETE", "/models")
+    assert status == 405
+
+
+def test_body_over_max_body_gets_413(make_proxy):
+    proxy = make_proxy(max_body=1000)
+    status, _, raw = post_chat(proxy.base, chat_body("x" * 2000))
+    assert status == 413 and json.loads(raw)["error"]["code"] == "request_too_large"
+    assert post_chat(proxy.base, chat_body("small"))[0] == 200
+
+
+def test_data_url_images_are_passed_with_i_and_removed(proxy, fake_codex, run_tmp):
+    png = b"\x89PNG\r\n\x1a\nfake-image"
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    status, _, _ = post_chat(proxy.base, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert status == 200
+    record = fake_codex.wait_records(1)[0]
+    assert record["images"] == [png.hex()] and record["image_paths"][0].endswith(".png")
+    assert "what is this" in record["prompt"] and "[image #1]" in record["prompt"]
+
+
+def test_legacy_function_role_and_null_content_are_accepted(proxy, fake_codex):
+    status, _, _ = post_chat(proxy.base, {"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": "RESULT-F"}]})
+    assert status == 200
+    assert "RESULT-F" in fake_codex.wait_records(1)[0]["prompt"]
+
+
+def test_think_mode_puts_reasoning_in_content_and_strips_it_from_history(make_proxy, fake_codex):
+    proxy = make_proxy(reasoning="think")
+    fake_codex.scenario([{"thread": True}, {"reasoning": "R1"}, {"text": "A1"}, {"complete": {}}])
+    _, _, raw = post_chat(proxy.base, chat_body(stream=True))
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in sse_events(raw)[:-1]
+                      if c["choices"])
+    assert content == "<think>\nR1\n</think>\n\nA1"
+    assert "reasoning_content" not in raw.decode()
+    post_chat(proxy.base, {"messages": [{"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": content},
+                                        {"role": "user", "content": "q2"}]})
+    prompt = fake_codex.wait_records(2)[-1]["prompt"]
+    assert "R1" not in prompt and "A1" in prompt
+
+
+def test_reasoning_none_hides_the_summary(make_proxy, fake_codex):
+    proxy = make_proxy(reasoning="none")
+    fake_codex.scenario([{"thread": True}, {"reasoning": "SECRET-R"}, {"text": "A"}, {"complete": {}}])
+    for stream in (True, False):
+        _, _, raw = post_chat(proxy.base, chat_body(stream=stream))
+        assert b"SECRET-R" not in raw and b"reasoning_content" not in raw
+
+
+def test_warnings_are_logged_not_shown(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"warning": "Reconnecting... 1/5"},
+                         {"item_error": "Model metadata for `x` not found"},
+                         {"text": "ok"}, {"complete": {}}])
+    _, _, raw = post_chat(proxy.base, chat_body(stream=True))
+    assert b"Reconnecting" not in raw and b"metadata" not in raw
+    assert {e["message"] for e in proxy.events("codex_warning")} == {
+        "Reconnecting... 1/5", "Model metadata for `x` not found"}
+
+
+def open_raw_stream(proxy, body):
+    """POST a streaming request on a raw socket; return the socket."""
+    sock = socket.create_connection(("127.0.0.1", int(proxy.base.rsplit(":", 1)[1])), timeout=20)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def recv_until(sock, marker, limit=10.0):
+    seen, deadline = b"", time.monotonic() + limit
+    while marker not in seen and time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        seen += data
+    return seen
+
+
+def test_first_chunk_leaves_before_codex_says_anything(proxy, fake_codex):
+    fake_codex.scenario([{"wait_file": "go"}, {"thread": True}, {"text": "late"}, {"complete": {}}])
+    sock = open_raw_stream(proxy, chat_body(stream=True))
+    first = recv_until(sock, b'"role":"assistant"')
+    assert b'"role":"assistant"' in first and b"late" not in first   # Codex waits for "go"
+    (fake_codex.dir / "go").write_text("")
+    rest = recv_until(sock, b"0\r\n\r\n")
+    sock.close()
+    assert b"late" in rest and b"[DONE]" in rest
+
+
+def test_keepalive_comments_while_codex_is_silent(make_proxy, fake_codex):
+    proxy = make_proxy(keepalive=0.1)
+    fake_codex.scenario([{"thread": True}, {"sleep": 0.6}, {"text": "done"}, {"complete": {}}])
+    _, _, raw = post_chat(proxy.base, chat_body(stream=True))
+    assert raw.count(b": keepalive\n\n") >= 2
+    assert sse_events(raw)[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("steps, status, code", [
+    ([{"thread": True}, {"fail": "You've hit your usage limit. Try again in 5 minutes."}],
+     429, "usage_limit_reached"),
+    ([{"thread": True}, {"fail": "unexpected status 401 Unauthorized"}], 401, "codex_unauthorized"),
+    ([{"thread": True}, {"fail": "exceeds the context window"}], 400, "context_length_exceeded"),
+    ([{"thread": True}, {"fail": "upstream exploded"}], 502, "codex_error"),
+    ([{"thread": True}, {"text": "partial"}, {"exit": 1}], 502, "codex_error"),
+    ([{"plain": "Error loading config: bad key"}, {"exit": 1}], 502, "codex_error"),
+])
+def test_failed_turns_map_to_statuses(proxy, fake_codex, steps, status, code):
+    fake_codex.scenario(steps)
+    got, hdrs, raw = post_chat(proxy.base, chat_body())
+    assert got == status and json.loads(raw)["error"]["code"] == code
+    if status == 429:
+        assert hdrs["retry-after"] == "300"
+    if steps[0].get("plain"):
+        assert "bad key" in json.loads(raw)["error"]["message"]
+    assert proxy.events("stream_codex_error")
+
+
+def test_streamed_failure_is_one_error_event_then_done(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"fail": "You've hit your usage limit."}])
+    status, _, raw = post_chat(proxy.base, chat_body(stream=True))
+    events = sse_events(raw)
+    assert status == 200 and events[-1] == "[DONE]"
+    errors = [e for e in events[:-1] if "error" in e]
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "usage_limit_reached"
+    assert not any(e.get("choices") and e["choices"][0]["finish_reason"] for e in events[:-1]
+                   if isinstance(e, dict))
+
+
+def test_idle_and_request_timeouts_end_the_run(make_proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"sleep": 30}])
+    proxy = make_proxy(idle_timeout=0.5)
+    status, _, raw = post_chat(proxy.base, chat_body())
+    assert status == 504 and json.loads(raw)["error"]["code"] == "codex_idle_timeout"
+    proxy = make_proxy(request_timeout=0.5, keepalive=0.1)
+    status, _, raw = post_chat(proxy.base, chat_body(stream=True))
+    errors = [e for e in sse_events(raw)[:-1] if "error" in e]
+    assert errors[0]["error"]["code"] == "codex_request_timeout"
+    pids = [r["pid"] for r in fake_codex.wait_records(2)]
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 5)
+
+
+def test_codex_not_found_gives_503_with_install_hint(make_proxy, tmp_path):
+    proxy = make_proxy(codex_bin=str(tmp_path / "no-such-codex"))
+    status, _, raw = post_chat(proxy.base, chat_body())
+    error = json.loads(raw)["error"]
+    assert status == 503 and error["code"] == "codex_not_found"
+    assert "npm install" in error["message"]
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["codex_version"] is None
+
+
+def test_not_logged_in_gives_401_and_custom_provider_skips_the_check(make_proxy, fake_codex,
+                                                                      tmp_path):
+    fake_codex.set_logged_out()
+    proxy = make_proxy()
+    status, _, raw = post_chat(proxy.base, chat_body())
+    error = json.loads(raw)["error"]
+    assert status == 401 and error["code"] == "codex_not_logged_in"
+    assert "codex login" in error["message"]
+    fake_codex.set_logged_out(False)
+    assert post_chat(proxy.base, chat_body())[0] == 401      # cached for 30 s
+    proxy.server.codex._checked_at -= cp.LOGIN_CACHE_SECONDS + 1
+    assert post_chat(proxy.base, chat_body())[0] == 200      # a stale "no" is rechecked at once
+    fake_codex.set_logged_out()
+    (tmp_path / "home" / "config.toml").write_text('model_provider = "mock"\n')
+    assert post_chat(make_proxy().base, chat_body())[0] == 200
+
+
+def test_more_than_max_concurrent_runs_get_429(make_proxy, fake_codex):
+    proxy = make_proxy(max_concurrent=1)
+    fake_codex.scenario([{"wait_file": "go"}, {"thread": True}, {"text": "x"}, {"complete": {}}])
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(r=post_chat(proxy.base, chat_body())))
+    thread.start()
+    fake_codex.wait_records(1)
+    status, hdrs, raw = post_chat(proxy.base, chat_body())
+    assert status == 429 and hdrs["retry-after"]
+    assert json.loads(raw)["error"]["type"] == "rate_limit_error"
+    (fake_codex.dir / "go").write_text("")
+    thread.join(20)
+    assert first["r"][0] == 200
+    assert post_chat(proxy.base, chat_body())[0] == 200
+
+
+def disconnect_mid_stream(proxy):
+    """Start a stream, read its first chunk, then hang up."""
+    sock = open_raw_stream(proxy, chat_body(stream=True))
+    assert b"role" in recv_until(sock, b"role")
+    sock.close()
+
+
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_client_disconnect_terminates_codex(proxy, fake_codex, ignore_term):
+    steps = [{"ignore_term": True}] if ignore_term else []
+    fake_codex.scenario(("again", [{"thread": True}, {"text": "ok"}, {"complete": {}}]),
+                        steps + [{"thread": True}, {"sleep": 60}, {"text": "never"}])
+    disconnect_mid_stream(proxy)
+    pid = fake_codex.wait_records(1)[0]["pid"]
+    assert wait_until(lambda: not pid_alive(pid), 8)
+    assert wait_until(lambda: proxy.events("client_disconnected"), 5)
+    assert post_chat(proxy.base, chat_body("again"))[0] == 200
+
+
+def test_client_disconnect_of_a_non_streaming_request_terminates_codex(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"sleep": 60}])
+    sock = socket.create_connection(("127.0.0.1", int(proxy.base.rsplit(":", 1)[1])), timeout=20)
+    body = json.dumps(chat_body()).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    pid = fake_codex.wait_records(1)[0]["pid"]
+    sock.close()
+    assert wait_until(lambda: not pid_alive(pid), 8)
+
+
+# ---------------------------------------------------------------------------
+# Access
+# ---------------------------------------------------------------------------
+
+KEY = "test-key-1234"
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/models"),
+    ("GET", "/logs?format=json"), ("GET", "/logs/stream"), ("GET", "/v1/logs"),
+])
+def test_key_required_on_every_route_but_health(make_proxy, method, path):
+    proxy = make_proxy(api_keys=(KEY, "second-key"))
+    body = chat_body() if method == "POST" else None
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, _, raw = http_request(proxy.base, method, path, body, headers)
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+    assert http_request(proxy.base, "GET", "/health")[0] == 200
+    assert http_request(proxy.base, "OPTIONS", path.split("?")[0])[0] == 204
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"api-key": KEY},
+                                     {"x-api-key": KEY}, {"Authorization": "Bearer second-key"}])
+def test_key_accepted_in_each_header(make_proxy, headers):
+    proxy = make_proxy(api_keys=(KEY, "second-key"))
+    assert post_chat(proxy.base, chat_body(), headers)[0] == 200
+    assert http_request(proxy.base, "GET", "/v1/models", headers=headers)[0] == 200
+
+
+def test_keys_never_reach_the_log(make_proxy, tmp_path):
+    stream = open(tmp_path / "stderr.txt", "w+")
+    config = cp.Config(port=0, codex_bin="no-codex-here", api_keys=(KEY,),
+                       state_dir=str(tmp_path / "s"))
+    server = cp.ProxyServer(config, log_stream=stream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    proxy = Proxy(server, thread)
+    try:
+        base = proxy.base
+        post_chat(base, chat_body(), {"Authorization": "Bearer wrong-key-5678"})
+        post_chat(base, chat_body(), {"Authorization": f"Bearer {KEY}"})
+        _, _, raw = http_request(base, "GET", "/logs?format=json",
+                                 headers={"x-api-key": KEY})
+        assert json.loads(raw)["events"]
+        assert proxy.events("auth_rejected")
+    finally:
+        proxy.stop()
+    stream.seek(0)
+    text = stream.read() + raw.decode()
+    assert KEY not in text and "wrong-key-5678" not in text and "auth_rejected" in text
+
+
+@pytest.mark.parametrize("header", ["CF-Connecting-IP", "X-Forwarded-For", "Forwarded", "X-Real-IP"])
+def test_tunnelled_request_without_key_gets_403(proxy, header):
+    status, _, raw = post_chat(proxy.base, chat_body(), {header: "203.0.113.9"})
+    error = json.loads(raw)["error"]
+    assert status == 403 and "--api-key" in error["message"]
+    assert proxy.events("auth_rejected")[0]["reason"] == "tunnel_without_key"
+
+
+def test_tunnelled_request_with_key_is_served(make_proxy):
+    proxy = make_proxy(api_keys=(KEY,))
+    assert post_chat(proxy.base, chat_body(), {"X-Forwarded-For": "203.0.113.9",
+                                               "Authorization": f"Bearer {KEY}"})[0] == 200
+
+
+def test_non_loopback_bind_without_key_refuses_to_start(capsys):
+    assert cp.main(["--addr", "0.0.0.0:0", "--codex-bin", "none"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+
+
+def test_help_lists_an_environment_variable_for_every_flag():
+    text = cp.build_parser().format_help()
+    flags = re.findall(r"^\s+(--[a-z-]+)", text, re.M)
+    assert len(flags) >= 18
+    for action in cp.build_parser()._actions:
+        if action.help not in (None, cp.argparse.SUPPRESS) and action.option_strings != ["-h", "--help"]:
+            assert "env " in action.help, action.option_strings
+
+
+def test_addr_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CODEX_OPENAI_PROXY_ADDR", "127.0.0.1:9")
+    args = cp.build_parser().parse_args([])
+    assert cp.config_from_args(args).port == 9
+
+
+# ---------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------
+
+def test_logs_hold_the_seed_event_kinds_without_bodies(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"reasoning": "r"}, {"text": "SECRET ANSWER"},
+                         {"complete": {}}])
+    post_chat(proxy.base, chat_body("SECRET PROMPT"))
+    fake_codex.scenario([{"thread": True}, {"fail": "boom"}])
+    post_chat(proxy.base, chat_body())
+    proxy.wait_event("cursor_response")
+    status, _, raw = http_request(proxy.base, "GET", "/logs?format=json")
+    events = json.loads(raw)["events"]
+    kinds = {e["type"] for e in events}
+    assert {"incoming_request", "codex_forward", "reasoning_detected", "cursor_response",
+            "stream_codex_error"} <= kinds
+    assert all({"seq", "ts", "type", "request_id"} <= set(e) for e in events)
+    incoming = [e for e in events if e["type"] == "incoming_request"][0]
+    assert incoming["model"] == "xedoc-2.5-tpg" and incoming["messages"] == 1
+    assert incoming["stream"] is False and incoming["client"] == "127.0.0.1"
+    forward = [e for e in events if e["type"] == "codex_forward"][0]
+    assert forward["mapped_model"] == "gpt-5.2-codex" and forward["thread_id"] == "thread-fake"
+    response = [e for e in events if e["type"] == "cursor_response"][0]
+    assert response["finish_reason"] == "stop" and response["usage"]["total_tokens"] == 18
+    assert b"SECRET" not in raw
+    last = events[-1]["seq"]
+    _, _, raw = http_request(proxy.base, "GET", f"/v1/logs?format=json&since={last - 1}")
+    assert [e["seq"] for e in json.loads(raw)["events"]] == [last]
+
+
+def test_log_bodies_records_prompt_and_answer(make_proxy, fake_codex):
+    proxy = make_proxy(log_bodies=True)
+    fake_codex.scenario([{"thread": True}, {"text": "THE ANSWER"}, {"complete": {}}])
+    post_chat(proxy.base, chat_body("THE PROMPT"))
+    assert proxy.events("incoming_request")[0]["prompt"] == "THE PROMPT"
+    assert proxy.wait_event("cursor_response")[0]["answer"] == "THE ANSWER"
+
+
+def test_logs_page_for_browsers_and_json_otherwise(make_proxy):
+    proxy = make_proxy()
+    status, hdrs, raw = http_request(proxy.base, "GET", "/logs", headers={"Accept": "text/html"})
+    assert status == 200 and hdrs["content-type"].startswith("text/html")
+    assert b"<script" in raw and b"http://" not in raw.replace(b"http://www.w3.org", b"")
+    status, hdrs, raw = http_request(proxy.base, "GET", "/logs")
+    assert hdrs["content-type"] == "application/json" and "events" in json.loads(raw)
+    alone = make_proxy(logs_html=None)      # the single file copied on its own
+    status, hdrs, raw = http_request(alone.base, "GET", "/logs", headers={"Accept": "text/html"})
+    assert status == 200 and "events" in json.loads(raw)
+
+
+def test_logs_stream_tails_new_events(proxy):
+    host, port = proxy.base.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/logs/stream?since=0")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    post_chat(proxy.base, chat_body())
+    seen = b""
+    deadline = time.monotonic() + 10
+    while b"cursor_response" not in seen and time.monotonic() < deadline:
+        seen += resp.fp.readline()
+    conn.close()
+    assert b"incoming_request" in seen and b"cursor_response" in seen and b"id: " in seen
+
+
+def test_log_lines_on_stderr_escape_control_characters(tmp_path):
+    stream = open(tmp_path / "err.txt", "w+")
+    logs = cp.LogBuffer(3, stream)
+    logs.add("incoming_request", "req_1", model="evil\x1b[31m\nname")
+    for n in range(5):
+        logs.add("x", None, n=n)
+    stream.seek(0)
+    first = stream.readline()
+    assert "\x1b" not in first and "incoming_request" in first and first.count("\n") == 1
+    assert [e["n"] for e in logs.since(0)] == [2, 3, 4]      # a ring of --log-size
+
+
+# ---------------------------------------------------------------------------
+# Responses-shaped bodies
+# ---------------------------------------------------------------------------
+
+def test_responses_shaped_body_gets_chat_chunks(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"text": "from responses"}, {"complete": {}}])
+    body = {"model": "xedoc-2.5-tpg", "instructions": "RESP INSTRUCTIONS", "stream": True,
+            "input": [{"type": "message", "role": "user",
+                       "content": [{"type": "input_text", "text": "hi there"}]}],
+            "reasoning": {"effort": "high"}, "text": {"verbosity": "low"}, "store": False}
+    status, _, raw = post_chat(proxy.base, body)
+    events = sse_events(raw)
+    assert status == 200 and events[-1] == "[DONE]"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert "from responses" in raw.decode()
+    record = fake_codex.wait_records(1)[0]
+    assert "RESP INSTRUCTIONS" in record["instructions"] and record["prompt"] == "hi there"
+    assert record["conf"]["model_reasoning_effort"] == '"high"'
