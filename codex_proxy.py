@@ -1224,9 +1224,13 @@ def run_mcp_bridge(config_path, stdin=None, stdout=None):
     def send(message):
         data = json.dumps(message).encode() + b"\n"
         with out_lock:
-            stdout.write(data)
-            stdout.flush()
+            try:
+                stdout.write(data)
+                stdout.flush()
+            except (OSError, ValueError):
+                pass        # Codex has gone; nobody is waiting for the answer
 
+    calls = []
     for raw in iter(stdin.readline, b""):
         try:
             message = json.loads(raw)
@@ -1247,13 +1251,17 @@ def run_mcp_bridge(config_path, stdin=None, stdout=None):
         elif method == "tools/list":
             send({"jsonrpc": "2.0", "id": msg_id, "result": {"tools": conf["tools"]}})
         elif method == "tools/call":
-            threading.Thread(target=_bridge_call, args=(conf, msg_id, params, send),
-                             name="bridge-call", daemon=True).start()
+            calls.append(threading.Thread(target=_bridge_call, name="bridge-call",
+                                          args=(conf, msg_id, params, send), daemon=True))
+            calls[-1].start()
         elif method == "ping":
             send({"jsonrpc": "2.0", "id": msg_id, "result": {}})
         else:
             send({"jsonrpc": "2.0", "id": msg_id, "error": {
                 "code": -32601, "message": f"method not found: {method}"}})
+    deadline = time.monotonic() + 5.0      # stdin closed: let answered calls go out
+    for thread in calls:
+        thread.join(max(0.0, deadline - time.monotonic()))
     return 0
 
 

@@ -1153,3 +1153,334 @@ def test_responses_shaped_body_gets_chat_chunks(proxy, fake_codex):
     record = fake_codex.wait_records(1)[0]
     assert "RESP INSTRUCTIONS" in record["instructions"] and record["prompt"] == "hi there"
     assert record["conf"]["model_reasoning_effort"] == '"high"'
+
+
+# ---------------------------------------------------------------------------
+# Client tool calls against the fake codex (an MCP client of the bridge)
+# ---------------------------------------------------------------------------
+
+TOOLS = [
+    {"type": "function", "function": {"name": "read_file", "description": "Read a file",
+     "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                    "required": ["path"]}}},
+    {"type": "function", "name": "list_dir", "description": "List a folder",
+     "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}},
+    {"type": "custom", "name": "ApplyPatch", "description": "Apply a patch",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: patch"}},
+]
+PATCH = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch\n"
+
+
+def tool_round(proxy, messages, stream=False, **extra):
+    """POST with the tools; return (status, assistant message, finish_reason, raw)."""
+    status, _, raw = post_chat(proxy.base, {"model": "5.5-tpg", "messages": messages,
+                                            "tools": TOOLS, "stream": stream, **extra})
+    if status != 200:
+        return status, None, None, raw
+    if not stream:
+        body = json.loads(raw)
+        return status, body["choices"][0]["message"], body["choices"][0]["finish_reason"], raw
+    return status, assemble_stream(sse_events(raw)), finish_of(sse_events(raw)), raw
+
+
+def assemble_stream(events):
+    """Rebuild the assistant message from streamed chunks, as SDKs do."""
+    message = {"role": "assistant", "content": "", "tool_calls": []}
+    for event in events:
+        if event == "[DONE]" or not event.get("choices"):
+            continue
+        delta = event["choices"][0]["delta"]
+        message["content"] += delta.get("content") or ""
+        for frag in delta.get("tool_calls", []):
+            calls = message["tool_calls"]
+            while len(calls) <= frag["index"]:
+                calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            call = calls[frag["index"]]
+            call["id"] = frag.get("id") or call["id"]
+            call["function"]["name"] += frag.get("function", {}).get("name", "")
+            call["function"]["arguments"] += frag.get("function", {}).get("arguments", "")
+    return message
+
+
+def finish_of(events):
+    reasons = [e["choices"][0]["finish_reason"] for e in events
+               if e != "[DONE]" and e.get("choices") and e["choices"][0]["finish_reason"]]
+    assert len(reasons) == 1, reasons
+    return reasons[0]
+
+
+def results_for(message, prefix="RESULT"):
+    return [{"role": "tool", "tool_call_id": c["id"],
+             "content": f"{prefix}:{c['function']['name']}:{c['function']['arguments']}"}
+            for c in message["tool_calls"]]
+
+
+TOOL_TURN = [{"thread": True}, {"text": "Let me look."},
+             {"calls": [{"name": "read_file", "arguments": {"path": "a.py"}, "id": "call_m1"}]},
+             {"text": "The file says {results}"}, {"complete": {}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_parks_the_turn_and_the_result_resumes_it(proxy, fake_codex, stream):
+    fake_codex.scenario(TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    status, message, finish, raw = tool_round(proxy, messages, stream)
+    assert status == 200 and finish == "tool_calls"
+    assert message["content"] == "Let me look."
+    assert message["tool_calls"] == [{"id": "call_m1", "type": "function", "function": {
+        "name": "read_file", "arguments": '{"path": "a.py"}'}}]
+    record = fake_codex.wait_records(1)[0]
+    assert pid_alive(record["pid"]) and not record["ended"]       # parked, not ended
+    messages += [message, *results_for(message)]
+    status, final, finish, _ = tool_round(proxy, messages, stream)
+    assert status == 200 and finish == "stop"
+    assert final["content"] == 'The file says RESULT:read_file:{"path": "a.py"}'
+    records = fake_codex.wait_records(1)
+    assert len(records) == 1                    # the same process, no new run
+    assert records[0]["results"] == [{"name": "read_file", "is_error": False,
+                                      "text": 'RESULT:read_file:{"path": "a.py"}'}]
+    kinds = [e["type"] for e in proxy.events()]
+    assert {"tool_call_forwarded", "tool_result_received", "turn_resumed"} <= set(kinds)
+    assert "fallback_transcript" not in kinds
+
+
+def test_streamed_tool_calls_follow_the_fragment_rules(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "list_dir", "arguments": {"path": "."}, "id": "call_b"}]},
+        {"text": "done {results}"}, {"complete": {}}])
+    _, _, raw = post_chat(proxy.base, {"model": "m", "stream": True, "tools": TOOLS,
+                                       "messages": [{"role": "user", "content": "go"}],
+                                       "stream_options": {"include_usage": True}})
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]" and finish_of(events) == "tool_calls"
+    frags = [f for e in events[:-1] if e["choices"] for f in e["choices"][0]["delta"].get("tool_calls", [])]
+    by_index = {}
+    for frag in frags:
+        by_index.setdefault(frag["index"], []).append(frag)
+    assert sorted(by_index) == [0, 1]
+    for index, parts in by_index.items():
+        assert parts[0]["type"] == "function" and parts[0]["id"] and parts[0]["function"]["name"]
+        assert all(set(p) == {"index", "function"} for p in parts[1:])
+    ids = {parts[0]["id"] for parts in by_index.values()}
+    assert ids == {"call_a", "call_b"}
+    assert events[-2]["choices"] == [] and "usage" in events[-2]
+    assert len({e["id"] for e in events[:-1]}) == 1
+
+
+def test_parallel_calls_go_out_together_and_both_results_go_back(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
+        {"text": "both: {results}"}, {"complete": {}}])
+    messages = [{"role": "user", "content": "read both"}]
+    _, message, finish, _ = tool_round(proxy, messages)
+    assert finish == "tool_calls" and len(message["tool_calls"]) == 2
+    assert len({c["id"] for c in message["tool_calls"]}) == 2
+    messages += [message, *results_for(message)]
+    _, final, _, _ = tool_round(proxy, messages)
+    assert 'RESULT:read_file:{"path": "a"}' in final["content"]
+    assert 'RESULT:read_file:{"path": "b"}' in final["content"]
+    assert len(fake_codex.records()[0]["results"]) == 2
+
+
+def test_custom_tool_call_arrives_as_raw_text_and_its_result_goes_back(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "ApplyPatch", "arguments": {"input": PATCH}, "id": "call_p"}]},
+        {"text": "patched: {results}"}, {"complete": {}}])
+    messages = [{"role": "user", "content": "add a.txt"}]
+    _, message, _, _ = tool_round(proxy, messages, stream=True)
+    call = message["tool_calls"][0]
+    assert call["function"] == {"name": "ApplyPatch", "arguments": PATCH}
+    messages += [message, {"role": "tool", "tool_call_id": call["id"],
+                           "content": [{"type": "text", "text": "Applied."}]}]
+    _, final, _, _ = tool_round(proxy, messages)
+    assert final["content"] == "patched: Applied."
+
+
+def test_bridge_lists_every_tool_form_to_the_model(proxy, fake_codex):
+    post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+    tools = {t["name"]: t for t in fake_codex.wait_records(1)[0]["tools"]}
+    assert set(tools) == {"read_file", "list_dir", "ApplyPatch"}
+    assert tools["read_file"]["inputSchema"]["required"] == ["path"]
+    assert tools["list_dir"]["description"] == "List a folder"
+    assert tools["ApplyPatch"]["inputSchema"]["properties"]["input"]["type"] == "string"
+    assert "start: patch" in tools["ApplyPatch"]["description"]
+
+
+def test_no_tools_means_no_bridge_and_tool_choice_none_hides_them(proxy, fake_codex):
+    post_chat(proxy.base, chat_body())
+    post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                           "tool_choice": "none"})
+    for record in fake_codex.wait_records(2):
+        assert record["tools"] is None
+        assert not any(a.startswith("mcp_servers") for a in record["argv"])
+
+
+def test_tool_choice_required_and_named_become_instructions(proxy, fake_codex):
+    for choice in ("required", {"type": "function", "function": {"name": "list_dir"}}):
+        post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                               "tool_choice": choice})
+    first, second = fake_codex.wait_records(2)
+    assert "must call at least one" in first["instructions"]
+    assert "`list_dir`" in second["instructions"]
+
+
+def test_fallback_after_a_restart_replays_the_whole_conversation(make_proxy, fake_codex):
+    fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "fallback saw: {prompt}"},
+                                          {"complete": {}}]), TOOL_TURN)
+    proxy = make_proxy()
+    messages = [{"role": "user", "content": "read a.py"}]
+    _, message, _, _ = tool_round(proxy, messages)
+    proxy.stop()                                 # the parked Codex goes with it
+    first_pid = fake_codex.records()[0]["pid"]
+    assert wait_until(lambda: not pid_alive(first_pid), 8)
+    proxy = make_proxy()
+    messages += [message, *results_for(message)]
+    status, final, finish, _ = tool_round(proxy, messages)
+    assert status == 200 and finish == "stop"
+    prompt = fake_codex.wait_records(2)[-1]["prompt"]
+    assert '<tool_call id="call_m1" name="read_file">{"path": "a.py"}</tool_call>' in prompt
+    assert 'RESULT:read_file:{"path": "a.py"}' in prompt and "read a.py" in prompt
+    assert fake_codex.records()[-1]["tools"]               # tools exposed again
+    assert "RESULT:read_file" in final["content"]
+    assert proxy.events("fallback_transcript")
+
+
+def test_abandoned_parked_turn_expires(make_proxy, fake_codex):
+    proxy = make_proxy(tool_result_timeout=0.5)
+    fake_codex.scenario(TOOL_TURN)
+    tool_round(proxy, [{"role": "user", "content": "x"}])
+    record = fake_codex.wait_records(1)[0]
+    expired = proxy.wait_event("parked_expired")
+    assert expired[0]["reason"] == "tool_result_timeout" and expired[0]["pending"] == ["call_m1"]
+    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+    assert len(proxy.server.parked) == 0
+
+
+def test_max_parked_expires_the_oldest(make_proxy, fake_codex):
+    proxy = make_proxy(max_parked=1)
+    fake_codex.scenario(TOOL_TURN)
+    tool_round(proxy, [{"role": "user", "content": "first"}])
+    tool_round(proxy, [{"role": "user", "content": "second"}])
+    first, second = fake_codex.wait_records(2)
+    assert proxy.wait_event("parked_expired")[0]["reason"] == "max_parked"
+    assert wait_until(lambda: not pid_alive(first["pid"]), 8)
+    assert pid_alive(second["pid"]) and len(proxy.server.parked) == 1
+
+
+def test_parked_turns_do_not_count_against_max_concurrent(make_proxy, fake_codex):
+    proxy = make_proxy(max_concurrent=1)
+    fake_codex.scenario(("plain question", [{"thread": True}, {"text": "ok"}, {"complete": {}}]),
+                        TOOL_TURN)
+    assert tool_round(proxy, [{"role": "user", "content": "x"}])[2] == "tool_calls"
+    assert post_chat(proxy.base, chat_body("plain question"))[0] == 200
+
+
+def test_shutdown_ends_parked_codex(make_proxy, fake_codex):
+    proxy = make_proxy()
+    fake_codex.scenario(TOOL_TURN)
+    tool_round(proxy, [{"role": "user", "content": "x"}])
+    record = fake_codex.wait_records(1)[0]
+    proxy.stop()
+    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+    assert wait_until(lambda: not pid_alive(record["bridge_pid"]), 8)
+
+
+def test_edited_history_expires_the_parked_turn_and_runs_fresh(proxy, fake_codex):
+    fake_codex.scenario(("changed my mind", [{"thread": True}, {"text": "fresh"}, {"complete": {}}]),
+                        TOOL_TURN)
+    messages = [{"role": "user", "content": "x"}]
+    _, message, _, _ = tool_round(proxy, messages)
+    messages += [message, {"role": "user", "content": "changed my mind"}]
+    _, final, _, _ = tool_round(proxy, messages)
+    assert final["content"] == "fresh"
+    assert proxy.wait_event("parked_expired")[0]["reason"] == "history_changed"
+    first = fake_codex.records()[0]
+    assert wait_until(lambda: not pid_alive(first["pid"]), 8)
+
+
+def test_call_ids_stay_unique_within_a_conversation(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_old"}]},
+        {"text": "ok"}, {"complete": {}}])
+    history = [{"role": "user", "content": "x"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_old",
+                "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "call_old", "content": "old"},
+               {"role": "user", "content": "again"}]
+    _, message, _, _ = tool_round(proxy, history)
+    new_id = message["tool_calls"][0]["id"]
+    assert new_id != "call_old" and new_id.startswith("call_")
+
+
+def test_missing_result_is_answered_with_an_error(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
+        {"text": "{results}"}, {"complete": {}}])
+    messages = [{"role": "user", "content": "x"}]
+    _, message, _, _ = tool_round(proxy, messages)
+    messages += [message, results_for(message)[0]]
+    assert tool_round(proxy, messages)[2] == "stop"
+    results = fake_codex.records()[0]["results"]
+    assert sorted(r["is_error"] for r in results) == [False, True]
+
+
+def test_responses_shaped_tool_round_trip(proxy, fake_codex):
+    fake_codex.scenario(TOOL_TURN)
+    flat_tools = [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]
+    body = {"model": "m", "stream": True, "tools": flat_tools, "instructions": "I",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "read"}]}]}
+    _, _, raw = post_chat(proxy.base, body)
+    call = assemble_stream(sse_events(raw))["tool_calls"][0]
+    body["input"] += [{"type": "function_call", "call_id": call["id"], "name": call["function"]["name"],
+                       "arguments": call["function"]["arguments"]},
+                      {"type": "function_call_output", "call_id": call["id"], "output": "CONTENT"}]
+    _, _, raw = post_chat(proxy.base, body)
+    assert assemble_stream(sse_events(raw))["content"] == "The file says CONTENT"
+    assert len(fake_codex.records()) == 1
+
+
+def test_bridge_refuses_a_wrong_secret(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"wait_file": "go"}, {"complete": {}}])
+    thread = threading.Thread(target=lambda: tool_round(proxy, [{"role": "user", "content": "x"}]))
+    thread.start()
+    fake_codex.wait_records(1)
+    run_id = wait_until(lambda: next(iter(proxy.server._runs), None))
+    host, port = proxy.server.bridge.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(json.dumps({"run": run_id, "secret": "guess", "call_id": "c",
+                                 "name": "read_file", "arguments": {}}).encode() + b"\n")
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer["is_error"] and "secret" in answer["text"]
+    (fake_codex.dir / "go").write_text("")
+    thread.join(20)
+
+
+def test_mcp_bridge_speaks_json_rpc(tmp_path):
+    conf = tmp_path / "bridge.json"
+    conf.write_text(json.dumps({"relay": "127.0.0.1:1", "run": "r", "secret": "s",
+                                "tools": cp.mcp_tool_list(cp.normalize_tools(TOOLS))}))
+    proc = subprocess.Popen([sys.executable, PROXY_SCRIPT, "--mcp-bridge", str(conf)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        lines = [{"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                  "params": {"protocolVersion": "2025-03-26"}},
+                 {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                 {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                 {"jsonrpc": "2.0", "id": 3, "method": "resources/list"},
+                 {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                  "params": {"name": "read_file", "arguments": {}}}]
+        out, _ = proc.communicate(b"".join(json.dumps(m).encode() + b"\n" for m in lines),
+                                  timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    replies = {r["id"]: r for r in map(json.loads, out.splitlines())}
+    assert replies[1]["result"]["protocolVersion"] == "2025-03-26"
+    assert replies[1]["result"]["capabilities"] == {"tools": {}}
+    assert [t["name"] for t in replies[2]["result"]["tools"]] == ["read_file", "list_dir", "ApplyPatch"]
+    assert replies[3]["error"]["code"] == -32601
+    assert replies[4]["result"]["isError"] is True     # nothing listens on the relay port
