@@ -33,6 +33,7 @@ import base64
 import binascii
 import collections
 import dataclasses
+import datetime
 import hmac
 import http.server
 import ipaddress
@@ -547,17 +548,39 @@ def openai_usage(usage):
 
 
 RETRY_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 
 
-def retry_after_seconds(message):
-    """Seconds named by 'try again in 2 hours 5 minutes', or None."""
+def retry_after_seconds(message, now=None):
+    """Seconds until the time a usage-limit message names, or None.
+
+    Codex writes either a duration ("try again in 2 hours 5 minutes") or a
+    local clock time ("try again at 2:36 AM", "try again at Nov 27th, 2026
+    1:34 AM")."""
     match = re.search(r"try again in ((?:\s*\d+\s*(?:second|minute|hour|day)s?,?"
                       r"(?:\s*and)?)+)", message, re.I)
+    if match:
+        total = sum(int(n) * RETRY_UNITS[unit.lower()] for n, unit in re.findall(
+            r"(\d+)\s*(second|minute|hour|day)", match.group(1), re.I))
+        return max(1, total)
+    match = re.search(r"try again at (?:([A-Za-z]{3})[a-z]* (\d{1,2})(?:st|nd|rd|th)?,? "
+                      r"(\d{4}),? )?(\d{1,2}):(\d{2})\s*([AP]M)", message, re.I)
     if not match:
         return None
-    total = sum(int(n) * RETRY_UNITS[unit.lower()] for n, unit in re.findall(
-        r"(\d+)\s*(second|minute|hour|day)", match.group(1), re.I))
-    return max(1, total)
+    month, day, year, hour, minute, half = match.groups()
+    now = now or datetime.datetime.now()
+    hour = int(hour) % 12 + (12 if half.upper() == "PM" else 0)
+    try:
+        if month:
+            target = datetime.datetime(int(year), MONTHS.index(month.lower()) + 1,
+                                       int(day), hour, int(minute))
+        else:
+            target = now.replace(hour=hour, minute=int(minute), second=0, microsecond=0)
+            if target <= now:
+                target += datetime.timedelta(days=1)
+    except ValueError:
+        return None
+    return max(1, int((target - now).total_seconds()))
 
 
 def classify_failure(message):

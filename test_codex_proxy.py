@@ -581,6 +581,18 @@ def test_classify_failure(message, status, code, retry):
     assert (err.status, err.code, err.headers.get("Retry-After")) == (status, code, retry)
 
 
+@pytest.mark.parametrize("message, seconds", [
+    ("try again in 1 day, 2 hours and 3 minutes", 86400 + 7200 + 180),
+    ("or try again at 2:36 AM.", 3600 + 36 * 60),             # now is 01:00
+    ("or try again at 12:30 AM.", 23 * 3600 + 30 * 60),       # tomorrow
+    ("or try again at Nov 27th, 2026 1:34 PM.", 2 * 86400 + 12 * 3600 + 34 * 60),
+    ("or try again later.", None),
+])
+def test_retry_after_reads_codex_reset_times(message, seconds):
+    now = cp.datetime.datetime(2026, 11, 25, 1, 0)
+    assert cp.retry_after_seconds(message, now) == seconds
+
+
 def test_toml_value_round_trips_through_tomllib():
     value = {"a b": [1, 2.5, True], "path": "C:\\dir\\\"q\"", "nested": {"x": "y"}}
     assert cp.tomllib.loads("v = " + cp.toml_value(value))["v"] == value
@@ -1191,14 +1203,15 @@ def assemble_stream(events):
             continue
         delta = event["choices"][0]["delta"]
         message["content"] += delta.get("content") or ""
-        for frag in delta.get("tool_calls", []):
+        for frag in delta.get("tool_calls") or []:
             calls = message["tool_calls"]
             while len(calls) <= frag["index"]:
                 calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
             call = calls[frag["index"]]
             call["id"] = frag.get("id") or call["id"]
-            call["function"]["name"] += frag.get("function", {}).get("name", "")
-            call["function"]["arguments"] += frag.get("function", {}).get("arguments", "")
+            function = frag.get("function") or {}
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
     return message
 
 
@@ -1484,3 +1497,307 @@ def test_mcp_bridge_speaks_json_rpc(tmp_path):
     assert [t["name"] for t in replies[2]["result"]["tools"]] == ["read_file", "list_dir", "ApplyPatch"]
     assert replies[3]["error"]["code"] == -32601
     assert replies[4]["result"]["isError"] is True     # nothing listens on the relay port
+
+
+# ---------------------------------------------------------------------------
+# End to end: the real Codex CLI against a fake Responses upstream
+# ---------------------------------------------------------------------------
+
+def require(what, available):
+    """Skip with a reason locally; under CI a missing piece is a failure."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI (.ci/run installs it)")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture
+def real_codex():
+    path = shutil.which("codex")
+    require("the Codex CLI (codex on PATH)", path)
+    return path
+
+
+@pytest.fixture
+def openai_sdk():
+    try:
+        import openai
+    except ImportError:
+        openai = None
+    require("the openai Python SDK", openai)
+    return openai
+
+
+class E2E:
+    """A fake upstream, a CODEX_HOME pointing at it, and proxies on the real CLI."""
+
+    def __init__(self, tmp_path, codex_path):
+        self.tmp_path = tmp_path
+        self.codex_path = codex_path
+        self.responder = lambda body, index: [message_item("default answer")]
+        self.upstream = FakeUpstream(lambda body, index: self.responder(body, index))
+        self.home = tmp_path / "codex-home"
+        self.home.mkdir()
+        (self.home / "config.toml").write_text(
+            'model_provider = "mock"\n[model_providers.mock]\nname = "mock"\n'
+            f'base_url = "http://127.0.0.1:{self.upstream.port}/v1"\nwire_api = "responses"\n'
+            'env_key = "MOCK_KEY"\nrequest_max_retries = 0\nstream_max_retries = 0\n')
+        self.proxies = []
+
+    def proxy(self, **overrides):
+        fields = dict(port=0, codex_bin=self.codex_path, codex_home=str(self.home),
+                      state_dir=str(self.tmp_path / "state"), quiet=True,
+                      logs_html=os.path.join(HERE, "logs.html"))
+        fields.update(overrides)
+        proxy = start_proxy(cp.Config(**fields), {"MOCK_KEY": "mock-key"})
+        self.proxies.append(proxy)
+        return proxy
+
+    def pids(self):
+        return [e["pid"] for p in self.proxies for e in p.events("codex_forward")]
+
+    def close(self):
+        for proxy in self.proxies:
+            proxy.stop()
+        self.upstream.close()
+        assert wait_until(lambda: not any(pid_alive(p) for p in self.pids()), 10)
+
+
+@pytest.fixture
+def e2e(tmp_path, real_codex, run_tmp):
+    env = E2E(tmp_path, real_codex)
+    yield env
+    env.close()
+
+
+def sdk_client(openai_sdk, base, **extra):
+    return openai_sdk.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60, **extra)
+
+
+def developer_text(body):
+    return "\n".join(part["text"] for item in body["input"]
+                     if item.get("role") == "developer" for part in item["content"])
+
+
+def tool_names(body):
+    names = set()
+    for tool in body.get("tools", []):
+        names.add(tool.get("name"))
+        for child in tool.get("tools", []):
+            names.add(f"{tool['name']}/{child['name']}")
+    return names
+
+
+CODEX_HOST_TOOLS = {"shell", "exec_command", "write_stdin", "apply_patch", "view_image",
+                    "web_search", "tool_search", "update_plan", "request_user_input",
+                    "unified_exec", "local_shell", "js_repl", "spawn_agent"}
+
+
+def test_e2e_sdk_answers_streamed_and_not_on_both_routes(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [reasoning_item("Pondering."), message_item("Hello from upstream")]
+    proxy = e2e.proxy()
+    for base in (proxy.base + "/v1", proxy.base):
+        client = sdk_client(openai_sdk, base)
+        reply = client.chat.completions.create(model="5.5-tpg", messages=[
+            {"role": "system", "content": "CLIENT SYSTEM TEXT"},
+            {"role": "user", "content": "Say hello"}])
+        assert reply.model == "5.5-tpg"
+        assert reply.choices[0].message.content == "Hello from upstream"
+        assert reply.choices[0].message.reasoning_content == "Pondering."
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage.prompt_tokens == 100 and reply.usage.completion_tokens == 20
+        assert reply.usage.prompt_tokens_details.cached_tokens == 40
+        assert reply.usage.completion_tokens_details.reasoning_tokens == 5
+        chunks = list(client.chat.completions.create(
+            model="5.5-tpg", messages=[{"role": "user", "content": "Say hello"}], stream=True,
+            stream_options={"include_usage": True}))
+        assert all(c.model == "5.5-tpg" for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            "Hello from upstream"
+        assert [getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks
+                if c.choices and getattr(c.choices[0].delta, "reasoning_content", None)] == ["Pondering."]
+        assert chunks[-1].usage.total_tokens == 120
+    bodies = [r["body"] for r in e2e.upstream.requests]
+    assert len(bodies) == 4 and all(b["model"] == "gpt-5.5" for b in bodies)
+
+
+def test_e2e_upstream_sees_client_text_and_no_codex_prompt_or_host_tools(e2e, openai_sdk):
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    client.chat.completions.create(model="5.5-tpg", messages=[
+        {"role": "system", "content": "CLIENT SYSTEM TEXT"}, {"role": "user", "content": "hi"}])
+    client.chat.completions.create(model="5.5-tpg", tools=TOOLS[:1], messages=[
+        {"role": "user", "content": "hi"}])
+    for body in (r["body"] for r in e2e.upstream.requests):
+        text = json.dumps(body["input"])
+        assert "coding agent" not in text and "environment_context" not in text
+        assert "AGENTS.md" not in text and "sandbox" not in text.lower()
+        names = tool_names(body)
+        assert not names & CODEX_HOST_TOOLS, names
+        assert not any(n.startswith("mcp__") and "/" not in n and n != "mcp__client" for n in names)
+    first, second = (r["body"] for r in e2e.upstream.requests)
+    assert "CLIENT SYSTEM TEXT" in developer_text(first)
+    assert developer_text(first).startswith(cp.INSTRUCTIONS_PREAMBLE)
+    assert "mcp__client/read_file" in tool_names(second)
+
+
+def test_e2e_usage_limit_is_429_or_one_error_event(e2e, openai_sdk):
+    e2e.responder = lambda body, index: ("status", 429, {"error": {
+        "type": "usage_limit_reached", "message": "The usage limit has been reached",
+        "plan_type": "plus", "resets_in_seconds": 3600}})
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    with pytest.raises(openai_sdk.RateLimitError) as info:
+        client.chat.completions.create(model="5.5-tpg", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 429 and "usage limit" in str(info.value)
+    status, _, raw = post_chat(proxy.base, chat_body(stream=True, model="5.5-tpg"))
+    events = sse_events(raw)
+    errors = [e for e in events[:-1] if "error" in e]
+    assert status == 200 and events[-1] == "[DONE]" and len(errors) == 1
+    assert errors[0]["error"]["code"] == "usage_limit_reached"
+
+
+def test_e2e_client_disconnect_stops_codex(e2e):
+    e2e.responder = lambda body, index: ("sleep", 60, [message_item("too late")])
+    proxy = e2e.proxy()
+    sock = open_raw_stream(proxy, chat_body(stream=True, model="5.5-tpg"))
+    assert b"role" in recv_until(sock, b"role")
+    assert wait_until(lambda: e2e.upstream.requests, 20)     # Codex is waiting upstream
+    pid = proxy.wait_event("codex_forward")[0]["pid"]
+    assert pid_alive(pid)
+    sock.close()
+    assert wait_until(lambda: not pid_alive(pid), 5)
+    assert proxy.wait_event("client_disconnected")
+
+
+def agent_responder(body, index):
+    """The model: read the file the user names, then answer with its content."""
+    last = body["input"][-1]
+    if last.get("type") == "function_call_output":
+        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
+        text = json.dumps(outputs[-1]["output"])
+        return [message_item(f"The file holds {re.search(r'CONTENT-[a-z0-9.]+', text).group()}")]
+    prompt = json.dumps(body["input"])
+    names = re.findall(r"read ([a-z0-9]+\.py)", prompt)
+    return [function_call_item("read_file", {"path": names[-1]}, f"call_{index}_{names[-1][0]}")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_e2e_sdk_agent_loop_with_a_tool_round_in_each_turn(e2e, openai_sdk, stream):
+    e2e.responder = agent_responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages, answers, served = [], [], []
+
+    def ask(**kw):
+        if not stream:
+            return client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                                  tools=TOOLS, **kw).choices[0]
+        chunks = list(client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                                     tools=TOOLS, stream=True, **kw))
+        message = assemble_stream([c.model_dump() for c in chunks])
+        finish = finish_of([c.model_dump() for c in chunks])
+        return openai_sdk.types.chat.chat_completion.Choice.model_validate(
+            {"index": 0, "finish_reason": finish, "message": {
+                "role": "assistant", "content": message["content"] or None,
+                "tool_calls": message["tool_calls"] or None}})
+
+    for filename in ("alpha.py", "beta.py"):
+        messages.append({"role": "user", "content": f"read {filename}"})
+        for _ in range(4):
+            choice = ask()
+            messages.append(choice.message.model_dump(exclude_none=True))
+            if choice.finish_reason != "tool_calls":
+                break
+            for call in choice.message.tool_calls:
+                path = json.loads(call.function.arguments)["path"]
+                served.append((call.id, call.function.name, path))
+                messages.append({"role": "tool", "tool_call_id": call.id,
+                                 "content": f"CONTENT-{path}"})
+        answers.append(choice.message.content)
+    assert answers == ["The file holds CONTENT-alpha.py", "The file holds CONTENT-beta.py"]
+    assert [s[1:] for s in served] == [("read_file", "alpha.py"), ("read_file", "beta.py")]
+    outputs = [(i["call_id"], json.dumps(i["output"])) for r in e2e.upstream.requests
+               for i in r["body"]["input"] if i.get("type") == "function_call_output"]
+    for call_id, _, path in served:       # every result reached the model as that call's output
+        assert any(cid == call_id and f"CONTENT-{path}" in out for cid, out in outputs)
+    for request in e2e.upstream.requests:  # the client's tools, directly, for gpt-5.5
+        names = tool_names(request["body"])
+        assert {"mcp__client/read_file", "mcp__client/ApplyPatch"} <= names
+        assert not names & CODEX_HOST_TOOLS
+    assert len(proxy.events("turn_resumed")) == 2
+
+
+def test_e2e_parallel_calls_and_apply_patch(e2e, openai_sdk):
+    def responder(body, index):
+        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
+        if not outputs:
+            return [function_call_item("read_file", {"path": "a.py"}, "call_ra"),
+                    function_call_item("ApplyPatch", {"input": PATCH}, "call_ap")]
+        return [message_item("outputs: " + " ".join(
+            re.findall(r"OUT-[A-Za-z_]+", json.dumps(outputs))))]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages = [{"role": "user", "content": "do both"}]
+    choice = client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS).choices[0]
+    calls = {c.function.name: c for c in choice.message.tool_calls}
+    assert choice.finish_reason == "tool_calls" and set(calls) == {"read_file", "ApplyPatch"}
+    assert len({c.id for c in calls.values()}) == 2
+    assert calls["ApplyPatch"].function.arguments == PATCH
+    assert json.loads(calls["read_file"].function.arguments) == {"path": "a.py"}
+    messages.append(choice.message.model_dump(exclude_none=True))
+    for name, call in calls.items():
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": f"OUT-{name}"})
+    final = client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS)
+    assert sorted(final.choices[0].message.content.split()[1:]) == ["OUT-ApplyPatch", "OUT-read_file"]
+
+
+def test_e2e_restart_between_call_and_result_falls_back(e2e, openai_sdk):
+    def responder(body, index):
+        text = json.dumps(body["input"])
+        if "CONTENT-alpha" in text:
+            return [message_item("fallback answer with CONTENT-alpha")]
+        return [function_call_item("read_file", {"path": "alpha.py"}, "call_r1")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    messages = [{"role": "user", "content": "read alpha.py"}]
+    choice = sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+        model="5.5-tpg", messages=messages, tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    proxy.stop()
+    proxy = e2e.proxy()
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                  "content": "CONTENT-alpha"}]
+    final = sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+        model="5.5-tpg", messages=messages, tools=TOOLS)
+    assert final.choices[0].message.content == "fallback answer with CONTENT-alpha"
+    assert proxy.events("fallback_transcript")
+    last = json.dumps(e2e.upstream.requests[-1]["body"]["input"])
+    assert "read alpha.py" in last and "tool_result" in last
+
+
+def test_e2e_abandoned_parked_turn_is_gone_after_the_timeout(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [function_call_item("read_file", {"path": "x"}, "call_z")]
+    proxy = e2e.proxy(tool_result_timeout=1.0)
+    choice = sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+        model="5.5-tpg", messages=[{"role": "user", "content": "x"}], tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    pid = proxy.events("codex_forward")[0]["pid"]
+    assert proxy.wait_event("parked_expired", timeout=10)
+    assert wait_until(lambda: not pid_alive(pid), 5)
+
+
+def test_e2e_responses_shaped_body_gets_chat_chunks(e2e):
+    e2e.responder = lambda body, index: [message_item("responses ok")]
+    proxy = e2e.proxy()
+    status, _, raw = post_chat(proxy.base, {
+        "model": "5.5-tpg", "stream": True, "instructions": "RESP-INSTR",
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        "tools": [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]})
+    events = sse_events(raw)
+    assert status == 200 and events[-1] == "[DONE]"
+    assert assemble_stream(events)["content"] == "responses ok"
+    assert "RESP-INSTR" in developer_text(e2e.upstream.requests[0]["body"])
