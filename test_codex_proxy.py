@@ -1801,3 +1801,295 @@ def test_e2e_responses_shaped_body_gets_chat_chunks(e2e):
     assert status == 200 and events[-1] == "[DONE]"
     assert assemble_stream(events)["content"] == "responses ok"
     assert "RESP-INSTR" in developer_text(e2e.upstream.requests[0]["body"])
+
+
+# ---------------------------------------------------------------------------
+# logs.html in a real browser (headless Chromium through chromedriver)
+# ---------------------------------------------------------------------------
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol, over urllib."""
+
+    def __init__(self, driver, browser, profile):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.proc = subprocess.Popen([driver, f"--port={port}", "--allowed-ips=127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        self.session = None
+        assert wait_until(self._ready, 20), "chromedriver did not start"
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"]
+        reply = self.call("POST", "/session", {"capabilities": {"alwaysMatch": {
+            "goog:chromeOptions": {"binary": browser, "args": args}}}})
+        self.session = reply["sessionId"]
+
+    def _ready(self):
+        try:
+            return self.call("GET", "/status")["ready"]
+        except OSError:
+            return False
+
+    def call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return json.loads(resp.read())["value"]
+
+    def go(self, url):
+        self.call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def js(self, script, *args):
+        return self.call("POST", f"/session/{self.session}/execute/sync",
+                         {"script": script, "args": list(args)})
+
+    def close(self):
+        try:
+            if self.session:
+                self.call("DELETE", f"/session/{self.session}")
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = shutil.which("chromedriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    require("chromium and chromedriver (Debian packages chromium, chromium-driver)",
+            driver and chromium)
+    wd = WebDriver(driver, chromium, tmp_path / "profile")
+    yield wd
+    wd.close()
+
+
+ROWS_JS = """return [...document.querySelectorAll('#rows tr')].filter(r => !r.hidden)
+  .map(r => ({cls: r.className, cells: [...r.cells].map(c => c.textContent)}));"""
+
+
+def test_logs_page_renders_events_live_in_a_browser(make_proxy, fake_codex, browser):
+    proxy = make_proxy(api_keys=(KEY,))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    fake_codex.scenario(("boom", [{"thread": True}, {"fail": "upstream exploded"}]),
+                        [{"thread": True}, {"text": "hi"}, {"complete": {}}])
+    assert post_chat(proxy.base, chat_body(), auth)[0] == 200
+    post_chat(proxy.base, chat_body("boom"), auth)
+    proxy.wait_event("stream_codex_error")
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: browser.js(
+        "return document.getElementById('keyform').className") == "shown", 10)
+    browser.js("document.getElementById('key').value = arguments[0];"
+               "document.getElementById('keyform').requestSubmit();", KEY)
+
+    def types():
+        return [r["cells"][1] for r in browser.js(ROWS_JS)]
+    assert wait_until(lambda: {"incoming_request", "codex_forward", "cursor_response",
+                               "stream_codex_error"} <= set(types()), 15), types()
+    rows = browser.js(ROWS_JS)
+    error = next(r for r in rows if r["cells"][1] == "stream_codex_error")
+    assert error["cls"] == "error" and "upstream exploded" in error["cells"][4]
+    response = next(r for r in rows if r["cells"][1] == "cursor_response")
+    assert "finish stop" in response["cells"][4] and "11 in / 7 out" in response["cells"][4]
+    assert KEY not in json.dumps(rows)
+    post_chat(proxy.base, chat_body("live one"), auth)           # the page tails new events
+    request_id = proxy.wait_event("cursor_response", 2)[-1]["request_id"]
+    assert wait_until(lambda: [r for r in browser.js(ROWS_JS) if r["cells"][2] == request_id
+                               and r["cells"][1] == "cursor_response"], 15)
+    browser.js("const f = document.getElementById('freq'); f.value = arguments[0];"
+               "f.dispatchEvent(new Event('input'));", request_id)
+    assert wait_until(lambda: set(r["cells"][2] for r in browser.js(ROWS_JS)) == {request_id}, 5)
+    assert browser.js("return document.getElementById('status').textContent") == "live"
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks: python3 test_codex_proxy.py --bench   (figures, no assertions)
+# ---------------------------------------------------------------------------
+
+INSTANT_CODEX = """#!/bin/sh
+case "$1" in
+  --version) echo "codex-cli 0.0.0-instant"; exit 0;;
+  login) exit 0;;
+  debug) echo '{"models": []}'; exit 0;;
+esac
+cat > /dev/null
+printf '%s\\n' '{"type":"thread.started","thread_id":"t"}' '{"type":"turn.started"}' \\
+  '{"type":"item.completed","item":{"id":"item_0","type":"agent_message","text":"ok"}}' \\
+  '{"type":"turn.completed","usage":{"input_tokens":1,"output_tokens":1}}'
+"""
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def timed_requests(base, body, count, concurrency):
+    """Latencies (s) of `count` requests sent `concurrency` at a time."""
+    latencies, lock, todo = [], threading.Lock(), list(range(count))
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                todo.pop()
+            start = time.perf_counter()
+            status, _, _ = post_chat(base, body)
+            elapsed = time.perf_counter() - start
+            assert status == 200
+            with lock:
+                latencies.append(elapsed)
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return latencies
+
+
+def direct_runs(argv, env, prompt, count, concurrency=1):
+    """Times (s) of running the same codex command directly, `concurrency` at a time."""
+    times, lock, todo = [], threading.Lock(), list(range(count))
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                todo.pop()
+            start = time.perf_counter()
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            proc.stdin.write(prompt.encode())
+            proc.stdin.close()
+            for line in proc.stdout:      # the proxy answers here too, not at exit
+                if b'"turn.completed"' in line:
+                    break
+            elapsed = time.perf_counter() - start
+            proc.stdout.close()
+            proc.wait(60)
+            with lock:
+                times.append(elapsed)
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return times
+
+
+def ms(seconds):
+    return f"{seconds * 1000:7.1f} ms"
+
+
+def bench_proxy_overhead(folder, count=200):
+    script = folder / "instant-codex"
+    script.write_text(INSTANT_CODEX)
+    script.chmod(0o755)
+    proxy = start_proxy(cp.Config(port=0, codex_bin=str(script), codex_home=str(folder),
+                                  state_dir=str(folder / "state"), quiet=True, max_concurrent=16))
+    try:
+        for concurrency in (1, 8):
+            direct = direct_runs([str(script), "exec", "--json", "-"], os.environ, "hi", count,
+                                 concurrency)
+            print(f"instant fake codex run directly, concurrency {concurrency}: p50 "
+                  f"{ms(percentile(direct, 50))}  p99 {ms(percentile(direct, 99))}  ({count} runs)")
+            lat = timed_requests(proxy.base, chat_body(), count, concurrency)
+            added50 = percentile(lat, 50) - percentile(direct, 50)
+            added99 = percentile(lat, 99) - percentile(direct, 99)
+            print(f"through the proxy, concurrency {concurrency}: p50 {ms(percentile(lat, 50))}  "
+                  f"p99 {ms(percentile(lat, 99))}  -> added p50 {ms(added50)}  p99 {ms(added99)}")
+        ttfb = []
+        for _ in range(50):
+            start = time.perf_counter()
+            sock = open_raw_stream(proxy, chat_body(stream=True))
+            recv_until(sock, b"role")
+            ttfb.append(time.perf_counter() - start)
+            recv_until(sock, b"0\r\n\r\n")
+            sock.close()
+        print(f"stream time to first byte: p50 {ms(percentile(ttfb, 50))}  "
+              f"p99 {ms(percentile(ttfb, 99))}  (50 streams)")
+    finally:
+        proxy.stop()
+
+
+def bench_real_codex(folder, runs=20):
+    codex = shutil.which("codex")
+    if not codex:
+        print("real Codex benchmarks skipped: codex is not on PATH")
+        return
+    env = E2E(folder, codex)
+    try:
+        proxy = env.proxy(tool_result_timeout=60)
+        argv_prefix, user_config = proxy.server.check_ready()
+        run_dir = folder / "direct-run"
+        run_dir.mkdir()
+        workdir, instructions, _ = cp.make_run_files(
+            str(run_dir), cp.render_instructions([], [], "auto"), [])
+        argv = cp.codex_argv(argv_prefix, model="gpt-5.5", effort=None, user_config=user_config,
+                             extra_config=[], workdir=workdir, instructions_path=instructions,
+                             catalog=proxy.server.catalog_path)
+        direct_env = dict(proxy.server.env)
+        via, direct = [], []
+        for _ in range(runs):       # interleaved, so both see the same machine load
+            via += timed_requests(proxy.base, chat_body(model="5.5-tpg"), 1, 1)
+            pid = proxy.wait_event("codex_forward", len(via))[-1]["pid"]
+            wait_until(lambda: not pid_alive(pid), 10)     # its exit must not slow the next
+            direct += direct_runs(argv, direct_env, "hello", 1)
+        ratio = percentile(via, 50) / percentile(direct, 50)
+        print(f"real codex, plain answer: through the proxy p50 {ms(percentile(via, 50))}, "
+              f"codex exec directly (to turn.completed) p50 {ms(percentile(direct, 50))}  -> "
+              f"ratio {ratio:.3f} "
+              f"(target <= 1.05; {runs} runs each)")
+        bench_resume(env, proxy, runs)
+    finally:
+        env.close()
+
+
+def answer_from_results(body, index):
+    """The model: call read_file once, then answer from its result, whether the
+    result comes as a function_call_output (resumed) or in a transcript (fresh)."""
+    if "CONTENT-" in json.dumps(body["input"]):
+        return [message_item("The file holds the content.")]
+    return [function_call_item("read_file", {"path": "f.py"}, f"call_{index}")]
+
+
+def bench_resume(env, proxy, runs):
+    env.responder = answer_from_results
+    follow_ups, fresh = [], []
+    for n in range(runs):
+        messages = [{"role": "user", "content": f"read f{n}.py"}]
+        _, message, _, _ = tool_round(proxy, messages)
+        messages += [message, *results_for(message, "CONTENT-x")]
+        start = time.perf_counter()
+        assert tool_round(proxy, messages)[2] == "stop"          # resumes the parked turn
+        follow_ups.append(time.perf_counter() - start)
+        for m in messages:                                       # same size, nothing parked
+            for c in m.get("tool_calls", []):
+                c["id"] = c["id"] + "-fresh"
+            if m.get("tool_call_id"):
+                m["tool_call_id"] += "-fresh"
+        start = time.perf_counter()
+        assert tool_round(proxy, messages)[2] == "stop"          # a fresh Codex (fallback)
+        fresh.append(time.perf_counter() - start)
+    speedup = percentile(fresh, 50) / percentile(follow_ups, 50)
+    print(f"tool result follow-up (parked turn resumed) p50 {ms(percentile(follow_ups, 50))}, "
+          f"fresh request of the same size p50 {ms(percentile(fresh, 50))}  -> {speedup:.1f}x "
+          f"faster (target >= 3x; {runs} runs each)")
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="codex-proxy-bench-") as tmp:
+        base = __import__("pathlib").Path(tmp)
+        (base / "a").mkdir()
+        (base / "b").mkdir()
+        bench_proxy_overhead(base / "a")
+        bench_real_codex(base / "b")
