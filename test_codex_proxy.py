@@ -1064,6 +1064,13 @@ def test_help_lists_an_environment_variable_for_every_flag():
             assert "env " in action.help, action.option_strings
 
 
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    command = re.search(r"^Test it:\n\n    (.+)$", readme, re.M).group(1)
+    ci_lines = open(os.path.join(HERE, ".ci", "run")).read().strip().splitlines()
+    assert ci_lines[-1] == command
+
+
 def test_addr_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("CODEX_OPENAI_PROXY_ADDR", "127.0.0.1:9")
     args = cp.build_parser().parse_args([])
