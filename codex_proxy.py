@@ -284,7 +284,7 @@ def responses_body_to_chat(body):
             call = {"id": item.get("call_id") or item.get("id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": args or ""}}
             last = messages[-1] if messages else None
-            if last and last["role"] == "assistant" and not last.get("_closed"):
+            if last and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None,
@@ -302,6 +302,7 @@ def responses_body_to_chat(body):
     return chat
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
@@ -356,9 +357,10 @@ def parse_chat_request(body, reasoning_mode="content"):
     n = body.get("n")
     if n not in (None, 1):
         raise bad_request("only n=1 is supported", "n")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string", "model")
+    model = body.get("model") or None       # "" too means Codex's default
+    if model is not None and not (isinstance(model, str) and MODEL_NAME.fullmatch(model)):
+        raise bad_request("model must be a name of letters, digits and . _ - : / @ +",
+                          "model", "invalid_model")
     effort = body.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS + ("none",):
         raise bad_request(f"reasoning_effort must be one of {', '.join(EFFORTS)}",
@@ -842,10 +844,11 @@ def run_quick(argv, env, timeout=20.0):
 class CodexInfo:
     """Where Codex is, its version and login state, cached and refreshed."""
 
-    def __init__(self, config, env, clock=time.monotonic):
+    def __init__(self, config, env, clock=time.monotonic, on_refresh=None):
         self._config = config
         self._env = env
         self._clock = clock
+        self._on_refresh = on_refresh       # called after each check, outside the lock
         # _lock guards the cached fields below; checks run outside it.
         self._lock = threading.Lock()
         self.argv = None
@@ -864,6 +867,8 @@ class CodexInfo:
         with self._lock:
             self.argv, self.version, self.logged_in = argv, version, logged_in
             self._checked_at = self._clock()
+        if self._on_refresh is not None:
+            self._on_refresh(argv, version)
         return self
 
     def snapshot(self, max_age=LOGIN_CACHE_SECONDS):
@@ -1115,7 +1120,7 @@ def codex_argv(prefix, *, model, effort, user_config, extra_config, workdir,
     argv += ["-c", f"model_instructions_file={toml_value(instructions_path)}"]
     model = model or user_config.get("model")
     if model:
-        argv += ["-m", model]
+        argv.append(f"--model={model}")     # one token: a name can never read as a flag
     argv.append("-")
     return argv
 
@@ -1172,6 +1177,11 @@ class ParkedTurns:
         with self._lock:
             due = [rid for rid, (_, at) in self._runs.items() if now - at >= self.timeout]
             return [self._runs.pop(rid)[0] for rid in due]
+
+    def discard(self, run):
+        """Take one run out again; False when a resume got to it first."""
+        with self._lock:
+            return self._runs.pop(run.id, None) is not None
 
     def take_all(self):
         with self._lock:
@@ -1443,9 +1453,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error_body(self, error):
         """The one place an OpenAI error body is written."""
-        if error.status >= 500 or error.status in (401, 403, 429):
-            self.close_connection = error.status == 413
         self.send_json(error.status, error.body(), error.headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, unknown method) as JSON."""
+        self.close_connection = True
+        try:
+            self.send_error_body(ProxyError(code, message or explain or "bad request",
+                                            code="http_error"))
+        except OSError:
+            pass
 
     def write_chunk(self, data):
         try:
@@ -1759,11 +1776,20 @@ class TurnPump:
         return None
 
     def park(self):
+        """End the response with the calls; the run waits for their results.
+
+        The run is parked before the calls are written, so a client that
+        answers at once always finds it."""
         for pending in self.calls:
             pending.sent = True
-        self.out.tool_calls([p.call for p in self.calls])
+        self.server.park(self.run_)
         usage = openai_usage({})      # the turn's usage comes with its last response
-        self.out.finish("tool_calls", usage)
+        try:
+            self.out.tool_calls([p.call for p in self.calls])
+            self.out.finish("tool_calls", usage)
+        except DISCONNECT_ERRORS:
+            if self.server.parked.discard(self.run_):
+                raise           # nobody has the calls: end the run as a disconnect
         return "parked", usage, "tool_calls"
 
 
@@ -1785,11 +1811,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.env = dict(os.environ)
         if config.codex_home:
             self.env["CODEX_HOME"] = config.codex_home
-        self.codex = CodexInfo(config, self.env)
+        self.codex = CodexInfo(config, self.env, on_refresh=self._codex_checked)
         self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
         self.stopping = threading.Event()
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
         self.catalog_path, self.catalog_models = None, []
+        self._catalog_version = None
         # _lock guards _runs and _active.
         self._lock = threading.Lock()
         self._runs = {}
@@ -1803,8 +1830,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     # -- lifecycle ---------------------------------------------------------
     def start_background(self):
         """Check Codex, build the model catalog, start the helper threads."""
-        self.codex.refresh()
-        self.refresh_catalog()
+        self.codex.refresh()        # builds the model catalog too
         self._bridge_thread = threading.Thread(
             target=self.bridge.serve_forever, kwargs={"poll_interval": 0.2},
             name="bridge-listener", daemon=True)
@@ -1812,14 +1838,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         threading.Thread(target=self._reap_parked, name="parked-reaper",
                          daemon=True).start()
 
-    def refresh_catalog(self):
-        if self.codex.argv is None:
+    def _codex_checked(self, argv, version):
+        """Build the model catalog at start-up and whenever Codex's version changes."""
+        if argv is None or version == self._catalog_version:
             return
+        self._catalog_version = version
         state_dir = self.config.state_dir or default_state_dir()
         try:
             self.catalog_path, self.catalog_models = build_model_catalog(
-                self.codex.argv, self.env, state_dir, self.codex.version)
-            self._catalog_version = self.codex.version
+                argv, self.env, state_dir, version)
         except OSError as exc:
             self.logs.add("codex_warning", message=f"model catalog not written: {exc}")
 
@@ -1903,11 +1930,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def leave_active(self, run, outcome):
         with self._lock:
             self._active -= 1
-        if outcome == "parked":
-            for evicted in self.parked.park(run):
-                self.expire(evicted, "max_parked")
-        else:
+        if outcome != "parked":
             self.end_run(run, outcome)
+
+    def park(self, run):
+        for evicted in self.parked.park(run):
+            self.expire(evicted, "max_parked")
 
     def check_ready(self):
         argv, _, logged_in = self.codex.snapshot()
@@ -2075,26 +2103,26 @@ def build_parser():
                    help="extra `codex -c KEY=VALUE`; repeatable (env CODEX_PROXY_CODEX_CONFIG, ';'-separated)")
     p.add_argument("--reasoning", choices=("content", "think", "none"), default=e("CODEX_PROXY_REASONING", "content"),
                    help="reasoning summary as delta.reasoning_content, as <think> in content, or not at all (env CODEX_PROXY_REASONING; default content)")
-    p.add_argument("--max-body", type=int, default=int(e("CODEX_PROXY_MAX_BODY", DEFAULT_MAX_BODY)),
+    p.add_argument("--max-body", type=int, default=e("CODEX_PROXY_MAX_BODY", str(DEFAULT_MAX_BODY)),
                    help=f"largest request body in bytes (env CODEX_PROXY_MAX_BODY; default {DEFAULT_MAX_BODY})")
-    p.add_argument("--max-concurrent", type=int, default=int(e("CODEX_PROXY_MAX_CONCURRENT", DEFAULT_MAX_CONCURRENT)),
+    p.add_argument("--max-concurrent", type=int, default=e("CODEX_PROXY_MAX_CONCURRENT", str(DEFAULT_MAX_CONCURRENT)),
                    help=f"Codex runs at once; more get 429 (env CODEX_PROXY_MAX_CONCURRENT; default {DEFAULT_MAX_CONCURRENT})")
-    p.add_argument("--idle-timeout", type=float, default=float(e("CODEX_PROXY_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT)),
+    p.add_argument("--idle-timeout", type=float, default=e("CODEX_PROXY_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
                    help=f"seconds without a Codex event before giving up (env CODEX_PROXY_IDLE_TIMEOUT; default {DEFAULT_IDLE_TIMEOUT:g})")
-    p.add_argument("--request-timeout", type=float, default=float(e("CODEX_PROXY_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT)),
+    p.add_argument("--request-timeout", type=float, default=e("CODEX_PROXY_REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT)),
                    help=f"seconds one response may take (env CODEX_PROXY_REQUEST_TIMEOUT; default {DEFAULT_REQUEST_TIMEOUT:g})")
-    p.add_argument("--keepalive", type=float, default=float(e("CODEX_PROXY_KEEPALIVE", DEFAULT_KEEPALIVE)),
+    p.add_argument("--keepalive", type=float, default=e("CODEX_PROXY_KEEPALIVE", str(DEFAULT_KEEPALIVE)),
                    help=f"seconds between SSE keepalive comments (env CODEX_PROXY_KEEPALIVE; default {DEFAULT_KEEPALIVE:g})")
     p.add_argument("--tool-result-timeout", type=float,
-                   default=float(e("CODEX_PROXY_TOOL_RESULT_TIMEOUT", DEFAULT_TOOL_RESULT_TIMEOUT)),
+                   default=e("CODEX_PROXY_TOOL_RESULT_TIMEOUT", str(DEFAULT_TOOL_RESULT_TIMEOUT)),
                    help=f"seconds a turn waits for the client's tool results (env CODEX_PROXY_TOOL_RESULT_TIMEOUT; default {DEFAULT_TOOL_RESULT_TIMEOUT:g})")
-    p.add_argument("--max-parked", type=int, default=int(e("CODEX_PROXY_MAX_PARKED", DEFAULT_MAX_PARKED)),
+    p.add_argument("--max-parked", type=int, default=e("CODEX_PROXY_MAX_PARKED", str(DEFAULT_MAX_PARKED)),
                    help=f"turns waiting on tool results at once; past it the oldest ends (env CODEX_PROXY_MAX_PARKED; default {DEFAULT_MAX_PARKED})")
-    p.add_argument("--tool-quiet-ms", type=int, default=int(e("CODEX_PROXY_TOOL_QUIET_MS", DEFAULT_TOOL_QUIET * 1000)),
+    p.add_argument("--tool-quiet-ms", type=int, default=e("CODEX_PROXY_TOOL_QUIET_MS", str(int(DEFAULT_TOOL_QUIET * 1000))),
                    help=f"milliseconds to wait for sibling tool calls (env CODEX_PROXY_TOOL_QUIET_MS; default {int(DEFAULT_TOOL_QUIET * 1000)})")
     p.add_argument("--state-dir", default=e("CODEX_PROXY_STATE_DIR"),
                    help="folder for the proxy's model catalog (env CODEX_PROXY_STATE_DIR; default ~/.local/state/codex-openai-proxy)")
-    p.add_argument("--log-size", type=int, default=int(e("CODEX_PROXY_LOG_SIZE", DEFAULT_LOG_SIZE)),
+    p.add_argument("--log-size", type=int, default=e("CODEX_PROXY_LOG_SIZE", str(DEFAULT_LOG_SIZE)),
                    help=f"events kept for /logs (env CODEX_PROXY_LOG_SIZE; default {DEFAULT_LOG_SIZE})")
     p.add_argument("--log-bodies", action="store_true", default=env_flag("CODEX_PROXY_LOG_BODIES"),
                    help="also log prompt and answer text (env CODEX_PROXY_LOG_BODIES=1)")

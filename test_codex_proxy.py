@@ -202,7 +202,8 @@ import json, os, signal, subprocess, sys, threading, time, tomllib
 STATE = os.environ["FAKE_CODEX_DIR"]
 args = sys.argv[1:]
 if args[:1] == ["--version"]:
-    print("codex-cli 0.0.0-fake")
+    version_file = os.path.join(STATE, "version")
+    print(open(version_file).read() if os.path.exists(version_file) else "codex-cli 0.0.0-fake")
     sys.exit(0)
 if args[:2] == ["login", "status"]:
     if os.path.exists(os.path.join(STATE, "logged_out")):
@@ -225,6 +226,9 @@ while i < len(args):
         key, _, value = args[i + 1].partition("=")
         conf[key] = value
         i += 2
+    elif a.startswith("--model="):
+        model = a.split("=", 1)[1]
+        i += 1
     elif a in ("-m", "-i", "-s", "-C", "--disable"):
         if a == "-m":
             model = args[i + 1]
@@ -672,7 +676,7 @@ def test_codex_runs_as_a_pure_forwarder(proxy, fake_codex, run_tmp):
     assert record["instructions"].startswith(cp.INSTRUCTIONS_PREAMBLE)
     assert "SYSTEM RULES\n\nDEV RULES" in record["instructions"]
     assert record["cwd_files"] == [] and record["cwd"].startswith(str(run_tmp))
-    assert "-m" not in argv         # no model named: Codex's default
+    assert not any(a.startswith(("-m", "--model")) for a in argv)   # Codex's default model
 
 
 def test_config_toml_keys_are_forwarded_and_nothing_else(make_proxy, fake_codex, tmp_path):
@@ -746,6 +750,38 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(proxy, body, st
         assert error["param"] == param
     assert hdrs["access-control-allow-origin"] == "*"
     assert post_chat(proxy.base, chat_body())[0] == 200
+
+
+@pytest.mark.parametrize("model", ["--dangerously-bypass-approvals-and-sandbox", "a b", "x\n", ""])
+def test_model_names_that_could_read_as_flags_are_refused(proxy, fake_codex, model):
+    status, _, raw = post_chat(proxy.base, chat_body(model=model))
+    if model == "":
+        assert status == 200        # an empty name means Codex's default
+        return
+    assert status == 400 and json.loads(raw)["error"]["param"] == "model"
+    assert fake_codex.records() == []
+
+
+def test_model_reaches_codex_as_one_token(proxy, fake_codex):
+    post_chat(proxy.base, chat_body(model="xedoc-2.5-tpg"))
+    assert "--model=gpt-5.2-codex" in fake_codex.wait_records(1)[0]["argv"]
+
+
+def test_http_servers_own_errors_are_json(proxy):
+    status, _, raw = http_request(proxy.base, "PROPFIND", "/v1/models")
+    assert status == 501 and json.loads(raw)["error"]["message"]
+
+
+def test_a_new_codex_version_gets_its_own_catalog(proxy, fake_codex, tmp_path):
+    assert (tmp_path / "state" / "model-catalog-codex-cli-0.0.0-fake.json").exists()
+    (fake_codex.dir / "version").write_text("codex-cli 9.9.9")
+    proxy.server.codex._checked_at -= cp.LOGIN_CACHE_SECONDS + 1
+    post_chat(proxy.base, chat_body())
+    catalog = tmp_path / "state" / "model-catalog-codex-cli-9.9.9.json"
+    assert wait_until(catalog.exists, 10)
+    models = json.loads(catalog.read_text())["models"]
+    assert all(m["supports_search_tool"] is False and m["apply_patch_tool_type"] is None
+               for m in models)
 
 
 def test_remote_image_error_says_why(proxy):
@@ -1050,6 +1086,39 @@ def test_tunnelled_request_with_key_is_served(make_proxy):
                                                "Authorization": f"Bearer {KEY}"})[0] == 200
 
 
+def test_main_prints_a_banner_and_sigterm_ends_parked_codex(fake_codex, tmp_path):
+    fake_codex.scenario(TOOL_TURN)
+    env = dict(os.environ, FAKE_CODEX_DIR=str(fake_codex.dir), CODEX_HOME=str(tmp_path),
+               CODEX_PROXY_STATE_DIR=str(tmp_path / "state"), CODEX_PROXY_QUIET="1")
+    proc = subprocess.Popen([sys.executable, PROXY_SCRIPT, "--addr", "127.0.0.1:0",
+                             "--codex-bin", str(fake_codex.script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = [proc.stdout.readline() for _ in range(5)]
+        base = re.search(r"listening on (http://\S+)", banner[0]).group(1)
+        assert banner[1].strip() == f"base URL for Cursor / OpenAI clients: {base}/v1"
+        assert "codex-cli 0.0.0-fake" in banner[2] and "logged in" in banner[2]
+        assert "API key: none" in banner[3]
+        assert tool_round(type("Remote", (), {"base": base})(),
+                          [{"role": "user", "content": "x"}])[2] == "tool_calls"
+        record = fake_codex.wait_records(1)[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+        assert wait_until(lambda: not pid_alive(record["bridge_pid"]), 8)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_environment_values_are_usage_errors(monkeypatch, capsys):
+    monkeypatch.setenv("CODEX_PROXY_MAX_BODY", "lots")
+    with pytest.raises(SystemExit) as info:
+        cp.main([])
+    assert info.value.code == 2 and "--max-body" in capsys.readouterr().err
+
+
 def test_non_loopback_bind_without_key_refuses_to_start(capsys):
     assert cp.main(["--addr", "0.0.0.0:0", "--codex-bin", "none"]) == 2
     assert "--api-key" in capsys.readouterr().err
@@ -1249,6 +1318,7 @@ def test_tool_call_parks_the_turn_and_the_result_resumes_it(proxy, fake_codex, s
     assert message["content"] == "Let me look."
     assert message["tool_calls"] == [{"id": "call_m1", "type": "function", "function": {
         "name": "read_file", "arguments": '{"path": "a.py"}'}}]
+    assert len(proxy.server.parked) == 1        # parked before the client saw the calls
     record = fake_codex.wait_records(1)[0]
     assert pid_alive(record["pid"]) and not record["ended"]       # parked, not ended
     messages += [message, *results_for(message)]
