@@ -1439,6 +1439,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def end_headers(self):
         self.send_header("Access-Control-Allow-Origin", "*")
+        if self.close_connection or self.server.stopping.is_set():
+            self.send_header("Connection", "close")
         super().end_headers()
 
     def send_json(self, status, body, headers=None):
@@ -1528,6 +1530,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self, method):
         self.request_id = "req_" + secrets.token_hex(5)
         try:
+            if self.server.stopping.is_set():   # a kept-alive connection outlived the server
+                self.close_connection = True
+                raise ProxyError(503, "the proxy is shutting down", "server_error",
+                                 code="shutting_down")
             route = self.route
             if route not in ROUTES:
                 raise ProxyError(404, f"no route {method} {route}; this proxy serves "
@@ -1552,6 +1558,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error_body(ProxyError(500, "internal proxy error; see the "
                                                 "proxy's log", "server_error"))
             except DISCONNECT_ERRORS + (OSError,):
+                self.close_connection = True
+        finally:
+            if self.server.stopping.is_set():
                 self.close_connection = True
 
     def read_json_body(self):

@@ -730,6 +730,21 @@ def test_models_health_and_cors(make_proxy):
     assert hdrs["access-control-allow-headers"] == "authorization,content-type"
 
 
+def test_a_kept_alive_connection_is_not_served_after_shutdown(make_proxy):
+    proxy = make_proxy()
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.server.server_address[1], timeout=10)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None     # kept alive
+        proxy.stop()
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 503 and resp.getheader("Connection") == "close"
+        assert json.loads(resp.read())["error"]["code"] == "shutting_down"
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     ([1, 2], 400, None),
@@ -1983,6 +1998,32 @@ def test_logs_page_renders_events_live_in_a_browser(make_proxy, fake_codex, brow
                "f.dispatchEvent(new Event('input'));", request_id)
     assert wait_until(lambda: set(r["cells"][2] for r in browser.js(ROWS_JS)) == {request_id}, 5)
     assert browser.js("return document.getElementById('status').textContent") == "live"
+
+
+def test_logs_page_reconnects_after_a_proxy_restart(make_proxy, fake_codex, browser):
+    fake_codex.scenario([{"thread": True}, {"text": "hi"}, {"complete": {}}])
+    proxy = make_proxy()
+    assert post_chat(proxy.base, chat_body("before"))[0] == 200
+    proxy.wait_event("cursor_response")
+    browser.go(proxy.base + "/logs")
+
+    def status():
+        return browser.js("return document.getElementById('status').textContent")
+
+    def types():
+        return [r["cells"][1] for r in browser.js(ROWS_JS) if r["cls"] != "divider"]
+    assert wait_until(lambda: status() == "live" and "cursor_response" in types(), 15), types()
+    port = proxy.server.server_address[1]
+    proxy.stop()
+    assert wait_until(lambda: status().startswith("disconnected"), 10), status()
+    proxy = make_proxy(port=port)                       # same address, new instance
+    assert post_chat(proxy.base, chat_body("after"))[0] == 200
+    request_id = proxy.wait_event("cursor_response")[-1]["request_id"]
+    assert wait_until(lambda: any(r["cells"][2:3] == [request_id] for r in browser.js(ROWS_JS)), 30), \
+        (status(), browser.js(ROWS_JS))
+    rows = browser.js(ROWS_JS)
+    assert [r["cells"][0] for r in rows if r["cls"] == "divider"] == ["proxy restarted"]
+    assert types().count("cursor_response") == 2 and status() == "live"
 
 
 # ---------------------------------------------------------------------------
