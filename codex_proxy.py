@@ -488,7 +488,9 @@ def toml_value(value):
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)     # a JSON string is a TOML basic string
+        # A JSON string is a TOML basic string, except that TOML has no
+        # surrogate escapes and wants DEL escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
