@@ -598,7 +598,8 @@ def test_retry_after_reads_codex_reset_times(message, seconds):
 
 
 def test_toml_value_round_trips_through_tomllib():
-    value = {"a b": [1, 2.5, True], "path": "C:\\dir\\\"q\"", "nested": {"x": "y"}}
+    value = {"a b": [1, 2.5, True], "path": "C:\\dir\\\"q\"", "nested": {"x": "y"},
+             "text": "caf\u00e9 \U0001f600 tab\there\nnew \x7f \x00"}
     assert cp.tomllib.loads("v = " + cp.toml_value(value))["v"] == value
 
 
@@ -2111,9 +2112,16 @@ def bench_proxy_overhead(folder, count=200):
     script = folder / "instant-codex"
     script.write_text(INSTANT_CODEX)
     script.chmod(0o755)
-    proxy = start_proxy(cp.Config(port=0, codex_bin=str(script), codex_home=str(folder),
-                                  state_dir=str(folder / "state"), quiet=True, max_concurrent=16))
+    # The proxy runs in its own process, as a user runs it, so that the
+    # benchmark's client threads do not share its interpreter lock.
+    env = dict(os.environ, CODEX_HOME=str(folder), CODEX_PROXY_STATE_DIR=str(folder / "state"),
+               CODEX_PROXY_QUIET="1", CODEX_PROXY_MAX_CONCURRENT="16")
+    proc = subprocess.Popen([sys.executable, PROXY_SCRIPT, "--addr", "127.0.0.1:0",
+                             "--codex-bin", str(script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proxy = type("Remote", (), {})()
     try:
+        proxy.base = re.search(r"listening on (http://\S+)", proc.stdout.readline()).group(1)
         for concurrency in (1, 8):
             direct = direct_runs([str(script), "exec", "--json", "-"], os.environ, "hi", count,
                                  concurrency)
@@ -2135,7 +2143,12 @@ def bench_proxy_overhead(folder, count=200):
         print(f"stream time to first byte: p50 {ms(percentile(ttfb, 50))}  "
               f"p99 {ms(percentile(ttfb, 99))}  (50 streams)")
     finally:
-        proxy.stop()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def bench_real_codex(folder, runs=20):
