@@ -706,6 +706,21 @@ def read_codex_config(codex_home):
     return {k: data[k] for k in FORWARDED_CONFIG_KEYS if k in data}
 
 
+def global_agents_file(codex_home):
+    """The global AGENTS file Codex adds to every prompt, or None.
+
+    `--ignore-user-config` does not stop Codex from reading it: the first
+    non-empty one of AGENTS.override.md and AGENTS.md in CODEX_HOME."""
+    for name in ("AGENTS.override.md", "AGENTS.md"):
+        path = os.path.join(codex_home, name)
+        try:
+            if os.path.getsize(path) > 0:
+                return path
+        except OSError:
+            pass
+    return None
+
+
 def uses_custom_provider(user_config, extra_config):
     provider = user_config.get("model_provider")
     for item in extra_config:
@@ -2184,11 +2199,14 @@ def banner(server):
                  None: "login state unknown"}[codex.logged_in]
         codex_line = f"{' '.join(codex.argv)} ({codex.version or 'version unknown'}), {login}"
     key = "required" if cfg.api_keys else "none (requests through a tunnel are refused)"
+    agents = global_agents_file(cfg.codex_home_dir)
     return (f"codex-openai-proxy {__version__} listening on {base}\n"
             f"  base URL for Cursor / OpenAI clients: {base}/v1\n"
             f"  codex: {codex_line}\n"
             f"  API key: {key}\n"
-            f"  logs: {base}/logs\n")
+            f"  logs: {base}/logs\n"
+            + (f"  note: Codex sends {agents} to the model with every request; "
+               "move it away if that is not wanted\n" if agents else ""))
 
 
 def main(argv=None):

@@ -1128,6 +1128,18 @@ def test_main_prints_a_banner_and_sigterm_ends_parked_codex(fake_codex, tmp_path
             proc.wait()
 
 
+def test_banner_names_a_global_agents_file(make_proxy, tmp_path):
+    proxy = make_proxy()
+    home = proxy.server.config.codex_home_dir
+    assert "AGENTS" not in cp.banner(proxy.server)
+    with open(os.path.join(home, "AGENTS.md"), "w") as f:
+        f.write("be terse")
+    with open(os.path.join(home, "AGENTS.override.md"), "w") as f:
+        pass                                         # empty: Codex skips it, so do we
+    note = cp.banner(proxy.server).splitlines()[-1]
+    assert note.startswith("  note: Codex sends") and os.path.join(home, "AGENTS.md") in note
+
+
 def test_bad_environment_values_are_usage_errors(monkeypatch, capsys):
     monkeypatch.setenv("CODEX_PROXY_MAX_BODY", "lots")
     with pytest.raises(SystemExit) as info:
