@@ -774,9 +774,13 @@ class LogBuffer:
         extras = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
                           for k, v in event.items()
                           if k not in ("seq", "ts", "type", "request_id") and v is not None)
-        line = f"{stamp} {event['type']} {event['request_id'] or '-'} {extras}"
+        line = escape_controls(f"{stamp} {event['type']} {event['request_id'] or '-'} "
+                               f"{extras}"[:2000]) + "\n"
         try:
-            self._stream.write(escape_controls(line[:2000]) + "\n")
+            try:
+                self._stream.write(line)
+            except UnicodeEncodeError:    # e.g. a Windows console or file in cp1252
+                self._stream.write(line.encode("ascii", "backslashreplace").decode())
             self._stream.flush()
         except (OSError, ValueError):
             pass
@@ -2225,6 +2229,8 @@ def main(argv=None):
         print(f"cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
     server.start_background()
+    if hasattr(sys.stdout, "reconfigure"):     # a path the console cannot encode
+        sys.stdout.reconfigure(errors="backslashreplace")
     sys.stdout.write(banner(server))
     sys.stdout.flush()
     if hasattr(signal, "SIGTERM"):

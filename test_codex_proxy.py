@@ -1251,6 +1251,14 @@ def test_log_lines_on_stderr_escape_control_characters(tmp_path):
     assert [e["n"] for e in logs.since(0)] == [2, 3, 4]      # a ring of --log-size
 
 
+def test_log_lines_survive_a_stream_that_cannot_encode_them(tmp_path):
+    stream = open(tmp_path / "err.txt", "w+", encoding="cp1252")     # as on Windows
+    logs = cp.LogBuffer(3, stream)
+    logs.add("incoming_request", "req_1", model="caf\u00e9 \U0001f600")
+    stream.seek(0)
+    assert "incoming_request req_1" in stream.read()
+
+
 # ---------------------------------------------------------------------------
 # Responses-shaped bodies
 # ---------------------------------------------------------------------------
