@@ -835,21 +835,24 @@ def stop_process_tree(proc, grace=KILL_GRACE_SECONDS):
     proc.wait()
 
 
-def resolve_codex(codex_bin):
+def resolve_codex(codex_bin, windows=os.name == "nt"):
     """The argv prefix that runs Codex, or None when it cannot be found.
 
     On Windows npm installs a `codex.cmd` shim; running it would route our
-    arguments through cmd.exe's quoting, so run its node script directly."""
+    arguments through cmd.exe's quoting, so run its node script directly.
+    The shim sits beside node_modules (npm -g) or in node_modules/.bin."""
     path = shutil.which(codex_bin) or (codex_bin if os.path.isfile(codex_bin) else None)
     if path is None:
         return None
-    if os.name == "nt" and path.lower().endswith((".cmd", ".bat")):
+    path = os.path.abspath(path)
+    if windows and path.lower().endswith((".cmd", ".bat")):
         folder = os.path.dirname(path)
-        script = os.path.join(folder, "node_modules", "@openai", "codex", "bin", "codex.js")
         node = shutil.which("node") or os.path.join(folder, "node.exe")
-        if os.path.isfile(script) and os.path.isfile(node):
-            return [node, script]
-    return [os.path.abspath(path)]
+        for modules in (os.path.join(folder, "node_modules"), os.path.dirname(folder)):
+            script = os.path.join(modules, "@openai", "codex", "bin", "codex.js")
+            if os.path.isfile(script) and os.path.isfile(node):
+                return [node, script]
+    return [path]
 
 
 def run_quick(argv, env, timeout=20.0):

@@ -597,6 +597,26 @@ def test_retry_after_reads_codex_reset_times(message, seconds):
     assert cp.retry_after_seconds(message, now) == seconds
 
 
+@pytest.mark.parametrize("shim_dir, modules_dir", [
+    ("npm", "npm/node_modules"),                      # npm install -g
+    ("proj/node_modules/.bin", "proj/node_modules"),  # a local install
+])
+def test_windows_codex_shim_runs_its_node_script(tmp_path, shim_dir, modules_dir):
+    shim = tmp_path / shim_dir / "codex.cmd"
+    shim.parent.mkdir(parents=True)
+    shim.write_text("@node codex.js %*")
+    shim.chmod(0o755)
+    assert cp.resolve_codex(str(shim), windows=True) == [str(shim)]    # no script found
+    script = tmp_path / modules_dir / "@openai" / "codex" / "bin" / "codex.js"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    node = tmp_path / shim_dir / "node.exe"
+    node.write_text("")
+    argv = cp.resolve_codex(str(shim), windows=True)
+    assert argv[1] == str(script) and argv[0] in (shutil.which("node"), str(node))
+    assert cp.resolve_codex(str(shim), windows=False) == [str(shim)]
+
+
 def test_toml_value_round_trips_through_tomllib():
     value = {"a b": [1, 2.5, True], "path": "C:\\dir\\\"q\"", "nested": {"x": "y"},
              "text": "caf\u00e9 \U0001f600 tab\there\nnew \x7f \x00"}
