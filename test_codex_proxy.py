@@ -2041,6 +2041,29 @@ def test_logs_page_renders_events_live_in_a_browser(make_proxy, fake_codex, brow
     assert browser.js("return document.getElementById('status').textContent") == "live"
 
 
+def test_logs_page_shows_a_turns_rounds_together(make_proxy, fake_codex, browser):
+    proxy = make_proxy()
+    fake_codex.scenario(("unrelated", [{"thread": True}, {"text": "hi"}, {"complete": {}}]),
+                        TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    _, message, _, _ = tool_round(proxy, messages)
+    assert post_chat(proxy.base, chat_body("unrelated"))[0] == 200     # between the rounds
+    assert tool_round(proxy, messages + [message, *results_for(message)])[2] == "stop"
+    turn = proxy.wait_event("turn_resumed")[0]["turn"]
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: [r["cells"][1] for r in browser.js(ROWS_JS)].count(
+        "cursor_response") == 3, 15), json.dumps([r["cells"][1] for r in browser.js(ROWS_JS)])
+    browser.js("[...document.querySelectorAll('td.turn a')]"
+               ".find(a => a.textContent === arguments[0]).click();", turn)
+    assert wait_until(lambda: all(r["cells"][3] == turn for r in browser.js(ROWS_JS)), 5)
+    rows = browser.js(ROWS_JS)
+    assert [r["cells"][1] for r in rows] == [
+        "codex_forward", "tool_call_forwarded", "cursor_response",       # round 1
+        "tool_result_received", "turn_resumed", "cursor_response"]       # round 2
+    assert len({r["cells"][2] for r in rows}) == 2                       # two requests
+    assert "read_file (call_m1)" in rows[1]["cells"][4] and rows[1]["cls"] == "tool"
+
+
 def test_logs_page_reconnects_after_a_proxy_restart(make_proxy, fake_codex, browser):
     fake_codex.scenario([{"thread": True}, {"text": "hi"}, {"complete": {}}])
     proxy = make_proxy()
