@@ -1181,6 +1181,16 @@ def test_help_lists_an_environment_variable_for_every_flag():
             assert "env " in action.help, action.option_strings
 
 
+def test_readme_documents_every_flag_and_variable():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    for action in cp.build_parser()._actions:
+        if action.help in (None, cp.argparse.SUPPRESS) or "--help" in action.option_strings:
+            continue
+        assert action.option_strings[-1] in readme
+        for variable in re.findall(r"env ([A-Z_]+)", action.help):
+            assert variable in readme, variable
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = open(os.path.join(HERE, "README.md")).read()
     command = re.search(r"^Test it:\n\n    (.+)$", readme, re.M).group(1)
