@@ -75,6 +75,7 @@ DEFAULT_TOOL_QUIET = 0.15          # seconds to wait for sibling tool calls
 LOGIN_CACHE_SECONDS = 30.0
 KILL_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.25                # how often a waiting handler looks around
+CONNECTION_IDLE_SECONDS = 600.0    # a socket read or write stalled this long ends the connection
 MCP_PROTOCOL_VERSION = "2025-06-18"
 INSTALL_HINT = "npm install -g @openai/codex"
 EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
@@ -1456,8 +1457,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"codex-openai-proxy/{__version__}"
     error_content_type = "application/json"
+    timeout = CONNECTION_IDLE_SECONDS   # an idle kept-alive client does not hold a thread forever
 
     # -- plumbing ----------------------------------------------------------
+    def setup(self):
+        super().setup()
+        self.server.track_connection(self.connection, True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.track_connection(self.connection, False)
+
     def log_message(self, format, *args):
         pass        # the proxy's own log records what matters
 
@@ -1850,10 +1862,11 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
         self.catalog_path, self.catalog_models = None, []
         self._catalog_version = None
-        # _lock guards _runs and _active.
+        # _lock guards _runs, _active and _connections.
         self._lock = threading.Lock()
         self._runs = {}
         self._active = 0
+        self._connections = set()
         self._logs_html = None
         self._bridge_thread = None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -1892,10 +1905,21 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             runs = list(self._runs.values())
         for run in runs:
             self.end_run(run, "shutdown")
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:     # wakes handlers idling on kept-alive sockets
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._bridge_thread is not None:   # shutdown() waits for serve_forever
             self.bridge.shutdown()
         self.bridge.server_close()
         self.server_close()
+
+    def track_connection(self, connection, is_open):
+        with self._lock:
+            (self._connections.add if is_open else self._connections.discard)(connection)
 
     def _reap_parked(self):
         while not self.stopping.wait(min(1.0, max(0.05, self.config.tool_result_timeout / 10))):

@@ -107,6 +107,7 @@ class FakeUpstream:
         self.responder = responder
         self.requests = []
         self.lock = threading.Lock()
+        self.stopping = threading.Event()      # ends a "sleep" reply early at close()
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -147,7 +148,8 @@ class FakeUpstream:
             handler.wfile.write(data)
             return
         if isinstance(reply, tuple) and reply[0] == "sleep":
-            time.sleep(reply[1])
+            if self.stopping.wait(reply[1]):
+                return
             reply = reply[2]
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
@@ -171,6 +173,7 @@ class FakeUpstream:
         handler.close_connection = True
 
     def close(self):
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -454,7 +457,8 @@ def run_tmp(tmp_path, monkeypatch):
 @pytest.fixture
 def make_proxy(tmp_path, fake_codex, run_tmp):
     """Start proxies on port 0 against the fake codex; stop them and check
-    that no fake codex process (or its bridge) outlives the test."""
+    that no thread, fake codex process (or its bridge) outlives the test."""
+    threads_before = set(threading.enumerate())
     proxies = []
     home = tmp_path / "home"
     home.mkdir()
@@ -474,6 +478,8 @@ def make_proxy(tmp_path, fake_codex, run_tmp):
     pids = [r[k] for r in fake_codex.records() for k in ("pid", "bridge_pid") if r.get(k)]
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10), \
         [p for p in pids if pid_alive(p)]
+    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 10), \
+        [t.name for t in set(threading.enumerate()) - threads_before]
 
 
 @pytest.fixture
@@ -751,19 +757,36 @@ def test_models_health_and_cors(make_proxy):
     assert hdrs["access-control-allow-headers"] == "authorization,content-type"
 
 
-def test_a_kept_alive_connection_is_not_served_after_shutdown(make_proxy):
+def test_shutdown_closes_kept_alive_connections(make_proxy):
     proxy = make_proxy()
     conn = http.client.HTTPConnection("127.0.0.1", proxy.server.server_address[1], timeout=10)
     try:
         conn.request("GET", "/health")
         assert conn.getresponse().read() and conn.sock is not None     # kept alive
         proxy.stop()
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        assert resp.status == 503 and resp.getheader("Connection") == "close"
-        assert json.loads(resp.read())["error"]["code"] == "shutting_down"
+        assert conn.sock.recv(1) == b""          # closed by the proxy, not left idling
     finally:
         conn.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_a_while(make_proxy, monkeypatch):
+    monkeypatch.setattr(cp.ProxyHandler, "timeout", 0.3)
+    proxy = make_proxy()
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.server.server_address[1], timeout=10)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+        assert conn.sock.recv(1) == b""          # within the 10 s socket timeout
+    finally:
+        conn.close()
+
+
+def test_a_request_on_a_connection_that_outlived_the_server_gets_503(make_proxy):
+    proxy = make_proxy()
+    proxy.server.stopping.set()                 # the moment between stop and close
+    status, hdrs, raw = http_request(proxy.base, "GET", "/health")
+    assert status == 503 and hdrs["connection"] == "close"
+    assert json.loads(raw)["error"]["code"] == "shutting_down"
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -1709,9 +1732,12 @@ class E2E:
 
 @pytest.fixture
 def e2e(tmp_path, real_codex, run_tmp):
+    threads_before = set(threading.enumerate())
     env = E2E(tmp_path, real_codex)
     yield env
     env.close()
+    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 10), \
+        [t.name for t in set(threading.enumerate()) - threads_before]
 
 
 def sdk_client(openai_sdk, base, **extra):
