@@ -28,6 +28,12 @@ non-loopback address unless told `--insecure-no-key`.
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 11):     # tomllib; macOS's own python3 is older
+    sys.exit(f"codex_proxy.py needs Python 3.11 or newer; this is {sys.version.split()[0]}. "
+             "Install a newer Python (python.org, Homebrew, winget) and run it with that.")
+
 import argparse
 import base64
 import binascii
@@ -48,7 +54,6 @@ import signal
 import socket
 import socketserver
 import subprocess
-import sys
 import tempfile
 import threading
 import time

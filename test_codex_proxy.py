@@ -1183,6 +1183,14 @@ def test_banner_names_a_global_agents_file(make_proxy, tmp_path):
     assert note.startswith("  note: Codex sends") and os.path.join(home, "AGENTS.md") in note
 
 
+def test_an_old_python_gets_a_clear_message():
+    code = ("import sys; sys.version_info = (3, 9, 6); "
+            "exec(compile(open(sys.argv[1]).read(), sys.argv[1], 'exec'))")
+    done = subprocess.run([sys.executable, "-c", code, PROXY_SCRIPT], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 1 and "needs Python 3.11 or newer" in done.stderr
+
+
 def test_bad_environment_values_are_usage_errors(monkeypatch, capsys):
     monkeypatch.setenv("CODEX_PROXY_MAX_BODY", "lots")
     with pytest.raises(SystemExit) as info:
