@@ -1572,7 +1572,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.request_id = "req_" + secrets.token_hex(5)
         try:
             if self.server.stopping.is_set():   # a kept-alive connection outlived the server
-                self.close_connection = True
                 raise ProxyError(503, "the proxy is shutting down", "server_error",
                                  code="shutting_down")
             route = self.route

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 
 import pytest
@@ -75,8 +76,7 @@ def http_request(base, method, path, body=None, headers=None, timeout=30):
 
 
 def post_chat(base, body, headers=None, path="/v1/chat/completions", timeout=60):
-    status, hdrs, raw = http_request(base, "POST", path, body, headers, timeout)
-    return status, hdrs, raw
+    return http_request(base, "POST", path, body, headers, timeout)
 
 
 def sse_events(raw):
@@ -232,9 +232,7 @@ while i < len(args):
     elif a.startswith("--model="):
         model = a.split("=", 1)[1]
         i += 1
-    elif a in ("-m", "-i", "-s", "-C", "--disable"):
-        if a == "-m":
-            model = args[i + 1]
+    elif a in ("-i", "-s", "-C", "--disable"):
         if a == "-i":
             images.append(args[i + 1])
         i += 2
@@ -429,6 +427,21 @@ class Proxy:
         self.thread.join(10)
 
 
+def assert_no_thread_outlives(threads_before):
+    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 10), \
+        [t.name for t in set(threading.enumerate()) - threads_before]
+
+
+def spawn_proxy_process(codex_bin, home, **env):
+    """`python3 codex_proxy.py` on a free loopback port, as a user runs it;
+    its banner comes on the returned process's stdout."""
+    env = dict(os.environ, CODEX_HOME=str(home), CODEX_PROXY_STATE_DIR=str(home / "state"),
+               CODEX_PROXY_QUIET="1", **env)
+    return subprocess.Popen([sys.executable, PROXY_SCRIPT, "--addr", "127.0.0.1:0",
+                             "--codex-bin", str(codex_bin)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
 def start_proxy(config, extra_env=None):
     server = cp.ProxyServer(config, log_stream=None)
     server.env.update(extra_env or {})
@@ -478,8 +491,7 @@ def make_proxy(tmp_path, fake_codex, run_tmp):
     pids = [r[k] for r in fake_codex.records() for k in ("pid", "bridge_pid") if r.get(k)]
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10), \
         [p for p in pids if pid_alive(p)]
-    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 10), \
-        [t.name for t in set(threading.enumerate()) - threads_before]
+    assert_no_thread_outlives(threads_before)
 
 
 @pytest.fixture
@@ -1147,18 +1159,14 @@ def test_tunnelled_request_with_key_is_served(make_proxy):
 
 def test_main_prints_a_banner_and_sigterm_ends_parked_codex(fake_codex, tmp_path):
     fake_codex.scenario(TOOL_TURN)
-    env = dict(os.environ, FAKE_CODEX_DIR=str(fake_codex.dir), CODEX_HOME=str(tmp_path),
-               CODEX_PROXY_STATE_DIR=str(tmp_path / "state"), CODEX_PROXY_QUIET="1")
-    proc = subprocess.Popen([sys.executable, PROXY_SCRIPT, "--addr", "127.0.0.1:0",
-                             "--codex-bin", str(fake_codex.script)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_proxy_process(fake_codex.script, tmp_path, FAKE_CODEX_DIR=str(fake_codex.dir))
     try:
         banner = [proc.stdout.readline() for _ in range(5)]
         base = re.search(r"listening on (http://\S+)", banner[0]).group(1)
         assert banner[1].strip() == f"base URL for Cursor / OpenAI clients: {base}/v1"
         assert "codex-cli 0.0.0-fake" in banner[2] and "logged in" in banner[2]
         assert "API key: none" in banner[3]
-        assert tool_round(type("Remote", (), {"base": base})(),
+        assert tool_round(types.SimpleNamespace(base=base),
                           [{"role": "user", "content": "x"}])[2] == "tool_calls"
         record = fake_codex.wait_records(1)[0]
         proc.send_signal(signal.SIGTERM)
@@ -1744,8 +1752,7 @@ def e2e(tmp_path, real_codex, run_tmp):
     env = E2E(tmp_path, real_codex)
     yield env
     env.close()
-    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 10), \
-        [t.name for t in set(threading.enumerate()) - threads_before]
+    assert_no_thread_outlives(threads_before)
 
 
 def sdk_client(openai_sdk, base, **extra):
@@ -2156,32 +2163,9 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def timed_requests(base, body, count, concurrency):
-    """Latencies (s) of `count` requests sent `concurrency` at a time."""
-    latencies, lock, todo = [], threading.Lock(), list(range(count))
-
-    def worker():
-        while True:
-            with lock:
-                if not todo:
-                    return
-                todo.pop()
-            start = time.perf_counter()
-            status, _, _ = post_chat(base, body)
-            elapsed = time.perf_counter() - start
-            assert status == 200
-            with lock:
-                latencies.append(elapsed)
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    return latencies
-
-
-def direct_runs(argv, env, prompt, count, concurrency=1):
-    """Times (s) of running the same codex command directly, `concurrency` at a time."""
+def timed_concurrently(job, count, concurrency):
+    """Run `job` (which returns the seconds it measured) `count` times,
+    `concurrency` at a time; -> the list of those times."""
     times, lock, todo = [], threading.Lock(), list(range(count))
 
     def worker():
@@ -2190,17 +2174,7 @@ def direct_runs(argv, env, prompt, count, concurrency=1):
                 if not todo:
                     return
                 todo.pop()
-            start = time.perf_counter()
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            proc.stdin.write(prompt.encode())
-            proc.stdin.close()
-            for line in proc.stdout:      # the proxy answers here too, not at exit
-                if b'"turn.completed"' in line:
-                    break
-            elapsed = time.perf_counter() - start
-            proc.stdout.close()
-            proc.wait(60)
+            elapsed = job()
             with lock:
                 times.append(elapsed)
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -2209,6 +2183,35 @@ def direct_runs(argv, env, prompt, count, concurrency=1):
     for t in threads:
         t.join(600)
     return times
+
+
+def timed_requests(base, body, count, concurrency):
+    """Latencies (s) of `count` requests sent `concurrency` at a time."""
+    def request():
+        start = time.perf_counter()
+        status, _, _ = post_chat(base, body)
+        elapsed = time.perf_counter() - start
+        assert status == 200
+        return elapsed
+    return timed_concurrently(request, count, concurrency)
+
+
+def direct_runs(argv, env, prompt, count, concurrency=1):
+    """Times (s) of running the same codex command directly, `concurrency` at a time."""
+    def run():
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc.stdin.write(prompt.encode())
+        proc.stdin.close()
+        for line in proc.stdout:      # the proxy answers here too, not at exit
+            if b'"turn.completed"' in line:
+                break
+        elapsed = time.perf_counter() - start
+        proc.stdout.close()
+        proc.wait(60)
+        return elapsed
+    return timed_concurrently(run, count, concurrency)
 
 
 def ms(seconds):
@@ -2221,14 +2224,10 @@ def bench_proxy_overhead(folder, count=200):
     script.chmod(0o755)
     # The proxy runs in its own process, as a user runs it, so that the
     # benchmark's client threads do not share its interpreter lock.
-    env = dict(os.environ, CODEX_HOME=str(folder), CODEX_PROXY_STATE_DIR=str(folder / "state"),
-               CODEX_PROXY_QUIET="1", CODEX_PROXY_MAX_CONCURRENT="16")
-    proc = subprocess.Popen([sys.executable, PROXY_SCRIPT, "--addr", "127.0.0.1:0",
-                             "--codex-bin", str(script)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    proxy = type("Remote", (), {})()
+    proc = spawn_proxy_process(script, folder, CODEX_PROXY_MAX_CONCURRENT="16")
     try:
-        proxy.base = re.search(r"listening on (http://\S+)", proc.stdout.readline()).group(1)
+        proxy = types.SimpleNamespace(base=re.search(
+            r"listening on (http://\S+)", proc.stdout.readline()).group(1))
         for concurrency in (1, 8):
             direct = direct_runs([str(script), "exec", "--json", "-"], os.environ, "hi", count,
                                  concurrency)
