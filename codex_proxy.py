@@ -1865,6 +1865,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
         self.catalog_path, self.catalog_models = None, []
+        # _catalog_lock guards _catalog_version; the build itself runs outside it.
+        self._catalog_lock = threading.Lock()
         self._catalog_version = None
         # _lock guards _runs, _active and _connections.
         self._lock = threading.Lock()
@@ -1890,9 +1892,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def _codex_checked(self, argv, version):
         """Build the model catalog at start-up and whenever Codex's version changes."""
-        if argv is None or version == self._catalog_version:
-            return
-        self._catalog_version = version
+        with self._catalog_lock:        # one build per version, even when checks race
+            if argv is None or version == self._catalog_version:
+                return
+            self._catalog_version = version
         state_dir = self.config.state_dir or default_state_dir()
         try:
             self.catalog_path, self.catalog_models = build_model_catalog(
