@@ -1,11 +1,13 @@
 """Tests for codex_proxy.py.
 
 Most behaviour runs against a fake `codex` (a small Python script written into
-tmp_path that prints scripted JSONL and acts as an MCP client of the bridge).
-The end-to-end tests run the real Codex CLI against a fake Responses upstream
-on loopback; they skip when `codex` is not on PATH, except under CI (CI=true),
-where a missing CLI fails them.  The benchmarks run with
-`python3 test_codex_proxy.py --bench`.
+tmp_path) that speaks both engines: `codex app-server` JSON-RPC, and `codex
+exec --json` with the MCP bridge.  It plays a scenario the test writes and
+records what it was given.  The end-to-end tests run the real Codex CLI
+against a fake Responses upstream on loopback; they skip when `codex` is not
+on PATH, except under CI (CI=true), where a missing CLI fails them.  The
+benchmarks and the stress run: `python3 test_codex_proxy.py --bench` and
+`--stress`; they print figures and assert nothing about time.
 """
 
 import base64
@@ -13,16 +15,19 @@ import http.client
 import http.server
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
 import urllib.request
+import zlib
 
 import pytest
 
@@ -30,6 +35,7 @@ import codex_proxy as cp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROXY_SCRIPT = os.path.join(HERE, "codex_proxy.py")
+ENGINES = ["app-server", "exec"]
 
 
 # ---------------------------------------------------------------------------
@@ -60,10 +66,13 @@ def pid_alive(pid):
         return False
 
 
+def port_of(base):
+    return int(base.rsplit(":", 1)[1].split("/")[0])
+
+
 def http_request(base, method, path, body=None, headers=None, timeout=30):
     """-> (status, headers dict lower-cased, raw body bytes)."""
-    host, port = base.split("//")[1].split("/")[0].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(base), timeout=timeout)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     hdrs = {"Content-Type": "application/json"} if data is not None else {}
     hdrs.update(headers or {})
@@ -77,6 +86,37 @@ def http_request(base, method, path, body=None, headers=None, timeout=30):
 
 def post_chat(base, body, headers=None, path="/v1/chat/completions", timeout=60):
     return http_request(base, "POST", path, body, headers, timeout)
+
+
+def raw_exchange(base, data, until=b"\r\n\r\n", timeout=10.0):
+    """Send raw bytes on a new connection; -> everything read until `until`
+    has been seen and the body is complete, or the peer closes."""
+    sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=timeout)
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)       # nothing more will come
+        return recv_response(sock, timeout)
+    finally:
+        sock.close()
+
+
+def recv_response(sock, timeout=10.0):
+    """One HTTP response with a Content-Length body (or up to close)."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        head, sep, rest = seen.partition(b"\r\n\r\n")
+        if sep:
+            match = re.search(rb"(?i)content-length: *(\d+)", head)
+            if match and len(rest) >= int(match.group(1)):
+                return seen
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not data:
+            break
+        seen += data
+    return seen
 
 
 def sse_events(raw):
@@ -95,19 +135,34 @@ def chat_body(text="hello", **extra):
             **extra}
 
 
+def tiny_png():
+    """A valid 1x1 PNG, so that Codex can decode it."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
 # ---------------------------------------------------------------------------
 # Fake Responses upstream (for the real Codex CLI)
 # ---------------------------------------------------------------------------
 
 class FakeUpstream:
-    """A loopback Responses API.  `responder(body, index)` returns either a
-    list of output items, or ("status", code, body_dict), or ("sleep", s, items)."""
+    """A loopback Responses API.  `responder(body, index)` returns a list of
+    output items, ("status", code, body_dict), ("sleep", s, items), or
+    ("drip", seconds_between, [delta, ...], reasoning_text, (n, event)) for a
+    message streamed delta by delta (held before delta n until the event)."""
+
+    USAGE = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 40},
+             "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 5},
+             "total_tokens": 120}
 
     def __init__(self, responder):
         self.responder = responder
         self.requests = []
         self.lock = threading.Lock()
-        self.stopping = threading.Event()      # ends a "sleep" reply early at close()
+        self.stopping = threading.Event()      # ends a "sleep" or "drip" early at close()
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -126,7 +181,8 @@ class FakeUpstream:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with upstream.lock:
-                    upstream.requests.append({"path": self.path, "body": body})
+                    upstream.requests.append({"path": self.path, "body": body,
+                                              "headers": dict(self.headers)})
                     index = len(upstream.requests) - 1
                 upstream.serve(self, body, index)
 
@@ -136,6 +192,10 @@ class FakeUpstream:
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.1}, daemon=True)
         self.thread.start()
+
+    def bodies(self):
+        with self.lock:
+            return [r["body"] for r in self.requests]
 
     def serve(self, handler, body, index):
         reply = self.responder(body, index)
@@ -155,22 +215,53 @@ class FakeUpstream:
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Connection", "close")
         handler.end_headers()
+        handler.close_connection = True
         rid = f"resp_{index}"
-        events = [{"type": "response.created", "response": {"id": rid}}]
-        for item in reply:
-            events.append({"type": "response.output_item.done", "item": item})
-        events.append({"type": "response.completed", "response": {
-            "id": rid, "usage": {"input_tokens": 100, "input_tokens_details":
-                                 {"cached_tokens": 40}, "output_tokens": 20,
-                                 "output_tokens_details": {"reasoning_tokens": 5},
-                                 "total_tokens": 120}}})
         try:
-            for event in events:
-                handler.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-                handler.wfile.flush()
+            self.send(handler, {"type": "response.created", "response": {"id": rid}})
+            if isinstance(reply, tuple) and reply[0] == "drip":
+                if not self.drip(handler, *reply[1:]):
+                    return
+            else:
+                for item in reply:
+                    self.send(handler, {"type": "response.output_item.done", "item": item})
+            self.send(handler, {"type": "response.completed",
+                                "response": {"id": rid, "usage": self.USAGE}})
         except OSError:
             pass
-        handler.close_connection = True
+
+    def drip(self, handler, pause, deltas, reasoning=None, gate=None):
+        index = 0
+        if reasoning:
+            self.send(handler, {"type": "response.output_item.added", "output_index": 0,
+                                "item": {"type": "reasoning", "id": "rs_1", "summary": []}})
+            self.send(handler, {"type": "response.reasoning_summary_text.delta",
+                                "item_id": "rs_1", "output_index": 0, "summary_index": 0,
+                                "delta": reasoning})
+            self.send(handler, {"type": "response.output_item.done", "output_index": 0,
+                                "item": reasoning_item(reasoning)})
+            index = 1
+        self.send(handler, {"type": "response.output_item.added", "output_index": index,
+                            "item": {"type": "message", "role": "assistant", "id": "msg_1",
+                                     "content": []}})
+        for n, delta in enumerate(deltas):
+            if gate is not None and n == gate[0]:       # hold here until the test lets go
+                deadline = time.monotonic() + 60
+                while not gate[1].wait(0.05):
+                    if self.stopping.is_set() or time.monotonic() > deadline:
+                        return False
+            if self.stopping.wait(pause):
+                return False
+            self.send(handler, {"type": "response.output_text.delta", "item_id": "msg_1",
+                                "output_index": index, "content_index": 0, "delta": delta})
+        self.send(handler, {"type": "response.output_item.done", "output_index": index,
+                            "item": message_item("".join(deltas))})
+        return True
+
+    @staticmethod
+    def send(handler, event):
+        handler.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        handler.wfile.flush()
 
     def close(self):
         self.stopping.set()
@@ -187,7 +278,7 @@ def reasoning_item(text):
     return {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": text}]}
 
 
-def function_call_item(name, arguments, call_id, namespace="mcp__client"):
+def function_call_item(name, arguments, call_id, namespace=None):
     item = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id,
             "name": name, "arguments": json.dumps(arguments)}
     if namespace:
@@ -196,13 +287,14 @@ def function_call_item(name, arguments, call_id, namespace="mcp__client"):
 
 
 # ---------------------------------------------------------------------------
-# Fake codex
+# Fake codex: both engines, scripted by the test, recording what it was given
 # ---------------------------------------------------------------------------
 
 FAKE_CODEX = r'''
-import json, os, signal, subprocess, sys, threading, time, tomllib
+import json, os, signal, subprocess, sys, threading, time
 
 STATE = os.environ["FAKE_CODEX_DIR"]
+
 args = sys.argv[1:]
 if args[:1] == ["--version"]:
     version_file = os.path.join(STATE, "version")
@@ -220,7 +312,22 @@ if args[:2] == ["debug", "models"]:
          "apply_patch_tool_type": "freeform"},
         {"slug": "secret-model", "visibility": "hide"}]}))
     sys.exit(0)
-assert args[0] == "exec", args
+ENGINE = args[0]
+assert ENGINE in ("exec", "app-server"), args
+if ENGINE == "app-server" and os.path.exists(os.path.join(STATE, "no_app_server")):
+    print("error: unrecognized subcommand 'app-server'", file=sys.stderr)
+    sys.exit(2)
+
+out_lock = threading.Lock()
+def emit(event):
+    with out_lock:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+def toml(value):
+    sys.path.insert(0, os.environ["FAKE_CODEX_PROXY_DIR"])
+    import codex_proxy                  # its TOML reader (this may be Python 3.9); exec only
+    return codex_proxy.read_toml("v = " + value)["v"]
 
 conf, model, images, i = {}, None, [], 1
 while i < len(args):
@@ -232,22 +339,19 @@ while i < len(args):
     elif a.startswith("--model="):
         model = a.split("=", 1)[1]
         i += 1
-    elif a in ("-i", "-s", "-C", "--disable"):
+    elif a in ("-i", "-s", "-C", "--disable", "--output-schema"):
         if a == "-i":
             images.append(args[i + 1])
+        if a == "--output-schema":
+            conf["output_schema"] = json.dumps(json.load(open(args[i + 1])))
         i += 2
     else:
         i += 1
 
-def toml(value):
-    return tomllib.loads("v = " + value)["v"]
-
-prompt = sys.stdin.read()
-record = {"argv": args, "conf": conf, "prompt": prompt, "model": model,
-          "pid": os.getpid(), "cwd": os.getcwd(), "cwd_files": os.listdir(os.getcwd()),
-          "instructions": open(toml(conf["model_instructions_file"])).read(),
-          "images": [open(p, "rb").read().hex() for p in images],
-          "image_paths": images, "tools": None, "results": [], "ended": False}
+record = {"engine": ENGINE, "argv": args, "conf": conf, "model": model, "pid": os.getpid(),
+          "cwd": os.getcwd(), "cwd_files": os.listdir(os.getcwd()), "env_keys": sorted(os.environ),
+          "env_values": list(os.environ.values()), "tools": None, "results": [],
+          "ended": False, "interrupted": False}
 
 def save():
     path = os.path.join(STATE, "records", f"{os.getpid()}.json")
@@ -255,12 +359,43 @@ def save():
         json.dump(record, f)
     os.replace(path + ".tmp", path)
 
-out_lock = threading.Lock()
-def emit(event):
-    with out_lock:
-        sys.stdout.write(json.dumps(event) + "\n")
-        sys.stdout.flush()
+def scenario(prompt):
+    steps = [{"thread": True}, {"text": "fake answer"}, {"complete": {}}]
+    path = os.path.join(STATE, "scenario.json")
+    if os.path.exists(path):
+        for rule in json.load(open(path)):
+            if rule.get("when") is None or rule["when"] in prompt:
+                return rule["steps"]
+    return steps
 
+def fill(text):
+    results = [r["text"] for r in record["results"]]
+    return text.format(prompt=record.get("prompt", ""), results=" | ".join(results),
+                       model=record.get("model"))
+
+USAGE = {"input_tokens": 11, "cached_input_tokens": 3, "output_tokens": 7,
+         "reasoning_output_tokens": 2}
+
+def common_step(kind, value):
+    if kind == "plain":
+        print(value, flush=True)
+    elif kind == "stderr":
+        print(value, file=sys.stderr, flush=True)
+    elif kind == "sleep":
+        time.sleep(value)
+    elif kind == "wait_file":
+        deadline = time.time() + 30
+        while not os.path.exists(os.path.join(STATE, value)) and time.time() < deadline:
+            time.sleep(0.01)
+    elif kind == "touch":
+        open(os.path.join(STATE, value), "w").close()
+    elif kind == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif kind == "exit":           # from any thread, at once
+        sys.stdout.flush()
+        os._exit(value)
+
+# -- exec --------------------------------------------------------------------
 class Mcp:
     def __init__(self, command, argv):
         self.proc = subprocess.Popen([command] + argv, stdin=subprocess.PIPE,
@@ -288,21 +423,7 @@ class Mcp:
         slot[0].wait()
         return slot[1]
 
-mcp = None
-if "mcp_servers.client.command" in conf:
-    mcp = Mcp(toml(conf["mcp_servers.client.command"]), toml(conf["mcp_servers.client.args"]))
-    mcp.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}})
-    mcp.proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
-    mcp.proc.stdin.flush()
-    record["tools"] = mcp.request("tools/list", {})["result"]["tools"]
-    record["bridge_pid"] = mcp.proc.pid
-save()
-
-def fill(text):
-    results = [r["text"] for r in record["results"]]
-    return text.format(prompt=prompt, results=" | ".join(results), model=model)
-
-def call_tools(calls):
+def exec_calls(mcp, calls):
     answers = [None] * len(calls)
     def one(n, call):
         params = {"name": call["name"], "arguments": call.get("arguments", {})}
@@ -322,52 +443,217 @@ def call_tools(calls):
                                   "is_error": answer.get("isError", False)})
     save()
 
-steps = [{"thread": True}, {"text": "fake answer"}, {"complete": {}}]
-path = os.path.join(STATE, "scenario.json")
-if os.path.exists(path):
-    for rule in json.load(open(path)):
-        if rule.get("when") is None or rule["when"] in prompt:
-            steps = rule["steps"]
-            break
+def run_exec():
+    record["prompt"] = sys.stdin.read()
+    record["turn_order"] = time.time()
+    record["instructions"] = open(toml(conf["model_instructions_file"])).read()
+    record["images"] = [open(p, "rb").read().hex() for p in images]
+    record["image_paths"] = images
+    mcp = None
+    if "mcp_servers.client.command" in conf:
+        mcp = Mcp(toml(conf["mcp_servers.client.command"]), toml(conf["mcp_servers.client.args"]))
+        mcp.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}})
+        mcp.proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        mcp.proc.stdin.flush()
+        record["tools"] = mcp.request("tools/list", {})["result"]["tools"]
+        record["bridge_pid"] = mcp.proc.pid
+    save()
+    item = 0
+    for step in scenario(record["prompt"]):
+        kind, value = next(iter(step.items()))
+        if kind == "thread":
+            emit({"type": "thread.started", "thread_id": "thread-fake"})
+            emit({"type": "turn.started"})
+        elif kind in ("text", "reasoning", "deltas"):
+            item += 1
+            text = "".join(value) if kind == "deltas" else value
+            emit({"type": "item.completed", "item": {"id": f"item_{item}",
+                  "type": "reasoning" if kind == "reasoning" else "agent_message",
+                  "text": fill(text)}})
+        elif kind == "warning":
+            emit({"type": "error", "message": value})
+        elif kind == "item_error":
+            emit({"type": "item.completed", "item": {"id": "item_e", "type": "error",
+                                                     "message": value}})
+        elif kind == "complete":
+            emit({"type": "turn.completed", "usage": dict(USAGE, **value)})
+        elif kind == "fail":
+            emit({"type": "turn.failed", "error": {"message": value}})
+        elif kind == "calls":
+            exec_calls(mcp, value)
+        elif kind == "command":
+            emit({"type": "item.completed", "item": {"id": "c", "type": "command_execution"}})
+        else:
+            common_step(kind, value)
+    record["ended"] = True
+    save()
 
-usage = {"input_tokens": 11, "cached_input_tokens": 3, "output_tokens": 7,
-         "reasoning_output_tokens": 2}
-item = 0
-for step in steps:
-    kind, value = next(iter(step.items()))
-    if kind == "thread":
-        emit({"type": "thread.started", "thread_id": "thread-fake"})
-        emit({"type": "turn.started"})
-    elif kind in ("text", "reasoning"):
-        item += 1
-        emit({"type": "item.completed", "item": {"id": f"item_{item}",
-              "type": "agent_message" if kind == "text" else "reasoning", "text": fill(value)}})
-    elif kind == "warning":
-        emit({"type": "error", "message": value})
-    elif kind == "item_error":
-        emit({"type": "item.completed", "item": {"id": "item_e", "type": "error", "message": value}})
-    elif kind == "complete":
-        emit({"type": "turn.completed", "usage": dict(usage, **value)})
-    elif kind == "fail":
-        emit({"type": "turn.failed", "error": {"message": value}})
-    elif kind == "plain":
-        print(value, flush=True)
-    elif kind == "stderr":
-        print(value, file=sys.stderr, flush=True)
-    elif kind == "sleep":
-        time.sleep(value)
-    elif kind == "wait_file":
-        deadline = time.time() + 30
-        while not os.path.exists(os.path.join(STATE, value)) and time.time() < deadline:
-            time.sleep(0.01)
-    elif kind == "ignore_term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    elif kind == "calls":
-        call_tools(value)
-    elif kind == "exit":
-        sys.exit(value)
-record["ended"] = True
-save()
+# -- app-server ----------------------------------------------------------------
+class AppServer:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting, self.next_id = {}, 0
+        self.interrupted = threading.Event()
+        self.thread_id, self.turn_id = "thread-fake", "turn-fake"
+
+    def notify(self, method, params):
+        emit({"method": method, "params": dict(params, threadId=self.thread_id)})
+
+    def request(self, method, params):
+        with self.lock:
+            rid, self.next_id = self.next_id, self.next_id + 1
+            slot = self.waiting[rid] = [threading.Event()]
+        emit({"id": rid, "method": method, "params": params})
+        while not slot[0].wait(0.05):
+            if self.interrupted.is_set():
+                return None
+        return slot[1]
+
+    def serve(self):
+        for line in sys.stdin:
+            msg = json.loads(line)
+            method, mid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
+            if method is None:
+                with self.lock:
+                    slot = self.waiting.pop(mid, None)
+                if slot:
+                    slot.append(msg)
+                    slot[0].set()
+                continue
+            record.setdefault("methods", []).append(method)
+            if method == "initialize":
+                record["initialize"] = params
+                save()
+                emit({"id": mid, "result": {"userAgent": "fake", "codexHome": "/x"}})
+            elif method == "config/read":
+                path = os.path.join(STATE, "effective_config.json")
+                emit({"id": mid, "result": {"config": json.load(open(path))
+                                            if os.path.exists(path) else {}}})
+            elif method == "account/rateLimits/read":
+                path = os.path.join(STATE, "rate_limits.json")
+                if os.path.exists(path):
+                    emit({"id": mid, "result": {"rateLimits": json.load(open(path))}})
+                else:
+                    emit({"id": mid, "error": {"code": -32600, "message": "no ChatGPT login"}})
+            elif method == "thread/start":
+                record["thread"] = params
+                record["conf"] = params.get("config") or {}
+                record["model"] = params.get("model")
+                record["instructions"] = params.get("baseInstructions")
+                record["tools"] = [{"name": t["name"], "description": t["description"],
+                                    "inputSchema": t["inputSchema"]}
+                                   for t in params.get("dynamicTools") or []] or None
+                save()
+                emit({"id": mid, "result": {"thread": {"id": self.thread_id}}})
+                self.notify("thread/started", {"thread": {"id": self.thread_id}})
+            elif method == "turn/start":
+                record["turn"] = params
+                texts = [i["text"] for i in params["input"] if i["type"] == "text"]
+                record["prompt"] = "\n".join(texts)
+                record["turn_order"] = time.time()
+                record["images"] = [i["url"] for i in params["input"] if i["type"] == "image"]
+                save()
+                emit({"id": mid, "result": {"turn": {"id": self.turn_id, "status": "inProgress"}}})
+                threading.Thread(target=self.play, daemon=True).start()
+            elif method == "turn/interrupt":
+                record["interrupted"] = True
+                save()
+                self.interrupted.set()
+                emit({"id": mid, "result": {}})
+            else:
+                emit({"id": mid, "error": {"code": -32601, "message": "unknown " + method}})
+
+    def play(self):
+        self.notify("turn/started", {"turn": {"id": self.turn_id}})
+        item = 0
+        for step in scenario(record["prompt"]):
+            if self.interrupted.is_set():
+                break
+            kind, value = next(iter(step.items()))
+            item += 1
+            if kind == "thread":
+                pass
+            elif kind in ("text", "deltas"):
+                deltas = [fill(value)] if kind == "text" else [fill(v) for v in value]
+                self.notify("item/started", {"item": {"type": "agentMessage", "id": f"m{item}",
+                                                      "text": ""}})
+                for delta in deltas:
+                    if self.interrupted.is_set():
+                        break
+                    self.notify("item/agentMessage/delta", {"itemId": f"m{item}",
+                                                            "delta": delta})
+                    if step.get("pause"):
+                        time.sleep(step["pause"])
+                self.notify("item/completed", {"item": {"type": "agentMessage",
+                            "id": f"m{item}", "text": "".join(deltas)}})
+            elif kind == "whole_text":
+                self.notify("item/completed", {"item": {"type": "agentMessage",
+                            "id": f"m{item}", "text": fill(value)}})
+            elif kind == "reasoning":
+                self.notify("item/reasoning/summaryTextDelta", {"itemId": f"r{item}",
+                            "delta": fill(value), "summaryIndex": 0})
+                self.notify("item/completed", {"item": {"type": "reasoning", "id": f"r{item}",
+                            "summary": [fill(value)]}})
+            elif kind in ("warning", "item_error"):
+                self.notify("error", {"error": {"message": value}, "willRetry": True})
+            elif kind == "complete":
+                total = dict(USAGE, **value)
+                self.notify("thread/tokenUsage/updated", {"tokenUsage": {"total": {
+                    "inputTokens": total["input_tokens"],
+                    "cachedInputTokens": total["cached_input_tokens"],
+                    "outputTokens": total["output_tokens"],
+                    "reasoningOutputTokens": total["reasoning_output_tokens"],
+                    "totalTokens": total["input_tokens"] + total["output_tokens"]}}})
+                self.notify("turn/completed", {"turn": {"id": self.turn_id,
+                                                        "status": "completed"}})
+            elif kind == "fail":
+                error = {"message": value, "codexErrorInfo": step.get("info"),
+                         "additionalDetails": None}
+                self.notify("error", {"error": error, "willRetry": False})
+                self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "failed",
+                                                        "error": error}})
+            elif kind == "calls":
+                self.calls(value)
+            elif kind == "rate_limits":
+                emit({"method": "account/rateLimits/updated", "params": {"rateLimits": value}})
+            elif kind == "command":
+                self.notify("item/started", {"item": {"type": "commandExecution", "id": "c"}})
+            else:
+                common_step(kind, value)
+        if self.interrupted.is_set():
+            self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "interrupted"}})
+        record["ended"] = True
+        save()
+
+    def calls(self, calls):
+        answers = [None] * len(calls)
+        def one(n, call):
+            self.notify("item/started", {"item": {"type": "dynamicToolCall", "id": call.get("id"),
+                                                  "tool": call["name"]}})
+            answers[n] = self.request("item/tool/call", {
+                "threadId": self.thread_id, "turnId": self.turn_id, "callId": call.get("id"),
+                "namespace": None, "tool": call["name"], "arguments": call.get("arguments", {})})
+        threads = [threading.Thread(target=one, args=(n, c)) for n, c in enumerate(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for n, answer in enumerate(answers):
+            if answer is None:
+                continue
+            result = answer["result"]
+            record["results"].append({"name": calls[n]["name"],
+                                      "text": result["contentItems"][0]["text"],
+                                      "is_error": not result["success"]})
+        save()
+
+if ENGINE == "exec":
+    run_exec()
+else:
+    save()
+    AppServer().serve()
+    record["stdin_closed"] = True
+    save()
 '''
 
 
@@ -380,6 +666,7 @@ class FakeCodex:
         self.script = folder / "codex"
         self.script.write_text(f"#!{sys.executable}\n{FAKE_CODEX}")
         self.script.chmod(0o755)
+        self.env = {"FAKE_CODEX_DIR": str(folder), "FAKE_CODEX_PROXY_DIR": HERE}
 
     def scenario(self, *rules):
         """Each rule: steps, or (prompt substring, steps); first match wins."""
@@ -387,7 +674,10 @@ class FakeCodex:
                 {"when": None, "steps": r} for r in rules]
         (self.dir / "scenario.json").write_text(json.dumps(data))
 
-    def records(self):
+    def write(self, name, value):
+        (self.dir / name).write_text(json.dumps(value))
+
+    def all_records(self):
         out = []
         for path in sorted((self.dir / "records").glob("*.json"), key=os.path.getmtime):
             try:
@@ -396,9 +686,17 @@ class FakeCodex:
                 pass
         return out
 
+    def records(self):
+        """Records of processes that served a turn, oldest first."""
+        return sorted((r for r in self.all_records() if "prompt" in r),
+                      key=lambda r: r.get("turn_order", 0))
+
     def wait_records(self, n, timeout=10):
-        assert wait_until(lambda: len(self.records()) >= n, timeout), self.records()
+        assert wait_until(lambda: len(self.records()) >= n, timeout), self.all_records()
         return self.records()
+
+    def pids(self):
+        return [r[k] for r in self.all_records() for k in ("pid", "bridge_pid") if r.get(k)]
 
     def set_logged_out(self, value=True):
         flag = self.dir / "logged_out"
@@ -406,6 +704,18 @@ class FakeCodex:
             flag.write_text("")
         elif flag.exists():
             flag.unlink()
+
+
+def conf_value(record, key):
+    """A thread/run config value, whichever engine recorded it."""
+    value = record["conf"].get(key)
+    if record["engine"] == "exec" and value is not None:
+        return cp.read_toml("v = " + value)["v"]
+    return value
+
+
+def tool_names_of(record):
+    return {t["name"] for t in record["tools"] or []}
 
 
 class Proxy:
@@ -428,18 +738,40 @@ class Proxy:
 
 
 def assert_no_thread_outlives(threads_before):
-    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 10), \
+    assert wait_until(lambda: set(threading.enumerate()) <= threads_before, 15), \
         [t.name for t in set(threading.enumerate()) - threads_before]
 
 
-def spawn_proxy_process(codex_bin, home, **env):
+def spawn_proxy_process(codex_bin, home, *args, **env):
     """`python3 codex_proxy.py` on a free loopback port, as a user runs it;
     its banner comes on the returned process's stdout."""
     env = dict(os.environ, CODEX_HOME=str(home), CODEX_PROXY_STATE_DIR=str(home / "state"),
                CODEX_PROXY_QUIET="1", **env)
     return subprocess.Popen([sys.executable, PROXY_SCRIPT, "--addr", "127.0.0.1:0",
-                             "--codex-bin", str(codex_bin)], env=env,
+                             "--codex-bin", str(codex_bin), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def read_banner(proc):
+    lines = []
+    while not lines or lines[-1].strip():
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("  logs:"):
+            break
+    return lines
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_proxy(config, extra_env=None):
@@ -478,17 +810,17 @@ def make_proxy(tmp_path, fake_codex, run_tmp):
 
     def make(**overrides):
         fields = dict(port=0, codex_bin=str(fake_codex.script), codex_home=str(home),
-                      state_dir=str(tmp_path / "state"), quiet=True, tool_quiet=0.1,
+                      state_dir=str(tmp_path / "state"), quiet=True, tool_quiet=0.1, warm=0,
                       logs_html=os.path.join(HERE, "logs.html"))
         fields.update(overrides)
-        proxy = start_proxy(cp.Config(**fields), {"FAKE_CODEX_DIR": str(fake_codex.dir)})
+        proxy = start_proxy(cp.Config(**fields), fake_codex.env)
         proxies.append(proxy)
         return proxy
 
     yield make
     for proxy in proxies:
         proxy.stop()
-    pids = [r[k] for r in fake_codex.records() for k in ("pid", "bridge_pid") if r.get(k)]
+    pids = fake_codex.pids()
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10), \
         [p for p in pids if pid_alive(p)]
     assert_no_thread_outlives(threads_before)
@@ -496,7 +828,19 @@ def make_proxy(tmp_path, fake_codex, run_tmp):
 
 @pytest.fixture
 def proxy(make_proxy):
+    """The default engine: app-server, chosen by its start-up probe."""
     return make_proxy()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.param
+
+
+@pytest.fixture
+def both(make_proxy, engine):
+    """The same test on each engine."""
+    return make_proxy(engine=engine)
 
 
 # ---------------------------------------------------------------------------
@@ -547,14 +891,25 @@ def test_instructions_hold_preamble_then_client_text_verbatim():
     assert "  Rule one.\n" in text and text.index("Rule one") < text.index("Rule two")
 
 
-@pytest.mark.parametrize("choice, expected", [
-    ("auto", ""), ("none", ""), ("required", "must call at least one"),
-    ({"type": "function", "function": {"name": "read_file"}}, "`read_file`"),
+@pytest.mark.parametrize("choice, parsed, instruction", [
+    ("auto", "auto", ""), ("none", "none", ""), (None, "auto", ""),
+    ("required", "required", "must call at least one"),
+    ({"type": "function", "function": {"name": "read_file"}}, {"name": "read_file"}, "`read_file`"),
+    ({"type": "function", "name": "read_file"}, {"name": "read_file"}, "`read_file`"),
+    ({"type": "allowed_tools", "mode": "required", "tools": []}, "required", "at least one"),
 ])
-def test_tool_choice_instruction(choice, expected):
-    tools = [cp.ToolSpec("read_file")]
-    text = cp.tool_choice_instruction(choice, tools)
-    assert (expected in text) if expected else text == ""
+def test_tool_choice_forms(choice, parsed, instruction):
+    assert cp.parse_tool_choice(choice) == parsed
+    text = cp.tool_choice_instruction(parsed, [cp.ToolSpec("read_file")])
+    assert (instruction in text) if instruction else text == ""
+
+
+@pytest.mark.parametrize("choice", [{"function": "x"}, "sometimes", 5, {"type": "function"},
+                                    {"function": {"name": 3}}])
+def test_bad_tool_choice_is_a_400(choice):
+    with pytest.raises(cp.ProxyError) as info:
+        cp.parse_tool_choice(choice)
+    assert info.value.status == 400 and info.value.param == "tool_choice"
 
 
 def test_normalize_tools_accepts_chat_flat_and_custom_forms():
@@ -579,16 +934,24 @@ def test_translate_codex_event_table():
     assert t({"type": "item.updated", "item": {"type": "agent_message", "text": "h"}}) == []
     assert t({"type": "error", "message": "Reconnecting... 1/5"}) == [("warning", "Reconnecting... 1/5")]
     assert t({"type": "turn.failed", "error": {"message": "boom"}}) == [("failed", "boom")]
+    assert t({"type": "turn.completed", "usage": {"input_tokens": 1}}) == \
+        [("usage", {"input_tokens": 1}), ("completed", None)]
     assert t({"type": "item.completed", "item": {"type": "command_execution"}}) == \
         [("unexpected", "command_execution")]
 
 
-def test_openai_usage_maps_every_field():
-    assert cp.openai_usage({"input_tokens": 10, "cached_input_tokens": 4, "output_tokens": 6,
-                            "reasoning_output_tokens": 2}) == {
+def test_usage_maps_every_field_for_both_apis():
+    usage = cp.usage_from_app_server({"inputTokens": 10, "cachedInputTokens": 4,
+                                      "outputTokens": 6, "reasoningOutputTokens": 2,
+                                      "totalTokens": 16})
+    assert cp.openai_usage(usage) == {
         "prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16,
         "prompt_tokens_details": {"cached_tokens": 4},
         "completion_tokens_details": {"reasoning_tokens": 2}}
+    assert cp.responses_usage(usage) == {
+        "input_tokens": 10, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 6,
+        "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 16}
+    assert cp.openai_usage({"input_tokens": "x", "output_tokens": True})["total_tokens"] == 0
 
 
 @pytest.mark.parametrize("message, status, code, retry", [
@@ -603,6 +966,28 @@ def test_classify_failure(message, status, code, retry):
     assert (err.status, err.code, err.headers.get("Retry-After")) == (status, code, retry)
 
 
+@pytest.mark.parametrize("error, status, code, retry", [
+    ({"message": "You've hit your usage limit.", "codexErrorInfo": "usageLimitExceeded"},
+     429, "usage_limit_reached", "900"),
+    ({"message": "limit", "codexErrorInfo": {"httpConnectionFailed": {"httpStatusCode": 429}}},
+     429, "usage_limit_reached", "900"),
+    ({"message": "too long", "codexErrorInfo": "contextWindowExceeded"}, 400,
+     "context_length_exceeded", None),
+    ({"message": "who are you", "codexErrorInfo": "unauthorized"}, 401, "codex_unauthorized", None),
+    ({"message": "no such model", "codexErrorInfo": "modelNotFound"}, 404, "model_not_found", None),
+    ({"message": "busy", "codexErrorInfo": "serverOverloaded"}, 503, "server_overloaded", None),
+    ({"message": "boom", "codexErrorInfo": "internalServerError"}, 502, "codex_error", None),
+    ({"message": "odd", "codexErrorInfo": "somethingNew"}, 502, "codex_error", None),
+    ({"message": "You've hit your usage limit. Try again in 2 minutes."}, 429,
+     "usage_limit_reached", "120"),
+])
+def test_classify_codex_error_info(error, status, code, retry):
+    err = cp.classify_codex_error(error, reset_seconds=900)
+    assert (err.status, err.code, err.headers.get("Retry-After")) == (status, code, retry)
+    if status == 429 and "Try again" not in error["message"]:
+        assert "resets in about 15 min" in err.message
+
+
 @pytest.mark.parametrize("message, seconds", [
     ("try again in 1 day, 2 hours and 3 minutes", 86400 + 7200 + 180),
     ("or try again at 2:36 AM.", 3600 + 36 * 60),             # now is 01:00
@@ -613,6 +998,13 @@ def test_classify_failure(message, status, code, retry):
 def test_retry_after_reads_codex_reset_times(message, seconds):
     now = cp.datetime.datetime(2026, 11, 25, 1, 0)
     assert cp.retry_after_seconds(message, now) == seconds
+
+
+def test_codex_output_for_clients_has_no_backtrace_or_paths():
+    text = ("Error: prompt is empty\n/home/me/.codex/config.toml: bad\nstack backtrace:\n"
+            "   0: codex::main\n             at /rustc/abc/src/main.rs:1\n")
+    cleaned = cp.clean_codex_output(text, ["/home/me/.codex", "/home/me"])
+    assert cleaned == "Error: prompt is empty\n<path>/config.toml: bad"
 
 
 @pytest.mark.parametrize("shim_dir, modules_dir", [
@@ -633,22 +1025,253 @@ def test_windows_codex_shim_runs_its_node_script(tmp_path, shim_dir, modules_dir
     argv = cp.resolve_codex(str(shim), windows=True)
     assert argv[1] == str(script) and argv[0] in (shutil.which("node"), str(node))
     assert cp.resolve_codex(str(shim), windows=False) == [str(shim)]
+    binary = (tmp_path / modules_dir / "@openai" / "codex-win32-x64" / "vendor" /
+              "x86_64-pc-windows-msvc" / "bin" / "codex.exe")
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    binary.chmod(0o755)
+    if cp.native_codex(str(script), "win32", "AMD64"):     # the platform package wins
+        assert cp.resolve_codex(str(shim), windows=True) in ([str(binary)], argv)
 
 
-def test_toml_value_round_trips_through_tomllib():
+@pytest.mark.parametrize("layout", ["sibling", "nested", "vendor"])
+def test_the_native_binary_behind_the_npm_launcher_is_found(tmp_path, layout):
+    modules = tmp_path / "lib" / "node_modules"
+    script = modules / "@openai" / "codex" / "bin" / "codex.js"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/usr/bin/env node\n")
+    script.chmod(0o755)
+    link = tmp_path / "bin" / "codex"
+    link.parent.mkdir()
+    link.symlink_to(script)
+    assert cp.resolve_codex(str(link), windows=False) == [str(link)]    # no binary yet
+    vendor = {"sibling": modules / "@openai" / "codex-linux-x64" / "vendor",
+              "nested": modules / "@openai" / "codex" / "node_modules" / "@openai" /
+              "codex-linux-x64" / "vendor",
+              "vendor": modules / "@openai" / "codex" / "vendor"}[layout]
+    binary = vendor / "x86_64-unknown-linux-musl" / "bin" / "codex"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert cp.native_codex(str(script), "linux", "x86_64") == str(binary)
+    assert cp.native_codex(str(script), "linux", "mips") is None
+    if cp.native_codex(str(script)) is not None:       # this machine is linux x86_64
+        assert cp.resolve_codex(str(link), windows=False) == [str(binary)]
+    assert cp.resolve_codex(str(link), windows=False, native=False) == [str(link)]
+
+
+TOML_SAMPLE = r'''
+# Codex's config, as users write it
+model = "gpt-5.4"   # trailing comment
+model_provider = 'mock'
+model_reasoning_effort = "high"
+notify = ["notify-send", "Codex"]
+service_tier = """fast"""
+literal = QQQa\bQQQ
+escapes = "tab\there \"q\" \u00e9 \U0001F600"
+numbers = [1, -2, +3, 0x1F, 0o17, 0b101, 1_000, 2.5, -1e3, inf]
+nested = [[1, 2], ["a"], { x = 1, y.z = "w" },]
+"dotted.key" = true
+when = 1979-05-27T07:32:00Z
+a.b.c = false
+
+[model_providers.mock]
+name = "mock"
+base_url = "http://127.0.0.1:9/v1"
+env_key = "MOCK_KEY"
+request_max_retries = 0
+
+[mcp_servers."my server"]
+command = "rm"
+args = [
+  "-rf",  # comment inside an array
+  "/",
+]
+
+[[profiles.list]]
+name = "one"
+[[profiles.list]]
+name = "two"
+'''.replace("QQQ", "'" * 3)
+
+TOML_EXPECTED = {
+    "model": "gpt-5.4", "model_provider": "mock", "model_reasoning_effort": "high",
+    "notify": ["notify-send", "Codex"], "service_tier": "fast", "literal": "a\\b",
+    "escapes": "tab\there \"q\" \u00e9 \U0001F600",
+    "numbers": [1, -2, 3, 31, 15, 5, 1000, 2.5, -1000.0, float("inf")],
+    "nested": [[1, 2], ["a"], {"x": 1, "y": {"z": "w"}}], "dotted.key": True,
+    "a": {"b": {"c": False}},
+    "model_providers": {"mock": {"name": "mock", "base_url": "http://127.0.0.1:9/v1",
+                                 "env_key": "MOCK_KEY", "request_max_retries": 0}},
+    "mcp_servers": {"my server": {"command": "rm", "args": ["-rf", "/"]}},
+    "profiles": {"list": [{"name": "one"}, {"name": "two"}]},
+}
+
+
+def test_the_small_toml_reader_reads_what_codex_configs_hold():
+    data = cp._TomlReader(TOML_SAMPLE).parse()
+    when = data.pop("when")
+    assert data == TOML_EXPECTED
+    assert str(when).startswith("1979-05-27")
+    for bad in ('a = "unterminated', "a = [1, 2", "= 1", "a = 1 b", 'a = "\\q"'):
+        with pytest.raises(cp.TomlError):
+            cp._TomlReader(bad).parse()
+
+
+def test_toml_values_round_trip_through_both_readers():
     value = {"a b": [1, 2.5, True], "path": "C:\\dir\\\"q\"", "nested": {"x": "y"},
              "text": "caf\u00e9 \U0001f600 tab\there\nnew \x7f \x00"}
-    assert cp.tomllib.loads("v = " + cp.toml_value(value))["v"] == value
+    text = "v = " + cp.toml_value(value)
+    assert cp._TomlReader(text).parse()["v"] == value
+    assert cp.read_toml(text)["v"] == value
+
+
+@pytest.mark.parametrize("schema, strict", [
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+     {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+      "additionalProperties": False}),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {
+        "type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}}},
+      "required": ["a"], "additionalProperties": False},
+     {"type": "object", "properties": {"a": {"type": "array", "items": {
+         "type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"],
+         "additionalProperties": False}}}, "required": ["a"], "additionalProperties": False}),
+    ({"type": "object", "properties": {"a": {"type": "string"}}}, None),         # optional
+    ({"type": "object", "properties": {}, "additionalProperties": True}, None),  # open
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"],
+      "$defs": {"A": {"type": "object", "properties": {"x": {"type": "string"}}}}}, None),
+    ({"type": "array", "items": {"type": "string"}}, None),                      # not an object
+])
+def test_strict_schema_keeps_meaning_or_gives_up(schema, strict):
+    assert cp.strict_schema(schema) == strict
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_filter_cuts_before_the_stop_whatever_the_split(seed):
+    rng = random.Random(seed)
+    text = "The answer is 42.\nObservation: done\nmore"
+    cuts = sorted(rng.sample(range(1, len(text)), 6))
+    deltas = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    stop = cp.StopFilter(["\nObservation:", "never"])
+    out = ""
+    for delta in deltas:
+        out += stop.feed(delta)
+        if stop.hit:
+            break
+    assert stop.hit and out == "The answer is 42."
+    nothing = cp.StopFilter(["zzz"])
+    assert "".join(nothing.feed(d) for d in deltas) + nothing.flush() == text
+
+
+@pytest.mark.parametrize("value, code", [
+    ("ok \ud800 lone", "invalid_text"),
+    ({"k\udfff": 1}, "invalid_text"),
+    (json.loads("[" * 100 + "]" * 100), "too_deep"),
+])
+def test_hostile_json_values_are_refused(value, code):
+    with pytest.raises(cp.ProxyError) as info:
+        cp.check_json_value(value)
+    assert info.value.status == 400 and info.value.code == code
+
+
+def headers_of(pairs):
+    message = http.client.HTTPMessage()
+    for key, value in pairs:
+        message[key] = value
+    return message
+
+
+@pytest.mark.parametrize("pairs, framing", [
+    ([], ("none", 0)),
+    ([("Content-Length", "12")], ("length", 12)),
+    ([("Content-Length", "0")], ("none", 0)),
+    ([("Content-Length", "5"), ("Content-Length", "5")], ("length", 5)),
+    ([("Transfer-Encoding", "Chunked")], ("chunked", None)),
+    ([("Content-Length", "-1")], None), ([("Content-Length", "+5")], None),
+    ([("Content-Length", "0x10")], None), ([("Content-Length", "1e3")], None),
+    ([("Content-Length", "5"), ("Content-Length", "6")], None),
+    ([("Content-Length", "\u0661")], None),
+    ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], None),
+    ([("Transfer-Encoding", "gzip, chunked")], None),
+    ([("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], None),
+])
+def test_body_framing_is_unambiguous(pairs, framing):
+    if framing is None:
+        with pytest.raises(cp.ProxyError) as info:
+            cp.body_framing(headers_of(pairs))
+        assert info.value.status == 400
+    else:
+        assert cp.body_framing(headers_of(pairs)) == framing
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1:11435", True), ("localhost:1", True), ("LOCALHOST", True),
+    ("app.localhost:80", True), ("[::1]:11435", True), ("192.168.1.5:11435", True),
+    ("myhost:11435", True), ("evil.example", False), ("evil.example:11435", False),
+    ("localhost.evil.example", False), ("127.0.0.1:abc", False), ("[::1", False),
+    ("listed.example:9", True),
+])
+def test_host_rules(host, allowed):
+    assert cp.host_allowed(host, ("listed.example",), {"myhost"}) is allowed
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("http://localhost:5173", True), ("https://127.0.0.1", True), ("http://[::1]:3000", True),
+    ("http://app.localhost", True), ("https://chat.example", True), ("null", False),
+    ("https://evil.example", False), ("http://localhost.evil.example", False),
+    ("file://", False), ("http://localhost:99999", False), ("ftp://localhost", False),
+])
+def test_origin_rules(origin, allowed):
+    assert cp.origin_allowed(origin, ("https://chat.example",)) is allowed
+
+
+def test_tunnel_headers_count_when_empty_or_repeated():
+    pairs = [("X-Forwarded-For", ""), ("Via", "1.1 x"), ("X-Forwarded-Host", "a"),
+             ("CF-Ray", "1"), ("True-Client-IP", "1.2.3.4"), ("Accept", "*/*")]
+    assert cp.tunnel_headers(headers_of(pairs)) == [
+        "cf-ray", "true-client-ip", "via", "x-forwarded-for", "x-forwarded-host"]
+    assert cp.tunnel_headers(headers_of([("Accept", "*/*")])) == []
+
+
+def test_user_config_additions_become_switches():
+    overrides = cp.user_config_overrides({
+        "mcp_servers": {"evil": {"command": "rm"}, "my server": {}},
+        "notify": ["notify-send"], "developer_instructions": "be evil", "model": "x"})
+    assert overrides == {"mcp_servers": {"evil": {"enabled": False},
+                                         "my server": {"enabled": False}},
+                         "notify": [], "developer_instructions": ""}
+    assert cp.user_config_overrides({"mcp_servers": {}, "notify": None}) == {}
+
+
+def test_response_store_is_bounded_and_forgets():
+    now = [0.0]
+    store = cp.ResponseStore(keep=2, ttl=10, max_chars=100, clock=lambda: now[0])
+    store.put("a", [cp.Message("user", "x" * 10)])
+    store.put("b", [cp.Message("user", "y" * 10)])
+    store.put("c", [cp.Message("user", "z" * 10)])
+    assert store.get("a") is None and store.get("c")[0].text == "z" * 10
+    store.get("c")[0].text = "changed"                   # a copy
+    assert store.get("c")[0].text == "z" * 10
+    store.put("big", [cp.Message("user", "w" * 200)])    # over the character budget
+    assert store.get("big") is None
+    now[0] = 11
+    assert store.get("b") is None and len(store) == 0
+
+
+def test_child_environment_drops_the_keys():
+    env = cp.child_environment({"PATH": "/bin", "CODEX_PROXY_API_KEY": "k1,k2",
+                                "OTHER": "k2", "HOME": "/h"}, ("k1", "k2"), "/codex")
+    assert env == {"PATH": "/bin", "HOME": "/h", "CODEX_HOME": "/codex"}
 
 
 # ---------------------------------------------------------------------------
 # Chat completions against the fake codex
 # ---------------------------------------------------------------------------
 
-def test_stream_follows_every_chunk_rule(proxy, fake_codex):
+def test_stream_follows_every_chunk_rule(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"reasoning": "thinking"}, {"text": "Hello"},
                          {"text": "World"}, {"complete": {}}])
-    status, hdrs, raw = post_chat(proxy.base, chat_body(
+    status, hdrs, raw = post_chat(both.base, chat_body(
         stream=True, stream_options={"include_usage": True}))
     assert status == 200
     assert hdrs["content-type"] == "text/event-stream"
@@ -670,13 +1293,13 @@ def test_stream_follows_every_chunk_rule(proxy, fake_codex):
                  if c["choices"] and "reasoning_content" in c["choices"][0]["delta"]]
     assert reasoning == ["thinking"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 18
-    assert proxy.events("reasoning_detected")[0]["summary_chars"] == 8
+    assert both.wait_event("reasoning_detected")[0]["summary_chars"] == 8
 
 
-def test_non_stream_answer_has_message_finish_reason_and_usage(proxy, fake_codex):
+def test_non_stream_answer_has_message_finish_reason_and_usage(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"reasoning": "hmm"}, {"text": "Hi there"},
                          {"complete": {}}])
-    status, _, raw = post_chat(proxy.base, chat_body())
+    status, _, raw = post_chat(both.base, chat_body())
     body = json.loads(raw)
     assert status == 200 and body["object"] == "chat.completion"
     assert body["model"] == "xedoc-2.5-tpg"
@@ -689,15 +1312,39 @@ def test_non_stream_answer_has_message_finish_reason_and_usage(proxy, fake_codex
                              "completion_tokens_details": {"reasoning_tokens": 2}}
 
 
+def test_app_server_answer_streams_as_it_is_written(proxy, fake_codex):
+    """Deltas reach the client while Codex is still writing (it waits for a
+    file the test creates only after it has seen the first words)."""
+    fake_codex.scenario([{"thread": True}, {"deltas": ["one ", "two "]}, {"wait_file": "go"},
+                         {"deltas": ["three"]}, {"complete": {}}])
+    sock = open_raw_stream(proxy, chat_body(stream=True))
+    try:
+        early = recv_until(sock, b'"two "')
+        assert b'"one "' in early and b'"two "' in early and b"three" not in early
+        (fake_codex.dir / "go").write_text("")
+        rest = recv_until(sock, b"0\r\n\r\n")
+    finally:
+        sock.close()
+    chunks = [e for e in sse_events(strip_chunking(early + rest)) if e != "[DONE]"]
+    content = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert [c for c in content if c] == ["one ", "two ", "\n\nthree"]
+
+
+def test_whole_messages_without_deltas_still_arrive_once(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"whole_text": "all at once"}, {"complete": {}}])
+    _, _, raw = post_chat(proxy.base, chat_body(stream=True))
+    assert assemble_stream(sse_events(raw))["content"] == "all at once"
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions"])
 def test_both_route_forms_answer_and_model_is_resolved(proxy, fake_codex, path):
     status, _, raw = post_chat(proxy.base, chat_body(), path=path)
     assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "fake answer"
-    record = fake_codex.wait_records(1)[0]
-    assert record["model"] == "gpt-5.2-codex"
+    assert fake_codex.wait_records(1)[0]["model"] == "gpt-5.2-codex"
 
 
-def test_codex_runs_as_a_pure_forwarder(proxy, fake_codex, run_tmp):
+def test_exec_runs_codex_as_a_pure_forwarder(make_proxy, fake_codex, run_tmp):
+    proxy = make_proxy(engine="exec")
     post_chat(proxy.base, {"messages": [{"role": "system", "content": "SYSTEM RULES"},
                                         {"role": "developer", "content": "DEV RULES"},
                                         {"role": "user", "content": "hello"}]})
@@ -718,11 +1365,43 @@ def test_codex_runs_as_a_pure_forwarder(proxy, fake_codex, run_tmp):
     assert not any(a.startswith(("-m", "--model")) for a in argv)   # Codex's default model
 
 
-def test_config_toml_keys_are_forwarded_and_nothing_else(make_proxy, fake_codex, tmp_path):
+def test_app_server_thread_runs_codex_as_a_pure_forwarder(proxy, fake_codex, run_tmp):
+    post_chat(proxy.base, {"messages": [{"role": "system", "content": "SYSTEM RULES"},
+                                        {"role": "developer", "content": "DEV RULES"},
+                                        {"role": "user", "content": "hello"}]})
+    record = fake_codex.wait_records(1)[0]
+    assert record["engine"] == "app-server" and record["argv"][0] == "app-server"
+    assert record["initialize"]["capabilities"]["experimentalApi"] is True
+    thread = record["thread"]
+    assert (thread["sandbox"], thread["approvalPolicy"], thread["ephemeral"],
+            thread["environments"]) == ("read-only", "never", True, [])
+    for key, value in cp.FORWARDER_THREAD_CONFIG.items():
+        assert thread["config"][key] == value, key
+    assert thread["config"]["model_catalog_json"].endswith(".json")
+    assert thread["baseInstructions"].startswith(cp.INSTRUCTIONS_PREAMBLE)
+    assert "SYSTEM RULES\n\nDEV RULES" in thread["baseInstructions"]
+    assert thread["cwd"].startswith(str(run_tmp)) and record["cwd_files"] == []
+    assert "model" not in thread and record["prompt"] == "hello"    # Codex's default model
+    assert record["methods"][:5] == ["initialize", "initialized", "config/read", "thread/start",
+                                     "turn/start"]
+
+
+def test_what_the_users_config_adds_is_switched_off(make_proxy, fake_codex):
+    fake_codex.write("effective_config.json", {
+        "mcp_servers": {"evil": {"command": "rm", "enabled": True}},
+        "notify": ["/bin/notify"], "developer_instructions": "USER TEXT", "model": "gpt-5.4"})
+    proxy = make_proxy()
+    post_chat(proxy.base, chat_body())
+    config = fake_codex.wait_records(1)[0]["thread"]["config"]
+    assert config["mcp_servers"] == {"evil": {"enabled": False}}
+    assert config["notify"] == [] and config["developer_instructions"] == ""
+
+
+def test_exec_forwards_config_toml_keys_and_nothing_else(make_proxy, fake_codex, tmp_path):
     (tmp_path / "home" / "config.toml").write_text(
         'model = "gpt-5.4"\nmodel_reasoning_summary = "detailed"\nservice_tier = "fast"\n'
         '[mcp_servers.evil]\ncommand = "rm"\n')
-    proxy = make_proxy(codex_config=['model_verbosity="high"'])
+    proxy = make_proxy(engine="exec", codex_config=['model_verbosity="high"'])
     post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}]})
     record = fake_codex.wait_records(1)[0]
     assert record["model"] == "gpt-5.4"
@@ -735,38 +1414,49 @@ def test_config_toml_keys_are_forwarded_and_nothing_else(make_proxy, fake_codex,
     assert "secret-model" not in {m["id"] for m in models}
 
 
+def test_app_server_gets_extra_codex_config_on_its_command_line(make_proxy, fake_codex):
+    proxy = make_proxy(codex_config=['model_verbosity="high"'])
+    post_chat(proxy.base, chat_body())
+    argv = fake_codex.wait_records(1)[0]["argv"]
+    assert argv[:3] == ["app-server", "-c", 'model_verbosity="high"']
+
+
 @pytest.mark.parametrize("model, body_extra, effort", [
     ("hgih-2.5-tpg", {}, "high"),
     ("xedoc-2.5-tpg", {"reasoning_effort": "low"}, "low"),
     ("gpt-5.2-minimal", {"reasoning_effort": "xhigh"}, "xhigh"),
 ])
-def test_reasoning_effort_reaches_codex(proxy, fake_codex, model, body_extra, effort):
-    post_chat(proxy.base, dict(chat_body(model=model), **body_extra, model=model))
+def test_reasoning_effort_reaches_codex(both, fake_codex, model, body_extra, effort):
+    post_chat(both.base, dict(chat_body(model=model), **body_extra, model=model))
     record = fake_codex.wait_records(1)[0]
-    assert record["conf"]["model_reasoning_effort"] == f'"{effort}"'
+    got = record["turn"].get("effort") if record["engine"] == "app-server" else \
+        conf_value(record, "model_reasoning_effort")
+    assert got == effort
 
 
-def test_models_health_and_cors(make_proxy):
+def test_models_health_and_cors_for_local_pages(make_proxy):
     proxy = make_proxy(aliases={"fast": "gpt-5.4-low"})
+    page = {"Origin": "http://localhost:5173"}
     for path in ("/v1/models", "/models"):
-        status, hdrs, raw = http_request(proxy.base, "GET", path)
+        status, hdrs, raw = http_request(proxy.base, "GET", path, headers=page)
         body = json.loads(raw)
         assert status == 200 and body["object"] == "list"
-        assert hdrs["access-control-allow-origin"] == "*"
+        assert hdrs["access-control-allow-origin"] == "http://localhost:5173"
         ids = [m["id"] for m in body["data"]]
         assert {"fast", "tsaf", "gpt-5.5", "5.5-tpg"} <= set(ids)
         assert all(m["object"] == "model" for m in body["data"])
     status, _, raw = http_request(proxy.base, "GET", "/v1/health")
-    assert status == 200 and json.loads(raw)["status"] == "ok"
-    assert json.loads(raw)["codex_version"] == "codex-cli 0.0.0-fake"
-    assert json.loads(raw)["logged_in"] is True
+    health = json.loads(raw)
+    assert status == 200 and health["status"] == "ok"
+    assert health["codex_version"] == "codex-cli 0.0.0-fake" and health["logged_in"] is True
+    assert health["engine"] == "app-server" and health["rate_limits"] is None
     status, hdrs, _ = http_request(proxy.base, "OPTIONS", "/v1/chat/completions", headers={
-        "Origin": "http://x", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-evil"})
     assert status == 204
-    assert hdrs["access-control-allow-origin"] == "*"
-    assert hdrs["access-control-allow-methods"] == "POST"
-    assert hdrs["access-control-allow-headers"] == "authorization,content-type"
+    assert hdrs["access-control-allow-origin"] == "http://localhost:5173"
+    assert hdrs["access-control-allow-methods"] == "POST, OPTIONS"
+    assert hdrs["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
 
 
 def test_shutdown_closes_kept_alive_connections(make_proxy):
@@ -781,16 +1471,22 @@ def test_shutdown_closes_kept_alive_connections(make_proxy):
         conn.close()
 
 
-def test_an_idle_kept_alive_connection_is_closed_after_a_while(make_proxy, monkeypatch):
-    monkeypatch.setattr(cp.ProxyHandler, "timeout", 0.3)
+def test_idle_connections_are_closed(make_proxy, monkeypatch):
+    monkeypatch.setattr(cp, "KEEPALIVE_IDLE_SECONDS", 0.3)
+    monkeypatch.setattr(cp, "REQUEST_READ_SECONDS", 0.3)
     proxy = make_proxy()
     conn = http.client.HTTPConnection("127.0.0.1", proxy.server.server_address[1], timeout=10)
     try:
         conn.request("GET", "/health")
         assert conn.getresponse().read()
-        assert conn.sock.recv(1) == b""          # within the 10 s socket timeout
+        assert conn.sock.recv(1) == b""          # kept-alive, then idle: closed
     finally:
         conn.close()
+    with socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10) as sock:
+        assert sock.recv(1) == b""               # a connection that never sends: closed
+    with socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert sock.recv(1) == b""               # headers that never end: closed
 
 
 def test_a_request_on_a_connection_that_outlived_the_server_gets_503(make_proxy):
@@ -801,30 +1497,60 @@ def test_a_request_on_a_connection_that_outlived_the_server_gets_503(make_proxy)
     assert json.loads(raw)["error"]["code"] == "shutting_down"
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    ([1, 2], 400, None),
-    ({"messages": []}, 400, "messages"),
-    ({"model": "x"}, 400, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": 5}]}, 400, None),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ([1, 2], None),
+    ({"messages": []}, "messages"),
+    ({"model": "x"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url":
-        {"url": "https://example.com/a.png"}}]}]}, 400, None),
+        {"url": "https://example.com/a.png"}}]}]}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"function": "x"}},
+     "tool_choice"),
+    ({"messages": [{"role": "function", "name": {"a": 1}, "content": "x"}]}, None),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages"),
+    ({"messages": [{"role": "system", "content": "only rules"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
+      "function": {"name": "bad name!"}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": "all"}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"},
+     "reasoning_effort"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": "x"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, None),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
+    ('{"messages": [{"role": "user", "content": "x"}], "a": ' .encode() + b"[" * 5000 +
+     b"]" * 5000 + b"}", None),
+    (b'\xff\xfe{"messages"}', None),
 ])
-def test_bad_requests_get_openai_errors_and_server_keeps_serving(proxy, body, status, param):
-    got, hdrs, raw = post_chat(proxy.base, body)
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(proxy, fake_codex, body, param):
+    got, _, raw = post_chat(proxy.base, body)
     error = json.loads(raw)["error"]
-    assert got == status and error["type"] == "invalid_request_error" and error["message"]
+    assert got == 400 and error["type"] == "invalid_request_error" and error["message"]
     if param:
         assert error["param"] == param
-    assert hdrs["access-control-allow-origin"] == "*"
+    assert fake_codex.records() == []
     assert post_chat(proxy.base, chat_body())[0] == 200
 
 
+def test_a_prompt_over_codexs_input_limit_is_refused_before_codex_starts(proxy, fake_codex):
+    status, _, raw = post_chat(proxy.base, chat_body("x" * (cp.MAX_INPUT_CHARS + 1)))
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded"
+    assert fake_codex.records() == [] and "/" not in error["message"]
+
+
 @pytest.mark.parametrize("model", ["--dangerously-bypass-approvals-and-sandbox", "a b", "x\n", ""])
-def test_model_names_that_could_read_as_flags_are_refused(proxy, fake_codex, model):
+def test_model_names_that_could_read_as_flags_are_refused(make_proxy, fake_codex, model):
+    proxy = make_proxy(engine="exec")
     status, _, raw = post_chat(proxy.base, chat_body(model=model))
     if model == "":
         assert status == 200        # an empty name means Codex's default
@@ -833,8 +1559,8 @@ def test_model_names_that_could_read_as_flags_are_refused(proxy, fake_codex, mod
     assert fake_codex.records() == []
 
 
-def test_model_reaches_codex_as_one_token(proxy, fake_codex):
-    post_chat(proxy.base, chat_body(model="xedoc-2.5-tpg"))
+def test_exec_gets_the_model_as_one_token(make_proxy, fake_codex):
+    post_chat(make_proxy(engine="exec").base, chat_body(model="xedoc-2.5-tpg"))
     assert "--model=gpt-5.2-codex" in fake_codex.wait_records(1)[0]["argv"]
 
 
@@ -846,13 +1572,16 @@ def test_http_servers_own_errors_are_json(proxy):
 def test_a_new_codex_version_gets_its_own_catalog(proxy, fake_codex, tmp_path):
     assert (tmp_path / "state" / "model-catalog-codex-cli-0.0.0-fake.json").exists()
     (fake_codex.dir / "version").write_text("codex-cli 9.9.9")
-    proxy.server.codex._checked_at -= cp.LOGIN_CACHE_SECONDS + 1
+    proxy.server.codex.expire()
     post_chat(proxy.base, chat_body())
     catalog = tmp_path / "state" / "model-catalog-codex-cli-9.9.9.json"
     assert wait_until(catalog.exists, 10)
     models = json.loads(catalog.read_text())["models"]
     assert all(m["supports_search_tool"] is False and m["apply_patch_tool_type"] is None
                for m in models)
+    assert wait_until(lambda: proxy.server.catalog_path == str(catalog), 10)
+    post_chat(proxy.base, chat_body())
+    assert fake_codex.wait_records(2)[-1]["thread"]["config"]["model_catalog_json"] == str(catalog)
 
 
 def test_remote_image_error_says_why(proxy):
@@ -868,13 +1597,15 @@ def test_unknown_fields_are_ignored(proxy):
     assert status == 200
 
 
-def test_unknown_path_404_and_wrong_method_405(proxy):
+def test_unknown_path_404_wrong_method_405_and_head(proxy):
     status, _, raw = http_request(proxy.base, "GET", "/v1/nothing")
     assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
     status, hdrs, raw = http_request(proxy.base, "GET", "/v1/chat/completions")
-    assert status == 405 and json.loads(raw)["error"]["message"] and hdrs["allow"] == "POST"
-    status, _, _ = http_request(proxy.base, "DELETE", "/models")
-    assert status == 405
+    assert status == 405 and json.loads(raw)["error"]["message"]
+    assert hdrs["allow"] == "POST, OPTIONS"
+    assert http_request(proxy.base, "DELETE", "/models")[0] == 405
+    status, hdrs, raw = http_request(proxy.base, "HEAD", "/v1/models")
+    assert status == 405 and hdrs["allow"] == "GET, OPTIONS" and raw == b""
 
 
 def test_body_over_max_body_gets_413(make_proxy):
@@ -884,14 +1615,17 @@ def test_body_over_max_body_gets_413(make_proxy):
     assert post_chat(proxy.base, chat_body("small"))[0] == 200
 
 
-def test_data_url_images_are_passed_with_i_and_removed(proxy, fake_codex, run_tmp):
-    png = b"\x89PNG\r\n\x1a\nfake-image"
+def test_data_url_images_reach_codex(both, fake_codex, run_tmp):
+    png = tiny_png()
     url = "data:image/png;base64," + base64.b64encode(png).decode()
-    status, _, _ = post_chat(proxy.base, {"messages": [{"role": "user", "content": [
+    status, _, _ = post_chat(both.base, {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]}]})
     assert status == 200
     record = fake_codex.wait_records(1)[0]
-    assert record["images"] == [png.hex()] and record["image_paths"][0].endswith(".png")
+    if record["engine"] == "exec":
+        assert record["images"] == [png.hex()] and record["image_paths"][0].endswith(".png")
+    else:
+        assert record["images"] == [url]
     assert "what is this" in record["prompt"] and "[image #1]" in record["prompt"]
 
 
@@ -904,8 +1638,9 @@ def test_legacy_function_role_and_null_content_are_accepted(proxy, fake_codex):
     assert "RESULT-F" in fake_codex.wait_records(1)[0]["prompt"]
 
 
-def test_think_mode_puts_reasoning_in_content_and_strips_it_from_history(make_proxy, fake_codex):
-    proxy = make_proxy(reasoning="think")
+def test_think_mode_puts_reasoning_in_content_and_strips_it_from_history(make_proxy, fake_codex,
+                                                                         engine):
+    proxy = make_proxy(reasoning="think", engine=engine)
     fake_codex.scenario([{"thread": True}, {"reasoning": "R1"}, {"text": "A1"}, {"complete": {}}])
     _, _, raw = post_chat(proxy.base, chat_body(stream=True))
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in sse_events(raw)[:-1]
@@ -927,22 +1662,22 @@ def test_reasoning_none_hides_the_summary(make_proxy, fake_codex):
         assert b"SECRET-R" not in raw and b"reasoning_content" not in raw
 
 
-def test_warnings_are_logged_not_shown(proxy, fake_codex):
+def test_warnings_are_logged_not_shown(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"warning": "Reconnecting... 1/5"},
-                         {"item_error": "Model metadata for `x` not found"},
-                         {"text": "ok"}, {"complete": {}}])
-    _, _, raw = post_chat(proxy.base, chat_body(stream=True))
-    assert b"Reconnecting" not in raw and b"metadata" not in raw
-    assert {e["message"] for e in proxy.events("codex_warning")} == {
-        "Reconnecting... 1/5", "Model metadata for `x` not found"}
+                         {"text": "ok"}, {"command": "ls"}, {"complete": {}}])
+    _, _, raw = post_chat(both.base, chat_body(stream=True))
+    assert b"Reconnecting" not in raw and b"ok" in raw
+    messages = [e["message"] for e in both.wait_event("codex_warning", 2)]
+    assert any("Reconnecting... 1/5" in m for m in messages)
+    assert any("should have no such tool" in m for m in messages)
 
 
-def open_raw_stream(proxy, body):
+def open_raw_stream(proxy, body, path="/v1/chat/completions"):
     """POST a streaming request on a raw socket; return the socket."""
-    sock = socket.create_connection(("127.0.0.1", int(proxy.base.rsplit(":", 1)[1])), timeout=20)
+    sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=20)
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
     return sock
 
 
@@ -956,9 +1691,23 @@ def recv_until(sock, marker, limit=10.0):
     return seen
 
 
-def test_first_chunk_leaves_before_codex_says_anything(proxy, fake_codex):
+def strip_chunking(raw):
+    """The complete chunks of a chunked HTTP response so far (headers dropped)."""
+    _, sep, body = raw.partition(b"\r\n\r\n")
+    out = b""
+    while sep and body:
+        size, sep, rest = body.partition(b"\r\n")
+        if not sep or not re.fullmatch(rb"[0-9a-fA-F]+", size) or int(size, 16) == 0 \
+                or len(rest) < int(size, 16):
+            break
+        out += rest[:int(size, 16)]
+        body = rest[int(size, 16) + 2:]
+    return out
+
+
+def test_first_chunk_leaves_before_codex_says_anything(both, fake_codex):
     fake_codex.scenario([{"wait_file": "go"}, {"thread": True}, {"text": "late"}, {"complete": {}}])
-    sock = open_raw_stream(proxy, chat_body(stream=True))
+    sock = open_raw_stream(both, chat_body(stream=True))
     first = recv_until(sock, b'"role":"assistant"')
     assert b'"role":"assistant"' in first and b"late" not in first   # Codex waits for "go"
     (fake_codex.dir / "go").write_text("")
@@ -976,28 +1725,40 @@ def test_keepalive_comments_while_codex_is_silent(make_proxy, fake_codex):
 
 
 @pytest.mark.parametrize("steps, status, code", [
-    ([{"thread": True}, {"fail": "You've hit your usage limit. Try again in 5 minutes."}],
-     429, "usage_limit_reached"),
-    ([{"thread": True}, {"fail": "unexpected status 401 Unauthorized"}], 401, "codex_unauthorized"),
-    ([{"thread": True}, {"fail": "exceeds the context window"}], 400, "context_length_exceeded"),
+    ([{"thread": True}, {"fail": "You've hit your usage limit. Try again in 5 minutes.",
+                         "info": "usageLimitExceeded"}], 429, "usage_limit_reached"),
+    ([{"thread": True}, {"fail": "unexpected status 401 Unauthorized", "info": "unauthorized"}],
+     401, "codex_unauthorized"),
+    ([{"thread": True}, {"fail": "exceeds the context window", "info": "contextWindowExceeded"}],
+     400, "context_length_exceeded"),
     ([{"thread": True}, {"fail": "upstream exploded"}], 502, "codex_error"),
     ([{"thread": True}, {"text": "partial"}, {"exit": 1}], 502, "codex_error"),
-    ([{"plain": "Error loading config: bad key"}, {"exit": 1}], 502, "codex_error"),
 ])
-def test_failed_turns_map_to_statuses(proxy, fake_codex, steps, status, code):
+def test_failed_turns_map_to_statuses(both, fake_codex, steps, status, code):
     fake_codex.scenario(steps)
-    got, hdrs, raw = post_chat(proxy.base, chat_body())
+    got, hdrs, raw = post_chat(both.base, chat_body())
     assert got == status and json.loads(raw)["error"]["code"] == code
     if status == 429:
         assert hdrs["retry-after"] == "300"
-    if steps[0].get("plain"):
-        assert "bad key" in json.loads(raw)["error"]["message"]
-    assert proxy.events("stream_codex_error")
+    assert both.events("stream_codex_error")
 
 
-def test_streamed_failure_is_one_error_event_then_done(proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"fail": "You've hit your usage limit."}])
-    status, _, raw = post_chat(proxy.base, chat_body(stream=True))
+def test_exec_plain_text_errors_reach_the_client_without_paths(make_proxy, fake_codex,
+                                                               tmp_path):
+    home = str(tmp_path / "home")
+    fake_codex.scenario([{"plain": f"Error loading config {home}/config.toml: bad key"},
+                         {"plain": "stack backtrace:"}, {"plain": "   0: codex::main"},
+                         {"exit": 1}])
+    got, _, raw = post_chat(make_proxy(engine="exec").base, chat_body())
+    message = json.loads(raw)["error"]["message"]
+    assert got == 502 and "bad key" in message and home not in message
+    assert "backtrace" not in message and "codex::main" not in message
+
+
+def test_streamed_failure_is_one_error_event_then_done(both, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"fail": "You've hit your usage limit.",
+                                            "info": "usageLimitExceeded"}])
+    status, _, raw = post_chat(both.base, chat_body(stream=True))
     events = sse_events(raw)
     assert status == 200 and events[-1] == "[DONE]"
     errors = [e for e in events[:-1] if "error" in e]
@@ -1019,13 +1780,15 @@ def test_idle_and_request_timeouts_end_the_run(make_proxy, fake_codex):
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 5)
 
 
-def test_codex_not_found_gives_503_with_install_hint(make_proxy, tmp_path):
-    proxy = make_proxy(codex_bin=str(tmp_path / "no-such-codex"))
+def test_codex_not_found_gives_503_with_install_hint_and_no_path(make_proxy, tmp_path):
+    missing = str(tmp_path / "no-such-codex")
+    proxy = make_proxy(codex_bin=missing)
     status, _, raw = post_chat(proxy.base, chat_body())
     error = json.loads(raw)["error"]
     assert status == 503 and error["code"] == "codex_not_found"
-    assert "npm install" in error["message"]
+    assert "npm install" in error["message"] and str(tmp_path) not in error["message"]
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["codex_version"] is None
+    assert proxy.events("request_rejected")[0]["status"] == 503
 
 
 def test_not_logged_in_gives_401_and_custom_provider_skips_the_check(make_proxy, fake_codex,
@@ -1038,7 +1801,7 @@ def test_not_logged_in_gives_401_and_custom_provider_skips_the_check(make_proxy,
     assert "codex login" in error["message"]
     fake_codex.set_logged_out(False)
     assert post_chat(proxy.base, chat_body())[0] == 401      # cached for 30 s
-    proxy.server.codex._checked_at -= cp.LOGIN_CACHE_SECONDS + 1
+    proxy.server.codex.expire()
     assert post_chat(proxy.base, chat_body())[0] == 200      # a stale "no" is rechecked at once
     fake_codex.set_logged_out()
     (tmp_path / "home" / "config.toml").write_text('model_provider = "mock"\n')
@@ -1061,6 +1824,45 @@ def test_more_than_max_concurrent_runs_get_429(make_proxy, fake_codex):
     assert post_chat(proxy.base, chat_body())[0] == 200
 
 
+SLOW_LOGIN = """#!/bin/sh
+if [ "$1" = login ]; then
+  touch "$FAKE_CODEX_DIR/login_check_started"
+  i=0
+  while [ ! -e "$FAKE_CODEX_DIR/release_login" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done
+fi
+exec "$FAKE_CODEX_DIR/codex" "$@"
+"""
+
+
+def test_a_burst_with_a_stale_login_check_is_answered_without_waiting_for_it(
+        make_proxy, fake_codex):
+    """The 429s of a burst all arrive while the (stale) login check that the
+    burst starts is still blocked: no check runs on the request path."""
+    slow = fake_codex.dir / "slow-codex"
+    slow.write_text(SLOW_LOGIN)
+    slow.chmod(0o755)
+    (fake_codex.dir / "release_login").write_text("")     # the start-up check passes
+    proxy = make_proxy(codex_bin=str(slow), max_concurrent=1)
+    (fake_codex.dir / "release_login").unlink()
+    (fake_codex.dir / "login_check_started").unlink()
+    fake_codex.scenario([{"wait_file": "go"}, {"thread": True}, {"text": "x"}, {"complete": {}}])
+    proxy.server.codex.expire()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post_chat(proxy.base, chat_body())))
+               for _ in range(30)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(results) >= 29, 20), len(results)
+    assert all(r[0] == 429 for r in results[:29])
+    assert not (fake_codex.dir / "release_login").exists()   # the check cannot have finished
+    assert wait_until((fake_codex.dir / "login_check_started").exists, 10)   # but it runs
+    (fake_codex.dir / "release_login").write_text("")
+    (fake_codex.dir / "go").write_text("")
+    for t in threads:
+        t.join(20)
+    assert sorted(r[0] for r in results) == [200] + [429] * 29
+
+
 def disconnect_mid_stream(proxy):
     """Start a stream, read its first chunk, then hang up."""
     sock = open_raw_stream(proxy, chat_body(stream=True))
@@ -1069,51 +1871,60 @@ def disconnect_mid_stream(proxy):
 
 
 @pytest.mark.parametrize("ignore_term", [False, True])
-def test_client_disconnect_terminates_codex(proxy, fake_codex, ignore_term):
+def test_client_disconnect_terminates_codex(both, fake_codex, ignore_term):
     steps = [{"ignore_term": True}] if ignore_term else []
     fake_codex.scenario(("again", [{"thread": True}, {"text": "ok"}, {"complete": {}}]),
-                        steps + [{"thread": True}, {"sleep": 60}, {"text": "never"}])
-    disconnect_mid_stream(proxy)
+                        steps + [{"thread": True}, {"touch": "started"}, {"sleep": 60},
+                                 {"text": "never"}])
+    disconnect_mid_stream(both)
     pid = fake_codex.wait_records(1)[0]["pid"]
     assert wait_until(lambda: not pid_alive(pid), 8)
-    assert wait_until(lambda: proxy.events("client_disconnected"), 5)
-    assert post_chat(proxy.base, chat_body("again"))[0] == 200
+    assert wait_until(lambda: both.events("client_disconnected"), 5)
+    if fake_codex.records()[0]["engine"] == "app-server":
+        assert fake_codex.records()[0]["interrupted"] is True     # turn/interrupt went first
+    assert post_chat(both.base, chat_body("again"))[0] == 200
 
 
 def test_client_disconnect_of_a_non_streaming_request_terminates_codex(proxy, fake_codex):
     fake_codex.scenario([{"thread": True}, {"sleep": 60}])
-    sock = socket.create_connection(("127.0.0.1", int(proxy.base.rsplit(":", 1)[1])), timeout=20)
+    sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=20)
     body = json.dumps(chat_body()).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                 % (len(body), body))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d"
+                 b"\r\n\r\n%s" % (len(body), body))
     pid = fake_codex.wait_records(1)[0]["pid"]
     sock.close()
     assert wait_until(lambda: not pid_alive(pid), 8)
 
 
 # ---------------------------------------------------------------------------
-# Access
+# Access: keys, tunnels, browser origins, Host names
 # ---------------------------------------------------------------------------
 
 KEY = "test-key-1234"
 
 
 @pytest.mark.parametrize("method, path", [
-    ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/models"),
-    ("GET", "/logs?format=json"), ("GET", "/logs/stream"), ("GET", "/v1/logs"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("GET", "/v1/models"),
+    ("GET", "/models"), ("GET", "/logs?format=json"), ("GET", "/logs/stream"), ("GET", "/v1/logs"),
 ])
 def test_key_required_on_every_route_but_health(make_proxy, method, path):
     proxy = make_proxy(api_keys=(KEY, "second-key"))
     body = chat_body() if method == "POST" else None
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                    {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Bearer {KEY}x"},
+                    {"Authorization": f"Basic {KEY}"}, {"x-api-key": KEY.upper()}):
         status, _, raw = http_request(proxy.base, method, path, body, headers)
-        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", headers
     assert http_request(proxy.base, "GET", "/health")[0] == 200
-    assert http_request(proxy.base, "OPTIONS", path.split("?")[0])[0] == 204
+    assert http_request(proxy.base, "OPTIONS", path.split("?")[0],
+                        headers={"Origin": "https://anywhere.example"})[0] == 204
+    assert proxy.events("auth_rejected")[0]["status"] == 401
 
 
 @pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"api-key": KEY},
-                                     {"x-api-key": KEY}, {"Authorization": "Bearer second-key"}])
+                                     {"x-api-key": KEY}, {"Authorization": "Bearer second-key"},
+                                     {"Authorization": f"bearer {KEY}"},
+                                     {"Authorization": f"BEARER   {KEY}  "}])
 def test_key_accepted_in_each_header(make_proxy, headers):
     proxy = make_proxy(api_keys=(KEY, "second-key"))
     assert post_chat(proxy.base, chat_body(), headers)[0] == 200
@@ -1123,7 +1934,7 @@ def test_key_accepted_in_each_header(make_proxy, headers):
 def test_keys_never_reach_the_log(make_proxy, tmp_path):
     stream = open(tmp_path / "stderr.txt", "w+")
     config = cp.Config(port=0, codex_bin="no-codex-here", api_keys=(KEY,),
-                       state_dir=str(tmp_path / "s"))
+                       state_dir=str(tmp_path / "s"), warm=0)
     server = cp.ProxyServer(config, log_stream=stream)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -1135,68 +1946,369 @@ def test_keys_never_reach_the_log(make_proxy, tmp_path):
         _, _, raw = http_request(base, "GET", "/logs?format=json",
                                  headers={"x-api-key": KEY})
         assert json.loads(raw)["events"]
-        assert proxy.events("auth_rejected")
+        assert proxy.events("auth_rejected") and proxy.events("request_rejected")
     finally:
         proxy.stop()
-    stream.seek(0)
-    text = stream.read() + raw.decode()
+        stream.seek(0)
+        text = stream.read() + raw.decode()
+        stream.close()
     assert KEY not in text and "wrong-key-5678" not in text and "auth_rejected" in text
 
 
-@pytest.mark.parametrize("header", ["CF-Connecting-IP", "X-Forwarded-For", "Forwarded", "X-Real-IP"])
-def test_tunnelled_request_without_key_gets_403(proxy, header):
-    status, _, raw = post_chat(proxy.base, chat_body(), {header: "203.0.113.9"})
-    error = json.loads(raw)["error"]
-    assert status == 403 and "--api-key" in error["message"]
-    assert proxy.events("auth_rejected")[0]["reason"] == "tunnel_without_key"
+def test_the_key_never_reaches_codex(make_proxy, fake_codex, monkeypatch, engine):
+    monkeypatch.setenv("CODEX_PROXY_API_KEY", KEY)
+    monkeypatch.setenv("SOME_TOOL_TOKEN", KEY)
+    proxy = make_proxy(api_keys=(KEY,), engine=engine)
+    assert post_chat(proxy.base, chat_body(), {"Authorization": f"Bearer {KEY}"})[0] == 200
+    record = fake_codex.wait_records(1)[0]
+    assert "CODEX_PROXY_API_KEY" not in record["env_keys"]
+    assert not any(KEY in value for value in record["env_values"])
 
 
-def test_tunnelled_request_with_key_is_served(make_proxy):
+def test_keys_come_from_a_file(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# the proxy's keys\nfile-key-1\n\n  file-key-2  \n")
+    config = cp.config_from_args(cp.build_parser().parse_args(["--api-key-file", str(keys)]))
+    assert config.api_keys == ("file-key-1", "file-key-2")
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(SystemExit):
+        cp.main(["--api-key-file", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("headers", [
+    {"CF-Connecting-IP": "203.0.113.9"}, {"X-Forwarded-For": "203.0.113.9"},
+    {"Forwarded": "for=1.2.3.4"}, {"X-Real-IP": "1.2.3.4"}, {"X-Forwarded-For": ""},
+    {"Via": "1.1 proxy"}, {"X-Forwarded-Host": "x.example"}, {"True-Client-IP": "1.2.3.4"},
+    {"CF-Ray": "abc"}, {"X-Forwarded-Proto": "https"},
+])
+def test_tunnelled_request_without_key_gets_403(proxy, headers):
+    for path in ("/v1/chat/completions", "/health"):
+        status, _, raw = http_request(proxy.base, "POST" if "chat" in path else "GET", path,
+                                      chat_body() if "chat" in path else None, headers)
+        error = json.loads(raw)["error"]
+        assert status == 403 and "--api-key" in error["message"]
+    assert proxy.events("auth_rejected")[0]["code"] == "api_key_required"
+
+
+def test_a_repeated_empty_tunnel_header_counts(proxy):
+    raw = raw_exchange(proxy.base, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   b"X-Forwarded-For:\r\nX-Forwarded-For:\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 403")
+
+
+def test_tunnelled_cross_origin_request_with_key_is_served(make_proxy, fake_codex):
     proxy = make_proxy(api_keys=(KEY,))
-    assert post_chat(proxy.base, chat_body(), {"X-Forwarded-For": "203.0.113.9",
-                                               "Authorization": f"Bearer {KEY}"})[0] == 200
+    headers = {"X-Forwarded-For": "203.0.113.9", "Origin": "https://cursor.example",
+               "Host": "abc.trycloudflare.com", "Authorization": f"Bearer {KEY}"}
+    status, hdrs, _ = post_chat(proxy.base, chat_body(), headers)
+    assert status == 200 and hdrs["access-control-allow-origin"] == "https://cursor.example"
 
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost.evil.example",
+                                    "file://"])
+def test_foreign_origins_get_403_on_every_route_without_a_key(proxy, fake_codex, origin):
+    for method, path, body, ctype in (
+            ("POST", "/v1/chat/completions", json.dumps(chat_body()).encode(), "application/json"),
+            ("POST", "/v1/chat/completions", json.dumps(chat_body()).encode(), "text/plain"),
+            ("GET", "/logs", None, None), ("GET", "/logs?format=json", None, None),
+            ("GET", "/health", None, None), ("OPTIONS", "/v1/chat/completions", None, None)):
+        headers = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+        if ctype:
+            headers["Content-Type"] = ctype
+        status, hdrs, raw = http_request(proxy.base, method, path, body, headers)
+        assert status == 403, (method, path)
+        assert "access-control-allow-origin" not in hdrs
+    assert fake_codex.records() == []
+    assert proxy.events("auth_rejected")[0]["code"] == "origin_not_allowed"
+
+
+def test_local_pages_and_listed_origins_are_served_without_a_key(make_proxy):
+    proxy = make_proxy(allow_origins=("https://chat.example",))
+    for origin in ("http://localhost:5173", "http://127.0.0.1:8080", "https://chat.example"):
+        status, hdrs, _ = post_chat(proxy.base, chat_body(), {"Origin": origin})
+        assert status == 200 and hdrs["access-control-allow-origin"] == origin
+
+
+@pytest.mark.parametrize("host, status", [
+    ("evil.example", 403), ("evil.example:11435", 403), ("localhost:{port}", 200),
+    ("127.0.0.1:{port}", 200), ("api.localhost:{port}", 200), ("allowed.example", 200),
+])
+def test_host_names_are_checked_without_a_key(make_proxy, host, status):
+    proxy = make_proxy(allow_hosts=("allowed.example",))
+    headers = {"Host": host.format(port=port_of(proxy.base))}
+    assert http_request(proxy.base, "GET", "/v1/models", headers=headers)[0] == status
+    assert post_chat(proxy.base, chat_body(), headers)[0] == status
+
+
+def test_the_machines_own_name_is_a_local_host(proxy):
+    name = socket.gethostname()
+    status, _, _ = http_request(proxy.base, "GET", "/v1/models", headers={"Host": f"{name}:1"})
+    assert status == 200
+
+
+def test_a_foreign_page_cannot_resume_another_clients_parked_turn(proxy, fake_codex):
+    fake_codex.scenario(TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    _, message, _, _ = tool_round(proxy, messages)
+    stolen = messages + [message, *results_for(message, "EVIL")]
+    status, _, _ = post_chat(proxy.base, {"model": "m", "messages": stolen, "tools": TOOLS},
+                             {"Origin": "https://evil.example", "Content-Type": "text/plain"})
+    assert status == 403 and len(proxy.server.parked) == 1
+    assert fake_codex.records()[0]["results"] == []
+
+
+# ---------------------------------------------------------------------------
+# HTTP framing, early errors, floods and fuzz
+# ---------------------------------------------------------------------------
+
+def request_bytes(head, body=b"", path=b"/v1/chat/completions", method=b"POST"):
+    return method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head + b"\r\n" + body
+
+
+@pytest.mark.parametrize("head, body", [
+    (b"Content-Length: -1\r\n", b"{}"),
+    (b"Content-Length: +2\r\n", b"{}"),
+    (b"Content-Length: 0x2\r\n", b"{}"),
+    (b"Content-Length: 2\r\nContent-Length: 3\r\n", b"{}"),
+    (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", b"{}"),
+    (b"Transfer-Encoding: gzip\r\n", b"{}"),
+    (b"Transfer-Encoding: chunked, identity\r\n", b"{}"),
+    (b"Transfer-Encoding: chunked\r\n", b"-1\r\n{}\r\n0\r\n\r\n"),
+    (b"Transfer-Encoding: chunked\r\n", b"zz\r\n{}\r\n0\r\n\r\n"),
+    (b"Transfer-Encoding: chunked\r\n", b"1\r\n{}\r\n0\r\n\r\n"),
+    (b"Transfer-Encoding: chunked\r\n", b"ffffffffff\r\n{}\r\n0\r\n\r\n"),
+])
+def test_bad_framing_gets_400_and_the_connection_closes(proxy, head, body):
+    raw = raw_exchange(proxy.base, request_bytes(head, body), timeout=10)
+    assert raw.startswith(b"HTTP/1.1 400") and b"connection: close" in raw.lower()
+    assert json.loads(raw.split(b"\r\n\r\n", 1)[1].split(b"\r\n\r\n")[0] or b"{}")["error"]
+    assert http_request(proxy.base, "GET", "/health")[0] == 200
+
+
+def test_a_chunked_body_is_read(proxy, fake_codex):
+    data = json.dumps(chat_body("chunked hello")).encode()
+    body = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(data), data)
+    raw = raw_exchange(proxy.base, request_bytes(b"Transfer-Encoding: chunked\r\n"
+                                                 b"Content-Type: application/json\r\n", body))
+    assert raw.startswith(b"HTTP/1.1 200") and b"fake answer" in raw
+    assert fake_codex.wait_records(1)[0]["prompt"] == "chunked hello"
+
+
+@pytest.mark.parametrize("first", [
+    request_bytes(b"Content-Length: 8\r\n", b'{"a": 1}', path=b"/v1/nothing"),
+    request_bytes(b"Content-Length: 8\r\n", b'{"a": 1}', path=b"/v1/models", method=b"DELETE"),
+    request_bytes(b"Content-Length: 8\r\n", b'{"a": 1}', path=b"/v1/responses", method=b"PUT"),
+    request_bytes(b"Content-Length: 8\r\n", b'{"a": 1}', path=b"/v1/models", method=b"GET"),
+    request_bytes(b"Content-Length: 9\r\nOrigin: https://evil.example\r\n", b'{"a": 1}x'),
+])
+def test_an_early_error_leaves_the_connection_usable(proxy, first):
+    body = json.dumps(chat_body("second")).encode()
+    second = request_bytes(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+                           body)
+    sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10)
+    try:
+        sock.sendall(first)
+        answer = recv_response(sock)
+        assert answer.split(b" ")[1] in (b"200", b"403", b"404", b"405")
+        sock.sendall(second)
+        answer = recv_response(sock)
+        assert answer.startswith(b"HTTP/1.1 200") and b"fake answer" in answer
+    finally:
+        sock.close()
+
+
+def test_every_answered_error_is_logged_without_secrets(make_proxy, fake_codex, tmp_path):
+    proxy = make_proxy(api_keys=(KEY,))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    post_chat(proxy.base, b"{bad", auth)
+    http_request(proxy.base, "GET", "/v1/nothing", headers=auth)
+    post_chat(proxy.base, chat_body(), {"Authorization": "Bearer nope"})
+    kinds = {(e["type"], e["status"]) for e in proxy.events()
+             if e["type"] in ("request_rejected", "auth_rejected")}
+    assert kinds == {("request_rejected", 400), ("request_rejected", 404), ("auth_rejected", 401)}
+    text = json.dumps(proxy.events())
+    assert KEY not in text and "nope" not in text and str(tmp_path) not in text
+
+
+def hostile_requests(seed, count):
+    """A seeded stream of hostile requests: bodies, framing, headers."""
+    rng = random.Random(seed)
+    values = [None, True, 0, -1, 1e308, "", "x" * 300, "\ud800", "\x00", [], {}, [[]],
+              {"a": {"b": {}}}, "https://evil.example/a.png", "\u202e", "A" * 70]
+    fields = ["model", "messages", "stream", "tools", "tool_choice", "n", "stop",
+              "response_format", "reasoning_effort", "stream_options", "input",
+              "instructions", "previous_response_id", "text", "reasoning", "parallel_tool_calls"]
+
+    def message():
+        msg = {"role": rng.choice(["user", "system", "assistant", "tool", "function", "wizard",
+                                   None, 5]),
+               "content": rng.choice(values + [[{"type": rng.choice(
+                   ["text", "image_url", "input_image", "input_file", None]),
+                   "text": rng.choice(values), "image_url": rng.choice(values)}]])}
+        for key in ("tool_calls", "tool_call_id", "name", "function_call"):
+            if rng.random() < 0.2:
+                msg[key] = rng.choice(values + [[{"function": rng.choice(values)}]])
+        return msg
+
+    for n in range(count):
+        kind = rng.random()
+        path = rng.choice([b"/v1/chat/completions", b"/v1/responses", b"/chat/completions"])
+        if kind < 0.6:
+            body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, 5))}
+            if rng.random() < 0.7:
+                body["messages"] = [message() for _ in range(rng.randint(0, 3))]
+            if rng.random() < 0.3:
+                body["input"] = rng.choice(values + [[message()], [{"type": rng.choice(
+                    ["function_call", "function_call_output", "item_reference", "reasoning"]),
+                    "call_id": rng.choice(values), "name": rng.choice(values),
+                    "output": rng.choice(values)}]])
+            data = json.dumps(body).encode()
+            yield request_bytes(b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                                % len(data), data, path)
+        elif kind < 0.75:
+            depth = rng.choice([70, 500, 3000])
+            data = b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
+            yield request_bytes(b"Content-Length: %d\r\n" % len(data), data, path)
+        elif kind < 0.9:
+            head = rng.choice([b"Content-Length: -5\r\n", b"Content-Length: 99999999999\r\n",
+                               b"Transfer-Encoding: chunked\r\n", b"Content-Length: abc\r\n",
+                               b"Content-Length: 3\r\nContent-Length: 4\r\n", b""])
+            body = rng.choice([b"", b"{}", b"-1\r\n", b"5\r\nabc\r\n0\r\n\r\n",
+                               bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))])
+            yield request_bytes(head, body, path)
+        else:
+            junk = bytes(rng.randrange(32, 127) for _ in range(rng.randint(1, 60)))
+            yield rng.choice([junk + b"\r\n\r\n", b"GET " + junk + b" HTTP/1.1\r\n\r\n",
+                              b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              + junk + b"\r\n\r\n"])
+
+
+def fuzz(base, seed, count, deadline_seconds=60):
+    """-> (tried, statuses Counter, hangs)."""
+    statuses, hangs, tried = {}, 0, 0
+    deadline = time.monotonic() + deadline_seconds
+    for data in hostile_requests(seed, count):
+        if time.monotonic() > deadline:
+            break
+        tried += 1
+        try:
+            raw = raw_exchange(base, data, timeout=5)
+        except OSError:
+            raw = b""
+        match = re.match(rb"HTTP/1\.[01] (\d{3})", raw)
+        status = int(match.group(1)) if match else 0
+        if not match and raw == b"":
+            status = 0       # closed without an answer (a request line that never ended)
+        statuses[status] = statuses.get(status, 0) + 1
+    return tried, statuses, hangs
+
+
+def test_hostile_requests_get_4xx_never_5xx_and_the_proxy_stays_up(make_proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"text": "ok"}, {"complete": {}}])
+    proxy = make_proxy(max_body=4096)
+    tried, statuses, _ = fuzz(proxy.base, seed=8, count=300)
+    assert tried == 300
+    assert not [s for s in statuses if s >= 500], statuses
+    assert http_request(proxy.base, "GET", "/health")[0] == 200
+    assert post_chat(proxy.base, chat_body())[0] == 200
+
+
+def test_a_flood_of_idle_connections_does_not_stop_chat(make_proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"sleep": 1.0}, {"text": "slow hello"},
+                         {"complete": {}}])
+    proxy = make_proxy(max_connections=1000)
+    socks = []
+    try:
+        for _ in range(1100):
+            socks.append(socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10))
+        status, _, raw = post_chat(proxy.base, chat_body())
+        assert status == 200 and b"slow hello" in raw
+        assert http_request(proxy.base, "GET", "/health")[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_the_bridge_relay_checks_the_secret_before_reading_more(make_proxy, fake_codex,
+                                                                monkeypatch):
+    monkeypatch.setattr(cp.BridgeRelayHandler, "timeout", 0.3)
+    proxy = make_proxy(engine="exec")
+    fake_codex.scenario([{"thread": True}, {"wait_file": "go"}, {"complete": {}}])
+    thread = threading.Thread(target=lambda: tool_round(proxy, [{"role": "user", "content": "x"}]))
+    thread.start()
+    fake_codex.wait_records(1)
+    run_id = wait_until(lambda: next(iter(proxy.server._runs), None))
+    relay = proxy.server.bridge.server_address[:2]
+    with socket.create_connection(relay, timeout=5) as sock:
+        sock.sendall(json.dumps({"run": run_id, "secret": "guess"}).encode() + b"\n")
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer["is_error"] and "secret" in answer["text"]
+    with socket.create_connection(relay, timeout=5) as sock:     # a huge first line
+        sock.sendall(b'{"run": "' + b"x" * 5000)
+        assert sock.recv(100) == b""
+    with socket.create_connection(relay, timeout=5) as sock:     # a silent connection
+        assert sock.recv(100) == b""
+    (fake_codex.dir / "go").write_text("")
+    thread.join(20)
+
+
+# ---------------------------------------------------------------------------
+# Start-up, banner and command line
+# ---------------------------------------------------------------------------
 
 def test_main_prints_a_banner_and_sigterm_ends_parked_codex(fake_codex, tmp_path):
     fake_codex.scenario(TOOL_TURN)
-    proc = spawn_proxy_process(fake_codex.script, tmp_path, FAKE_CODEX_DIR=str(fake_codex.dir))
+    proc = spawn_proxy_process(fake_codex.script, tmp_path, **fake_codex.env)
     try:
-        banner = [proc.stdout.readline() for _ in range(5)]
+        banner = read_banner(proc)
         base = re.search(r"listening on (http://\S+)", banner[0]).group(1)
         assert banner[1].strip() == f"base URL for Cursor / OpenAI clients: {base}/v1"
         assert "codex-cli 0.0.0-fake" in banner[2] and "logged in" in banner[2]
         assert "API key: none" in banner[3]
+        assert "engine: app-server" in banner[4] and "1 warm spare" in banner[4]
         assert tool_round(types.SimpleNamespace(base=base),
                           [{"role": "user", "content": "x"}])[2] == "tool_calls"
         record = fake_codex.wait_records(1)[0]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-        assert wait_until(lambda: not pid_alive(record["pid"]), 8)
-        assert wait_until(lambda: not pid_alive(record["bridge_pid"]), 8)
+        stop_process(proc)
+        assert proc.returncode == 0
+        pids = fake_codex.pids()
+        assert record["pid"] in pids and len(pids) >= 3     # probe, the turn, the spare(s)
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), 8)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_banner_names_a_global_agents_file(make_proxy, tmp_path):
+def test_banner_names_a_global_agents_file_and_an_unreadable_config(make_proxy, tmp_path):
     proxy = make_proxy()
     home = proxy.server.config.codex_home_dir
-    assert "AGENTS" not in cp.banner(proxy.server)
+    assert "AGENTS" not in cp.banner(proxy.server) and "note:" not in cp.banner(proxy.server)
     with open(os.path.join(home, "AGENTS.md"), "w") as f:
         f.write("be terse")
     with open(os.path.join(home, "AGENTS.override.md"), "w") as f:
         pass                                         # empty: Codex skips it, so do we
-    note = cp.banner(proxy.server).splitlines()[-1]
-    assert note.startswith("  note: Codex sends") and os.path.join(home, "AGENTS.md") in note
+    with open(os.path.join(home, "config.toml"), "w") as f:
+        f.write("model = [unclosed\n")
+    notes = [line for line in cp.banner(proxy.server).splitlines() if "note:" in line]
+    assert "could not be read" in notes[0]
+    assert notes[1].startswith("  note: Codex sends") and os.path.join(home, "AGENTS.md") in notes[1]
 
 
 def test_an_old_python_gets_a_clear_message():
-    code = ("import sys; sys.version_info = (3, 9, 6); "
+    code = ("import sys; sys.version_info = (3, 8, 10); "
             "exec(compile(open(sys.argv[1]).read(), sys.argv[1], 'exec'))")
     done = subprocess.run([sys.executable, "-c", code, PROXY_SCRIPT], capture_output=True,
                           text=True, timeout=30)
-    assert done.returncode == 1 and "needs Python 3.11 or newer" in done.stderr
+    assert done.returncode == 1 and "needs Python 3.9 or newer" in done.stderr
+
+
+def test_the_file_is_python_39_source():
+    """No syntax newer than 3.9 (CI also runs the whole suite on 3.9)."""
+    import ast
+    source = open(PROXY_SCRIPT).read()
+    ast.parse(source, feature_version=(3, 9))
+    assert "import tomllib" in source.split("except ImportError")[0]   # optional, not required
 
 
 def test_bad_environment_values_are_usage_errors(monkeypatch, capsys):
@@ -1214,7 +2326,7 @@ def test_non_loopback_bind_without_key_refuses_to_start(capsys):
 def test_help_lists_an_environment_variable_for_every_flag():
     text = cp.build_parser().format_help()
     flags = re.findall(r"^\s+(--[a-z-]+)", text, re.M)
-    assert len(flags) >= 18
+    assert len(flags) >= 24
     for action in cp.build_parser()._actions:
         if action.help not in (None, cp.argparse.SUPPRESS) and action.option_strings != ["-h", "--help"]:
             assert "env " in action.help, action.option_strings
@@ -1233,8 +2345,9 @@ def test_readme_documents_every_flag_and_variable():
 def test_ci_runs_exactly_the_readme_test_command():
     readme = open(os.path.join(HERE, "README.md")).read()
     command = re.search(r"^Test it:\n\n    (.+)$", readme, re.M).group(1)
-    ci_lines = open(os.path.join(HERE, ".ci", "run")).read().strip().splitlines()
-    assert ci_lines[-1] == command
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    assert re.search(r"^\s*" + re.escape(command) + r"$", ci, re.M)
+    assert "3.9" in ci       # and under the oldest Python the proxy supports
 
 
 def test_addr_comes_from_the_environment(monkeypatch):
@@ -1247,24 +2360,25 @@ def test_addr_comes_from_the_environment(monkeypatch):
 # Logs
 # ---------------------------------------------------------------------------
 
-def test_logs_hold_the_seed_event_kinds_without_bodies(proxy, fake_codex):
+def test_logs_hold_the_event_kinds_without_bodies(proxy, fake_codex):
     fake_codex.scenario([{"thread": True}, {"reasoning": "r"}, {"text": "SECRET ANSWER"},
                          {"complete": {}}])
     post_chat(proxy.base, chat_body("SECRET PROMPT"))
     fake_codex.scenario([{"thread": True}, {"fail": "boom"}])
     post_chat(proxy.base, chat_body())
-    proxy.wait_event("cursor_response")
+    proxy.wait_event("stream_codex_error")
     status, _, raw = http_request(proxy.base, "GET", "/logs?format=json")
     events = json.loads(raw)["events"]
     kinds = {e["type"] for e in events}
     assert {"incoming_request", "codex_forward", "reasoning_detected", "cursor_response",
-            "stream_codex_error"} <= kinds
+            "stream_codex_error", "engine_selected"} <= kinds
     assert all({"seq", "ts", "type", "request_id"} <= set(e) for e in events)
     incoming = [e for e in events if e["type"] == "incoming_request"][0]
     assert incoming["model"] == "xedoc-2.5-tpg" and incoming["messages"] == 1
     assert incoming["stream"] is False and incoming["client"] == "127.0.0.1"
     forward = [e for e in events if e["type"] == "codex_forward"][0]
     assert forward["mapped_model"] == "gpt-5.2-codex" and forward["thread_id"] == "thread-fake"
+    assert forward["engine"] == "app-server" and forward["warm"] is False
     response = [e for e in events if e["type"] == "cursor_response"][0]
     assert response["finish_reason"] == "stop" and response["usage"]["total_tokens"] == 18
     assert b"SECRET" not in raw
@@ -1294,8 +2408,7 @@ def test_logs_page_for_browsers_and_json_otherwise(make_proxy):
 
 
 def test_logs_stream_tails_new_events(proxy):
-    host, port = proxy.base.split("//")[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(proxy.base), timeout=10)
     conn.request("GET", "/logs/stream?since=0")
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
@@ -1309,47 +2422,125 @@ def test_logs_stream_tails_new_events(proxy):
 
 
 def test_log_lines_on_stderr_escape_control_characters(tmp_path):
-    stream = open(tmp_path / "err.txt", "w+")
-    logs = cp.LogBuffer(3, stream)
-    logs.add("incoming_request", "req_1", model="evil\x1b[31m\nname")
-    for n in range(5):
-        logs.add("x", None, n=n)
-    stream.seek(0)
-    first = stream.readline()
+    with open(tmp_path / "err.txt", "w+") as stream:
+        logs = cp.LogBuffer(3, stream)
+        logs.add("incoming_request", "req_1", model="evil\x1b[31m\nname")
+        for n in range(5):
+            logs.add("x", None, n=n)
+        stream.seek(0)
+        first = stream.readline()
     assert "\x1b" not in first and "incoming_request" in first and first.count("\n") == 1
     assert [e["n"] for e in logs.since(0)] == [2, 3, 4]      # a ring of --log-size
 
 
 def test_log_lines_survive_a_stream_that_cannot_encode_them(tmp_path):
-    stream = open(tmp_path / "err.txt", "w+", encoding="cp1252")     # as on Windows
-    logs = cp.LogBuffer(3, stream)
-    logs.add("incoming_request", "req_1", model="caf\u00e9 \U0001f600")
-    stream.seek(0)
-    assert "incoming_request req_1" in stream.read()
+    with open(tmp_path / "err.txt", "w+", encoding="cp1252") as stream:     # as on Windows
+        logs = cp.LogBuffer(3, stream)
+        logs.add("incoming_request", "req_1", model="caf\u00e9 \U0001f600")
+        stream.seek(0)
+        assert "incoming_request req_1" in stream.read()
 
 
 # ---------------------------------------------------------------------------
-# Responses-shaped bodies
+# Engines and warm spares
 # ---------------------------------------------------------------------------
 
-def test_responses_shaped_body_gets_chat_chunks(proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"text": "from responses"}, {"complete": {}}])
-    body = {"model": "xedoc-2.5-tpg", "instructions": "RESP INSTRUCTIONS", "stream": True,
-            "input": [{"type": "message", "role": "user",
-                       "content": [{"type": "input_text", "text": "hi there"}]}],
-            "reasoning": {"effort": "high"}, "text": {"verbosity": "low"}, "store": False}
-    status, _, raw = post_chat(proxy.base, body)
-    events = sse_events(raw)
-    assert status == 200 and events[-1] == "[DONE]"
-    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
-    assert "from responses" in raw.decode()
-    record = fake_codex.wait_records(1)[0]
-    assert "RESP INSTRUCTIONS" in record["instructions"] and record["prompt"] == "hi there"
-    assert record["conf"]["model_reasoning_effort"] == '"high"'
+def test_a_codex_without_app_server_falls_back_to_exec(make_proxy, fake_codex):
+    (fake_codex.dir / "no_app_server").write_text("")
+    proxy = make_proxy()
+    health = json.loads(http_request(proxy.base, "GET", "/health")[2])
+    assert health["engine"] == "exec" and "probe failed" in health["engine_reason"]
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    fake_codex.scenario(TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    _, message, finish, _ = tool_round(proxy, messages)
+    assert finish == "tool_calls"
+    _, final, finish, _ = tool_round(proxy, messages + [message, *results_for(message)])
+    assert finish == "stop" and "RESULT:read_file" in final["content"]
+    assert {r["engine"] for r in fake_codex.records()} == {"exec"}
+    assert proxy.events("engine_selected")[0]["engine"] == "exec"
+
+
+def test_engine_exec_is_chosen_without_a_probe(make_proxy, fake_codex):
+    proxy = make_proxy(engine="exec", warm=2)
+    health = json.loads(http_request(proxy.base, "GET", "/health")[2])
+    assert health["engine"] == "exec" and health["warm_spares"] == 0
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    assert [r["engine"] for r in fake_codex.all_records()] == ["exec"]
+
+
+def test_a_warm_spare_answers_the_next_request_and_is_replaced(make_proxy, fake_codex):
+    proxy = make_proxy(warm=1)
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    spare_pid = [r["pid"] for r in fake_codex.all_records() if "thread" not in r][0]
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    forward = proxy.wait_event("codex_forward")[0]
+    assert forward["warm"] is True and forward["pid"] == spare_pid
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)      # a replacement
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    first, second = [e["pid"] for e in proxy.wait_event("codex_forward", 2)]
+    assert first != second                  # a process serves one request, never more
+    assert wait_until(lambda: not pid_alive(first), 8)
+
+
+def test_spares_do_not_count_against_max_concurrent(make_proxy, fake_codex):
+    proxy = make_proxy(warm=2, max_concurrent=1)
+    assert wait_until(lambda: len(proxy.server.warm) == 2, 10)
+    assert post_chat(proxy.base, chat_body())[0] == 200
+
+
+def test_spares_are_recycled_when_the_config_changes_or_they_sit_too_long(make_proxy,
+                                                                         fake_codex, tmp_path):
+    proxy = make_proxy(warm=1)
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    old = [r["pid"] for r in fake_codex.all_records() if "thread" not in r]
+    (tmp_path / "home" / "config.toml").write_text('model = "gpt-5.4"\n')
+    proxy.server.warm.refresh()
+    assert wait_until(lambda: not any(pid_alive(p) for p in old), 10)
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    newer = [r["pid"] for r in fake_codex.all_records()
+             if "thread" not in r and r["pid"] not in old]
+    proxy.server.warm._max_idle = 0.0
+    proxy.server.warm.refresh()
+    assert wait_until(lambda: not any(pid_alive(p) for p in newer), 10)
+
+
+def test_a_spare_that_died_is_not_used(make_proxy, fake_codex):
+    proxy = make_proxy(warm=1)
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    spare = [r["pid"] for r in fake_codex.all_records() if "thread" not in r][0]
+    os.kill(spare, signal.SIGKILL)
+    assert wait_until(lambda: proxy.server.warm._spares and
+                      proxy.server.warm._spares[0][0].exited.is_set(), 10)
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    assert proxy.wait_event("codex_forward")[0]["pid"] != spare
+
+
+def test_an_app_server_that_exits_mid_turn_is_a_502(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"deltas": ["half"]}, {"exit": 3}])
+    status, _, raw = post_chat(proxy.base, chat_body())
+    assert status == 502 and "exited" in json.loads(raw)["error"]["message"]
+
+
+def test_codex_asks_for_approval_it_is_declined(proxy, fake_codex):
+    """approvalPolicy is never, but an approval request must not hang a turn."""
+    run = cp.AppServerRun("t", {}, str(fake_codex.dir / "approval"), ["true"])
+    sent = []
+    run.send = sent.append
+    run._server_request(7, "item/commandExecution/requestApproval", {})
+    run._server_request(8, "item/fileChange/requestApproval", {})
+    run._server_request(9, "something/new", {})
+    run._server_request(10, "item/tool/call", {"tool": "not_declared", "callId": "c"})
+    assert sent[0] == {"id": 7, "result": {"decision": "decline"}}
+    assert sent[1] == {"id": 8, "result": {"decision": "decline"}}
+    assert sent[2]["error"]["code"] == -32601
+    assert sent[3]["result"]["success"] is False
+    assert run.events.get_nowait() == ("unexpected", "item/commandExecution/requestApproval")
+    shutil.rmtree(run.tempdir)
 
 
 # ---------------------------------------------------------------------------
-# Client tool calls against the fake codex (an MCP client of the bridge)
+# Client tool calls against the fake codex
 # ---------------------------------------------------------------------------
 
 TOOLS = [
@@ -1364,10 +2555,10 @@ TOOLS = [
 PATCH = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch\n"
 
 
-def tool_round(proxy, messages, stream=False, **extra):
+def tool_round(proxy, messages, stream=False, tools=TOOLS, **extra):
     """POST with the tools; return (status, assistant message, finish_reason, raw)."""
     status, _, raw = post_chat(proxy.base, {"model": "5.5-tpg", "messages": messages,
-                                            "tools": TOOLS, "stream": stream, **extra})
+                                            "tools": tools, "stream": stream, **extra})
     if status != 200:
         return status, None, None, raw
     if not stream:
@@ -1415,40 +2606,42 @@ TOOL_TURN = [{"thread": True}, {"text": "Let me look."},
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_tool_call_parks_the_turn_and_the_result_resumes_it(proxy, fake_codex, stream):
+def test_tool_call_parks_the_turn_and_the_result_resumes_it(both, fake_codex, stream):
     fake_codex.scenario(TOOL_TURN)
     messages = [{"role": "user", "content": "read a.py"}]
-    status, message, finish, raw = tool_round(proxy, messages, stream)
+    status, message, finish, raw = tool_round(both, messages, stream)
     assert status == 200 and finish == "tool_calls"
     assert message["content"] == "Let me look."
     assert message["tool_calls"] == [{"id": "call_m1", "type": "function", "function": {
         "name": "read_file", "arguments": '{"path": "a.py"}'}}]
-    assert len(proxy.server.parked) == 1        # parked before the client saw the calls
+    assert len(both.server.parked) == 1        # parked before the client saw the calls
     record = fake_codex.wait_records(1)[0]
     assert pid_alive(record["pid"]) and not record["ended"]       # parked, not ended
     messages += [message, *results_for(message)]
-    status, final, finish, _ = tool_round(proxy, messages, stream)
+    status, final, finish, _ = tool_round(both, messages, stream)
     assert status == 200 and finish == "stop"
     assert final["content"] == 'The file says RESULT:read_file:{"path": "a.py"}'
     records = fake_codex.wait_records(1)
     assert len(records) == 1                    # the same process, no new run
-    assert records[0]["results"] == [{"name": "read_file", "is_error": False,
-                                      "text": 'RESULT:read_file:{"path": "a.py"}'}]
-    kinds = [e["type"] for e in proxy.events()]
+    assert wait_until(lambda: fake_codex.records()[0]["results"])
+    assert fake_codex.records()[0]["results"] == [{"name": "read_file", "is_error": False,
+                                                   "text": 'RESULT:read_file:{"path": "a.py"}'}]
+    kinds = [e["type"] for e in both.events()]
     assert {"tool_call_forwarded", "tool_result_received", "turn_resumed"} <= set(kinds)
     assert "fallback_transcript" not in kinds
 
 
-def test_streamed_tool_calls_follow_the_fragment_rules(proxy, fake_codex):
+def test_streamed_tool_calls_follow_the_fragment_rules(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"calls": [
         {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
         {"name": "list_dir", "arguments": {"path": "."}, "id": "call_b"}]},
         {"text": "done {results}"}, {"complete": {}}])
-    _, _, raw = post_chat(proxy.base, {"model": "m", "stream": True, "tools": TOOLS,
-                                       "messages": [{"role": "user", "content": "go"}],
-                                       "stream_options": {"include_usage": True}})
+    _, _, raw = post_chat(both.base, {"model": "m", "stream": True, "tools": TOOLS,
+                                      "messages": [{"role": "user", "content": "go"}],
+                                      "stream_options": {"include_usage": True}})
     events = sse_events(raw)
     assert events[-1] == "[DONE]" and finish_of(events) == "tool_calls"
+    assert all(e["model"] == "m" for e in events[:-1])      # the client's name, tool chunks too
     frags = [f for e in events[:-1] if e["choices"] for f in e["choices"][0]["delta"].get("tool_calls", [])]
     by_index = {}
     for frag in frags:
@@ -1463,38 +2656,54 @@ def test_streamed_tool_calls_follow_the_fragment_rules(proxy, fake_codex):
     assert len({e["id"] for e in events[:-1]}) == 1
 
 
-def test_parallel_calls_go_out_together_and_both_results_go_back(proxy, fake_codex):
+def test_parallel_calls_go_out_together_and_both_results_go_back(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"calls": [
         {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
         {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
         {"text": "both: {results}"}, {"complete": {}}])
     messages = [{"role": "user", "content": "read both"}]
-    _, message, finish, _ = tool_round(proxy, messages)
+    _, message, finish, _ = tool_round(both, messages)
     assert finish == "tool_calls" and len(message["tool_calls"]) == 2
     assert len({c["id"] for c in message["tool_calls"]}) == 2
     messages += [message, *results_for(message)]
-    _, final, _, _ = tool_round(proxy, messages)
+    _, final, _, _ = tool_round(both, messages)
     assert 'RESULT:read_file:{"path": "a"}' in final["content"]
     assert 'RESULT:read_file:{"path": "b"}' in final["content"]
     assert len(fake_codex.records()[0]["results"]) == 2
 
 
-def test_custom_tool_call_arrives_as_raw_text_and_its_result_goes_back(proxy, fake_codex):
+def test_parallel_tool_calls_false_sends_one_call_at_a_time(both, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
+        {"text": "got: {results}"}, {"complete": {}}])
+    messages = [{"role": "user", "content": "read both"}]
+    _, message, finish, _ = tool_round(both, messages, parallel_tool_calls=False)
+    assert finish == "tool_calls" and len(message["tool_calls"]) == 1
+    record = fake_codex.wait_records(1)[0]
+    assert "one tool per reply" in record["instructions"]
+    messages += [message, *results_for(message)]
+    _, final, _, _ = tool_round(both, messages, parallel_tool_calls=False)
+    assert "Not run: the client accepts one tool call at a time" in final["content"]
+    assert 'RESULT:read_file' in final["content"]
+
+
+def test_custom_tool_call_arrives_as_raw_text_and_its_result_goes_back(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"calls": [
         {"name": "ApplyPatch", "arguments": {"input": PATCH}, "id": "call_p"}]},
         {"text": "patched: {results}"}, {"complete": {}}])
     messages = [{"role": "user", "content": "add a.txt"}]
-    _, message, _, _ = tool_round(proxy, messages, stream=True)
+    _, message, _, _ = tool_round(both, messages, stream=True)
     call = message["tool_calls"][0]
     assert call["function"] == {"name": "ApplyPatch", "arguments": PATCH}
     messages += [message, {"role": "tool", "tool_call_id": call["id"],
                            "content": [{"type": "text", "text": "Applied."}]}]
-    _, final, _, _ = tool_round(proxy, messages)
+    _, final, _, _ = tool_round(both, messages)
     assert final["content"] == "patched: Applied."
 
 
-def test_bridge_lists_every_tool_form_to_the_model(proxy, fake_codex):
-    post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+def test_every_tool_form_reaches_the_model(both, fake_codex):
+    post_chat(both.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
     tools = {t["name"]: t for t in fake_codex.wait_records(1)[0]["tools"]}
     assert set(tools) == {"read_file", "list_dir", "ApplyPatch"}
     assert tools["read_file"]["inputSchema"]["required"] == ["path"]
@@ -1503,13 +2712,13 @@ def test_bridge_lists_every_tool_form_to_the_model(proxy, fake_codex):
     assert "start: patch" in tools["ApplyPatch"]["description"]
 
 
-def test_no_tools_means_no_bridge_and_tool_choice_none_hides_them(proxy, fake_codex):
-    post_chat(proxy.base, chat_body())
-    post_chat(proxy.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
-                           "tool_choice": "none"})
+def test_no_tools_and_tool_choice_none_offer_none(both, fake_codex):
+    post_chat(both.base, chat_body())
+    post_chat(both.base, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                          "tool_choice": "none"})
     for record in fake_codex.wait_records(2):
         assert record["tools"] is None
-        assert not any(a.startswith("mcp_servers") for a in record["argv"])
+        assert not any(a.startswith("mcp_servers") for a in record["argv"] + list(record["conf"]))
 
 
 def test_tool_choice_required_and_named_become_instructions(proxy, fake_codex):
@@ -1521,25 +2730,70 @@ def test_tool_choice_required_and_named_become_instructions(proxy, fake_codex):
     assert "`list_dir`" in second["instructions"]
 
 
-def test_fallback_after_a_restart_replays_the_whole_conversation(make_proxy, fake_codex):
+def test_fallback_after_a_restart_replays_the_whole_conversation(make_proxy, fake_codex, engine):
     fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "fallback saw: {prompt}"},
                                           {"complete": {}}]), TOOL_TURN)
-    proxy = make_proxy()
+    proxy = make_proxy(engine=engine)
     messages = [{"role": "user", "content": "read a.py"}]
     _, message, _, _ = tool_round(proxy, messages)
     proxy.stop()                                 # the parked Codex goes with it
     first_pid = fake_codex.records()[0]["pid"]
     assert wait_until(lambda: not pid_alive(first_pid), 8)
-    proxy = make_proxy()
+    proxy = make_proxy(engine=engine)
     messages += [message, *results_for(message)]
     status, final, finish, _ = tool_round(proxy, messages)
     assert status == 200 and finish == "stop"
     prompt = fake_codex.wait_records(2)[-1]["prompt"]
     assert '<tool_call id="call_m1" name="read_file">{"path": "a.py"}</tool_call>' in prompt
     assert 'RESULT:read_file:{"path": "a.py"}' in prompt and "read a.py" in prompt
-    assert fake_codex.records()[-1]["tools"]               # tools exposed again
+    assert fake_codex.records()[-1]["tools"]               # tools offered again
     assert "RESULT:read_file" in final["content"]
     assert proxy.events("fallback_transcript")
+
+
+def test_two_parked_turns_are_each_resumed_by_their_own_call_ids(proxy, fake_codex):
+    fake_codex.scenario(("alpha", [{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "alpha"}, "id": "call_alpha"}]},
+        {"text": "alpha got {results}"}, {"complete": {}}]),
+        ("beta", [{"thread": True}, {"calls": [
+            {"name": "read_file", "arguments": {"path": "beta"}, "id": "call_beta"}]},
+            {"text": "beta got {results}"}, {"complete": {}}]))
+    alpha = [{"role": "user", "content": "alpha"}]
+    beta = [{"role": "user", "content": "beta"}]
+    _, alpha_call, _, _ = tool_round(proxy, alpha)
+    _, beta_call, _, _ = tool_round(proxy, beta)
+    assert len(proxy.server.parked) == 2
+    _, beta_final, _, _ = tool_round(proxy, beta + [beta_call, *results_for(beta_call, "B")])
+    _, alpha_final, _, _ = tool_round(proxy, alpha + [alpha_call, *results_for(alpha_call, "A")])
+    assert beta_final["content"] == 'beta got B:read_file:{"path": "beta"}'
+    assert alpha_final["content"] == 'alpha got A:read_file:{"path": "alpha"}'
+    assert len(fake_codex.records()) == 2 and not proxy.events("fallback_transcript")
+
+
+def test_a_handoff_to_another_agent_is_not_resumed_as_the_first(proxy, fake_codex):
+    """Agents SDK handoffs: agent B answers A's tool call with its own tools and
+    instructions; A's parked turn must not continue as B."""
+    fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "B speaking"},
+                                          {"complete": {}}]),
+                        [{"thread": True}, {"calls": [{"name": "transfer_to_b",
+                                                       "arguments": {}, "id": "call_h"}]},
+                         {"text": "A continued"}, {"complete": {}}])
+    a_tools = [{"type": "function", "function": {"name": "transfer_to_b", "parameters": {
+        "type": "object", "properties": {}}}}]
+    b_tools = [{"type": "function", "function": {"name": "refund", "parameters": {
+        "type": "object", "properties": {}}}}]
+    messages = [{"role": "system", "content": "You are agent A."},
+                {"role": "user", "content": "I need a refund"}]
+    _, message, finish, _ = tool_round(proxy, messages, tools=a_tools)
+    assert finish == "tool_calls"
+    handoff = [{"role": "system", "content": "You are agent B."}] + messages[1:] + [
+        message, {"role": "tool", "tool_call_id": "call_h", "content": "{\"assistant\": \"B\"}"}]
+    _, final, _, _ = tool_round(proxy, handoff, tools=b_tools)
+    assert final["content"] == "B speaking"
+    fresh = fake_codex.records()[-1]
+    assert "You are agent B." in fresh["instructions"] and "agent A" not in fresh["instructions"]
+    assert tool_names_of(fresh) == {"refund"}
+    assert proxy.wait_event("parked_expired")[0]["reason"] == "conversation_changed"
 
 
 def test_abandoned_parked_turn_expires(make_proxy, fake_codex):
@@ -1572,14 +2826,14 @@ def test_parked_turns_do_not_count_against_max_concurrent(make_proxy, fake_codex
     assert post_chat(proxy.base, chat_body("plain question"))[0] == 200
 
 
-def test_shutdown_ends_parked_codex(make_proxy, fake_codex):
-    proxy = make_proxy()
+def test_shutdown_ends_parked_codex(make_proxy, fake_codex, engine):
+    proxy = make_proxy(engine=engine)
     fake_codex.scenario(TOOL_TURN)
     tool_round(proxy, [{"role": "user", "content": "x"}])
     record = fake_codex.wait_records(1)[0]
     proxy.stop()
-    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
-    assert wait_until(lambda: not pid_alive(record["bridge_pid"]), 8)
+    assert wait_until(lambda: not any(pid_alive(p) for p in fake_codex.pids()), 8)
+    assert record["pid"] in fake_codex.pids()
 
 
 def test_edited_history_expires_the_parked_turn_and_runs_fresh(proxy, fake_codex):
@@ -1609,26 +2863,31 @@ def test_call_ids_stay_unique_within_a_conversation(proxy, fake_codex):
     assert new_id != "call_old" and new_id.startswith("call_")
 
 
-def test_missing_result_is_answered_with_an_error(proxy, fake_codex):
+def test_missing_result_is_answered_with_an_error(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"calls": [
         {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
         {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
         {"text": "{results}"}, {"complete": {}}])
     messages = [{"role": "user", "content": "x"}]
-    _, message, _, _ = tool_round(proxy, messages)
+    _, message, _, _ = tool_round(both, messages)
     messages += [message, results_for(message)[0]]
-    assert tool_round(proxy, messages)[2] == "stop"
+    assert tool_round(both, messages)[2] == "stop"
     results = fake_codex.records()[0]["results"]
     assert sorted(r["is_error"] for r in results) == [False, True]
 
 
-def test_responses_shaped_tool_round_trip(proxy, fake_codex):
+def test_responses_shaped_body_on_chat_gets_chat_chunks_and_resumes(proxy, fake_codex):
     fake_codex.scenario(TOOL_TURN)
     flat_tools = [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]
     body = {"model": "m", "stream": True, "tools": flat_tools, "instructions": "I",
-            "input": [{"role": "user", "content": [{"type": "input_text", "text": "read"}]}]}
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "read"}]}],
+            "reasoning": {"effort": "high"}, "text": {"verbosity": "low"}, "store": False}
     _, _, raw = post_chat(proxy.base, body)
-    call = assemble_stream(sse_events(raw))["tool_calls"][0]
+    events = sse_events(raw)
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    call = assemble_stream(events)["tool_calls"][0]
+    record = fake_codex.wait_records(1)[0]
+    assert "I" in record["instructions"] and record["turn"]["effort"] == "high"
     body["input"] += [{"type": "function_call", "call_id": call["id"], "name": call["function"]["name"],
                        "arguments": call["function"]["arguments"]},
                       {"type": "function_call_output", "call_id": call["id"], "output": "CONTENT"}]
@@ -1637,23 +2896,7 @@ def test_responses_shaped_tool_round_trip(proxy, fake_codex):
     assert len(fake_codex.records()) == 1
 
 
-def test_bridge_refuses_a_wrong_secret(proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"wait_file": "go"}, {"complete": {}}])
-    thread = threading.Thread(target=lambda: tool_round(proxy, [{"role": "user", "content": "x"}]))
-    thread.start()
-    fake_codex.wait_records(1)
-    run_id = wait_until(lambda: next(iter(proxy.server._runs), None))
-    host, port = proxy.server.bridge.server_address[:2]
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(json.dumps({"run": run_id, "secret": "guess", "call_id": "c",
-                                 "name": "read_file", "arguments": {}}).encode() + b"\n")
-        answer = json.loads(sock.makefile("rb").readline())
-    assert answer["is_error"] and "secret" in answer["text"]
-    (fake_codex.dir / "go").write_text("")
-    thread.join(20)
-
-
-def test_mcp_bridge_speaks_json_rpc(tmp_path):
+def test_the_mcp_bridge_speaks_json_rpc(tmp_path):
     conf = tmp_path / "bridge.json"
     conf.write_text(json.dumps({"relay": "127.0.0.1:1", "run": "r", "secret": "s",
                                 "tools": cp.mcp_tool_list(cp.normalize_tools(TOOLS))}))
@@ -1679,6 +2922,269 @@ def test_mcp_bridge_speaks_json_rpc(tmp_path):
     assert [t["name"] for t in replies[2]["result"]["tools"]] == ["read_file", "list_dir", "ApplyPatch"]
     assert replies[3]["error"]["code"] == -32601
     assert replies[4]["result"]["isError"] is True     # nothing listens on the relay port
+
+
+# ---------------------------------------------------------------------------
+# The Responses API, structured output, stop sequences, plan limits
+# ---------------------------------------------------------------------------
+
+def post_responses(base, body, headers=None):
+    return post_chat(base, body, headers, path="/v1/responses")
+
+
+def response_events(raw):
+    """The Responses SSE stream -> [(event name, data)]; names must match types."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "data" in lines:
+            data = json.loads(lines["data"])
+            assert lines.get("event") == data["type"]
+            events.append(data)
+    return events
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/responses"])
+def test_responses_create_answers_with_a_response_object(both, fake_codex, path):
+    fake_codex.scenario([{"thread": True}, {"reasoning": "mulling"}, {"text": "Hi there"},
+                         {"complete": {}}])
+    status, _, raw = post_chat(both.base, {"model": "5.5-tpg", "input": "hello",
+                                           "instructions": "Be brief.", "metadata": {"k": "v"}},
+                               path=path)
+    response = json.loads(raw)
+    assert status == 200 and response["object"] == "response"
+    assert response["status"] == "completed" and response["model"] == "5.5-tpg"
+    assert response["id"].startswith("resp_") and response["instructions"] == "Be brief."
+    assert [o["type"] for o in response["output"]] == ["reasoning", "message"]
+    assert response["output"][0]["summary"] == [{"type": "summary_text", "text": "mulling"}]
+    assert response["output"][1]["content"][0]["text"] == "Hi there"
+    assert response["usage"] == {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 3},
+                                 "output_tokens": 7, "output_tokens_details":
+                                 {"reasoning_tokens": 2}, "total_tokens": 18}
+    assert response["metadata"] == {"k": "v"}
+    record = fake_codex.wait_records(1)[0]
+    assert record["prompt"] == "hello" and "Be brief." in record["instructions"]
+
+
+def test_responses_stream_gives_the_event_sequence_sdks_parse(both, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"reasoning": "R"},
+                         {"deltas": ["Hel", "lo", " world"]}, {"complete": {}}])
+    status, hdrs, raw = post_responses(both.base, {"model": "m", "input": "hi", "stream": True})
+    assert status == 200 and hdrs["content-type"] == "text/event-stream"
+    events = response_events(raw)
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == "Hello world"
+    done = [e for e in events if e["type"] == "response.output_text.done"]
+    assert done[0]["text"] == "Hello world"
+    assert "response.reasoning_summary_text.delta" in kinds
+    assert kinds.index("response.reasoning_summary_text.delta") < \
+        kinds.index("response.output_text.delta")
+    for required in ("response.output_item.added", "response.content_part.added",
+                     "response.content_part.done", "response.output_item.done"):
+        assert required in kinds
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["usage"]["total_tokens"] == 18
+    assert final["output"][-1]["content"][0]["text"] == "Hello world"
+    assert len({e["response"]["id"] for e in events if "response" in e}) == 1
+
+
+def test_responses_tool_calls_park_and_resume_statelessly_or_by_previous_id(both, fake_codex):
+    fake_codex.scenario(TOOL_TURN)
+    tools = [{"type": "function", "name": "read_file", "description": "Read",
+              "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+    first = json.loads(post_responses(both.base, {"model": "m", "input": "read a.py",
+                                                  "tools": tools})[2])
+    call = first["output"][-1]
+    assert call["type"] == "function_call" and call["name"] == "read_file"
+    assert call["arguments"] == '{"path": "a.py"}' and call["call_id"] == "call_m1"
+    assert first["output"][0]["content"][0]["text"] == "Let me look."
+    follow = {"model": "m", "tools": tools, "previous_response_id": first["id"],
+              "input": [{"type": "function_call_output", "call_id": call["call_id"],
+                         "output": "CONTENT-A"}]}
+    second = json.loads(post_responses(both.base, follow)[2])
+    assert second["output"][-1]["content"][0]["text"] == "The file says CONTENT-A"
+    assert second["previous_response_id"] == first["id"]
+    assert len(fake_codex.records()) == 1 and both.events("turn_resumed")
+    stateless = {"model": "m", "tools": tools, "input": [
+        {"role": "user", "content": "read a.py"},
+        {"type": "function_call", "call_id": "call_zz", "name": "read_file",
+         "arguments": '{"path": "a.py"}'},
+        {"type": "function_call_output", "call_id": "call_zz", "output": "CONTENT-B"}]}
+    fake_codex.scenario([{"thread": True}, {"text": "fresh saw {prompt}"}, {"complete": {}}])
+    third = json.loads(post_responses(both.base, stateless)[2])
+    assert "CONTENT-B" in third["output"][-1]["content"][0]["text"]
+
+
+def test_responses_custom_tool_calls_come_back_as_custom_items(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "ApplyPatch", "arguments": {"input": PATCH}, "id": "call_p"}]},
+        {"text": "patched: {results}"}, {"complete": {}}])
+    tools = [{"type": "custom", "name": "ApplyPatch", "description": "patch"}]
+    status, _, raw = post_responses(proxy.base, {"model": "m", "input": "patch", "tools": tools,
+                                                 "stream": True})
+    events = response_events(raw)
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done[-1]["type"] == "custom_tool_call" and done[-1]["input"] == PATCH
+    assert any(e["type"] == "response.custom_tool_call_input.done" for e in events)
+    follow = {"model": "m", "tools": tools, "previous_response_id": events[-1]["response"]["id"],
+              "input": [{"type": "custom_tool_call_output", "call_id": "call_p",
+                         "output": "Applied."}]}
+    final = json.loads(post_responses(proxy.base, follow)[2])
+    assert final["output"][-1]["content"][0]["text"] == "patched: Applied."
+
+
+def test_responses_streamed_tool_call_events(proxy, fake_codex):
+    fake_codex.scenario(TOOL_TURN)
+    tools = [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]
+    _, _, raw = post_responses(proxy.base, {"model": "m", "input": "x", "tools": tools,
+                                            "stream": True})
+    events = response_events(raw)
+    kinds = [e["type"] for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    args_done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert args_done[0]["arguments"] == '{"path": "a.py"}' and args_done[0]["name"] == "read_file"
+    final = events[-1]["response"]
+    assert [o["type"] for o in final["output"]] == ["message", "function_call"]
+    assert final["usage"]["total_tokens"] == 0      # the turn's usage comes with its last response
+
+
+def test_an_unknown_previous_response_id_is_a_400(proxy, fake_codex):
+    status, _, raw = post_responses(proxy.base, {"model": "m", "input": "x",
+                                                 "previous_response_id": "resp_nope"})
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["code"] == "previous_response_not_found"
+    assert error["param"] == "previous_response_id" and fake_codex.records() == []
+
+
+def test_previous_response_id_continues_the_conversation(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"text": "answer to: {prompt}"}, {"complete": {}}])
+    first = json.loads(post_responses(proxy.base, {"model": "m", "input": "my name is Ada"})[2])
+    second = json.loads(post_responses(proxy.base, {"model": "m", "input": "what is my name?",
+                                                    "previous_response_id": first["id"]})[2])
+    prompt = fake_codex.wait_records(2)[-1]["prompt"]
+    assert "my name is Ada" in prompt and "answer to: my name is Ada" in prompt
+    assert "what is my name?" in prompt and second["status"] == "completed"
+    not_kept = json.loads(post_responses(proxy.base, {"model": "m", "input": "x",
+                                                      "store": False})[2])
+    assert post_responses(proxy.base, {"model": "m", "input": "y", "previous_response_id":
+                                       not_kept["id"]})[0] == 400
+
+
+def test_a_failed_streamed_response_ends_with_response_failed(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"fail": "You've hit your usage limit.",
+                                            "info": "usageLimitExceeded"}])
+    status, _, raw = post_responses(proxy.base, {"model": "m", "input": "x", "stream": True})
+    events = response_events(raw)
+    assert status == 200 and events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["status"] == "failed"
+    assert events[-1]["response"]["error"]["code"] == "usage_limit_reached"
+    status, hdrs, raw = post_responses(proxy.base, {"model": "m", "input": "x"})
+    assert status == 429 and json.loads(raw)["error"]["code"] == "usage_limit_reached"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m"}, "input"),
+    ({"model": "m", "input": 5}, "input"),
+    ({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"model": "m", "input": [{"type": "item_reference", "id": "x"}]}, "input"),
+    ({"model": "m", "input": "x", "background": True}, "background"),
+    ({"model": "m", "input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
+    ({"model": "m", "input": "x", "reasoning": {"summary": "loud"}}, "reasoning"),
+    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image",
+                                                            "image_url": "http://x/a.png"}]}]},
+     None),
+])
+def test_bad_responses_requests_get_400(proxy, fake_codex, body, param):
+    status, _, raw = post_responses(proxy.base, body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and (param is None or error["param"] == param), error
+    assert fake_codex.records() == []
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
+                                           "temp": {"type": "number"}},
+          "required": ["city", "temp"]}
+
+
+def test_structured_output_becomes_the_output_schema(both, fake_codex):
+    post_chat(both.base, chat_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "weather", "schema": SCHEMA, "strict": True}}))
+    post_responses(both.base, {"model": "m", "input": "x", "text": {"format": {
+        "type": "json_schema", "name": "weather", "schema": SCHEMA, "strict": True}}})
+    for record in fake_codex.wait_records(2):
+        schema = record["turn"]["outputSchema"] if record["engine"] == "app-server" else \
+            json.loads(record["conf"]["output_schema"])
+        assert schema == dict(SCHEMA, additionalProperties=False)
+    assert "sent as the output schema" in both.events("incoming_request")[0]["output_format"]
+
+
+def test_a_schema_strict_mode_cannot_take_becomes_an_instruction(proxy, fake_codex):
+    loose = {"type": "object", "properties": {"city": {"type": "string"}}}
+    post_chat(proxy.base, chat_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "w", "schema": loose}}))
+    post_chat(proxy.base, chat_body(response_format={"type": "json_object"}))
+    first, second = fake_codex.wait_records(2)
+    assert "outputSchema" not in first["turn"]
+    assert "conforms to this JSON Schema" in first["instructions"]
+    assert json.dumps(loose) in first["instructions"]
+    assert "exactly one valid JSON object" in second["instructions"]
+    notes = [e["output_format"] for e in proxy.events("incoming_request")]
+    assert "not valid for strict mode" in notes[0] and "json_object" in notes[1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_cuts_the_answer_and_ends_the_turn(both, fake_codex, stream):
+    fake_codex.scenario([{"thread": True}, {"deltas": ["Thought: look\nAct", "ion: search\n",
+                                                       "Observ", "ation: made up"]},
+                         {"wait_file": "never"}, {"complete": {}}])
+    status, message, finish, _ = tool_round(both, [{"role": "user", "content": "q"}], stream,
+                                            tools=[], stop=["Observation:", "zzz"])
+    assert status == 200 and finish == "stop"
+    assert message["content"] == "Thought: look\nAction: search\n"
+    pid = fake_codex.wait_records(1)[0]["pid"]
+    assert wait_until(lambda: not pid_alive(pid), 8)
+    if fake_codex.records()[0]["engine"] == "app-server":
+        assert fake_codex.records()[0]["interrupted"] is True
+
+
+def test_stop_on_the_responses_api(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"deltas": ["one two ", "STOP three"]},
+                         {"complete": {}}])
+    response = json.loads(post_responses(proxy.base, {"model": "m", "input": "x",
+                                                      "stop": "STOP"})[2])
+    assert response["output"][-1]["content"][0]["text"] == "one two "
+
+
+LIMITS = {"limitId": "codex", "planType": "plus",
+          "primary": {"usedPercent": 42, "windowDurationMins": 300, "resetsAt": None},
+          "secondary": {"usedPercent": 100, "windowDurationMins": 10080, "resetsAt": None}}
+
+
+def test_plan_limits_show_in_health_and_name_the_reset_in_a_429(make_proxy, fake_codex):
+    limits = json.loads(json.dumps(LIMITS))
+    limits["primary"]["resetsAt"] = int(time.time()) + 3600
+    limits["secondary"]["resetsAt"] = int(time.time()) + 7200
+    fake_codex.write("rate_limits.json", limits)
+    proxy = make_proxy(api_keys=(KEY,))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    health = json.loads(http_request(proxy.base, "GET", "/health", headers=auth)[2])
+    windows = {w["name"]: w for w in health["rate_limits"]["windows"]}
+    assert health["rate_limits"]["plan"] == "plus"
+    assert windows["primary"]["used_percent"] == 42 and windows["primary"]["window_minutes"] == 300
+    assert 3500 <= windows["primary"]["resets_in_seconds"] <= 3600
+    assert "rate_limits" not in json.loads(http_request(proxy.base, "GET", "/health")[2])
+    fake_codex.scenario([{"thread": True}, {"rate_limits": {"primary": {
+        "usedPercent": 43, "windowDurationMins": 300, "resetsAt": limits["primary"]["resetsAt"]}}},
+        {"fail": "You've hit your usage limit.", "info": "usageLimitExceeded"}])
+    status, hdrs, raw = post_chat(proxy.base, chat_body(), auth)
+    assert status == 429 and 7000 <= int(hdrs["retry-after"]) <= 7200
+    assert re.search(r"resets in about (1 h 5\d min|2 h 0 min)", json.loads(raw)["error"]["message"])
+    health = json.loads(http_request(proxy.base, "GET", "/health", headers=auth)[2])
+    assert health["rate_limits"]["windows"][0]["used_percent"] == 43
 
 
 # ---------------------------------------------------------------------------
@@ -1721,11 +3227,15 @@ class E2E:
         self.upstream = FakeUpstream(lambda body, index: self.responder(body, index))
         self.home = tmp_path / "codex-home"
         self.home.mkdir()
+        self.write_config()
+        self.proxies = []
+
+    def write_config(self, extra=""):
         (self.home / "config.toml").write_text(
-            'model_provider = "mock"\n[model_providers.mock]\nname = "mock"\n'
+            'model_provider = "mock"\n' + extra +
+            '[model_providers.mock]\nname = "mock"\n'
             f'base_url = "http://127.0.0.1:{self.upstream.port}/v1"\nwire_api = "responses"\n'
             'env_key = "MOCK_KEY"\nrequest_max_retries = 0\nstream_max_retries = 0\n')
-        self.proxies = []
 
     def proxy(self, **overrides):
         fields = dict(port=0, codex_bin=self.codex_path, codex_home=str(self.home),
@@ -1773,9 +3283,19 @@ def tool_names(body):
     return names
 
 
+def call_for(body, name, arguments, call_id):
+    """A function_call item as the model would send it for this request: the
+    exec engine's client tools sit in the `mcp__client` namespace."""
+    namespaced = any(t.get("name") == "mcp__client" for t in body.get("tools", []))
+    return function_call_item(name, arguments, call_id, "mcp__client" if namespaced else None)
+
+
 CODEX_HOST_TOOLS = {"shell", "exec_command", "write_stdin", "apply_patch", "view_image",
                     "web_search", "tool_search", "update_plan", "request_user_input",
                     "unified_exec", "local_shell", "js_repl", "spawn_agent"}
+# exec adds these for any MCP server, ours included; they only reach our bridge,
+# which answers "method not found".  app-server offers none of them.
+MCP_RESOURCE_TOOLS = {"list_mcp_resources", "list_mcp_resource_templates", "read_mcp_resource"}
 
 
 def test_e2e_sdk_answers_streamed_and_not_on_both_routes(e2e, openai_sdk):
@@ -1802,28 +3322,97 @@ def test_e2e_sdk_answers_streamed_and_not_on_both_routes(e2e, openai_sdk):
         assert [getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks
                 if c.choices and getattr(c.choices[0].delta, "reasoning_content", None)] == ["Pondering."]
         assert chunks[-1].usage.total_tokens == 120
-    bodies = [r["body"] for r in e2e.upstream.requests]
+    bodies = e2e.upstream.bodies()
     assert len(bodies) == 4 and all(b["model"] == "gpt-5.5" for b in bodies)
+    forwards = proxy.events("codex_forward")
+    assert {f["engine"] for f in forwards} == {"app-server"} and forwards[0]["warm"] is True
 
 
-def test_e2e_upstream_sees_client_text_and_no_codex_prompt_or_host_tools(e2e, openai_sdk):
-    proxy = e2e.proxy()
+WORDS = [f"w{n} " for n in range(40)]
+
+
+def test_e2e_answers_stream_token_by_token_three_at_once(e2e):
+    """The upstream holds each answer after 20 of its 40 deltas until the test
+    has seen, on every one of three streams, the reasoning and then at least
+    10 content chunks: the words cannot have been held back to the end."""
+    gate = threading.Event()
+    e2e.responder = lambda body, index: ("drip", 0.01, WORDS, "Thinking it over.", (20, gate))
+    proxy = e2e.proxy(warm=3)
+    assert wait_until(lambda: len(proxy.server.warm) == 3, 20)
+    socks = [open_raw_stream(proxy, chat_body(stream=True, model="5.5-tpg")) for _ in range(3)]
+    seen = [b""] * 3
+
+    def enough(n):
+        events = sse_events(strip_chunking(seen[n]).rsplit(b"\n\n", 1)[0] + b"\n\n")
+        deltas = [e["choices"][0]["delta"] for e in events if e != "[DONE]" and e["choices"]]
+        texts = [d for d in deltas if d.get("content")]
+        thinking = [i for i, d in enumerate(deltas) if d.get("reasoning_content")]
+        return len(texts) >= 10 and thinking and thinking[0] < deltas.index(texts[0])
+    try:
+        for n, sock in enumerate(socks):
+            sock.settimeout(0.2)
+            deadline = time.monotonic() + 30
+            while not enough(n) and time.monotonic() < deadline:
+                try:
+                    seen[n] += sock.recv(65536)
+                except socket.timeout:
+                    pass
+            assert enough(n), seen[n][-500:]
+        assert not gate.is_set()
+        gate.set()
+        for n, sock in enumerate(socks):
+            sock.settimeout(20)
+            seen[n] += recv_until(sock, b"0\r\n\r\n", 30)
+            content = assemble_stream(sse_events(strip_chunking(seen[n])))["content"]
+            assert content == "".join(WORDS)
+    finally:
+        gate.set()
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_e2e_upstream_sees_client_text_and_no_codex_prompt_or_host_tools(e2e, openai_sdk,
+                                                                        engine_name):
+    proxy = e2e.proxy(engine=engine_name)
     client = sdk_client(openai_sdk, proxy.base + "/v1")
     client.chat.completions.create(model="5.5-tpg", messages=[
         {"role": "system", "content": "CLIENT SYSTEM TEXT"}, {"role": "user", "content": "hi"}])
     client.chat.completions.create(model="5.5-tpg", tools=TOOLS[:1], messages=[
         {"role": "user", "content": "hi"}])
-    for body in (r["body"] for r in e2e.upstream.requests):
+    for body in e2e.upstream.bodies():
         text = json.dumps(body["input"])
         assert "coding agent" not in text and "environment_context" not in text
         assert "AGENTS.md" not in text and "sandbox" not in text.lower()
         names = tool_names(body)
         assert not names & CODEX_HOST_TOOLS, names
-        assert not any(n.startswith("mcp__") and "/" not in n and n != "mcp__client" for n in names)
-    first, second = (r["body"] for r in e2e.upstream.requests)
+        assert engine_name == "exec" or not names & MCP_RESOURCE_TOOLS, names
+    first, second = e2e.upstream.bodies()
     assert "CLIENT SYSTEM TEXT" in developer_text(first)
     assert developer_text(first).startswith(cp.INSTRUCTIONS_PREAMBLE)
-    assert "mcp__client/read_file" in tool_names(second)
+    expected = "mcp__client/read_file" if engine_name == "exec" else "read_file"
+    assert expected in tool_names(second)
+
+
+def test_e2e_the_users_own_mcp_servers_and_hooks_stay_off(e2e, openai_sdk, tmp_path):
+    marker = tmp_path / "mcp-server-ran"
+    server = tmp_path / "evil-mcp.sh"
+    server.write_text(f"#!/bin/sh\ntouch '{marker}'\nexec cat\n")
+    server.chmod(0o755)
+    e2e.write_config(f'notify = ["{server}"]\ndeveloper_instructions = "USER DEV TEXT"\n'
+                     f'[mcp_servers.evil]\ncommand = "{server}"\n'
+                     '[mcp_servers."other one"]\ncommand = "/bin/false"\n')
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    client.chat.completions.create(model="5.5-tpg", messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(model="5.5-tpg", tools=TOOLS[:1],
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["engine"] == "app-server"
+    for body in e2e.upstream.bodies():
+        assert not any("mcp" in name or "evil" in name for name in tool_names(body))
+        assert "USER DEV TEXT" not in json.dumps(body["input"])
+    assert not proxy.events("codex_warning"), proxy.events("codex_warning")
+    assert not marker.exists()
 
 
 def test_e2e_usage_limit_is_429_or_one_error_event(e2e, openai_sdk):
@@ -1842,7 +3431,29 @@ def test_e2e_usage_limit_is_429_or_one_error_event(e2e, openai_sdk):
     assert errors[0]["error"]["code"] == "usage_limit_reached"
 
 
-def test_e2e_client_disconnect_stops_codex(e2e):
+def test_e2e_the_usage_of_a_tool_turn_is_exact(e2e, openai_sdk):
+    def responder(body, index):
+        if any(i.get("type") == "function_call_output" for i in body["input"]):
+            return [message_item("done")]
+        return [call_for(body, "read_file", {"path": "a"}, "call_u")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages = [{"role": "user", "content": "read a"}]
+    first = client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS)
+    assert first.choices[0].finish_reason == "tool_calls" and first.usage.total_tokens == 0
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": "call_u", "content": "A"}]
+    chunks = list(client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS,
+                                                 stream=True,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage              # both model calls of the turn, summed
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (200, 40, 240)
+    assert usage.prompt_tokens_details.cached_tokens == 80
+    assert usage.completion_tokens_details.reasoning_tokens == 10
+
+
+def test_e2e_a_client_that_leaves_releases_codex_and_nothing_is_retried(e2e):
     e2e.responder = lambda body, index: ("sleep", 60, [message_item("too late")])
     proxy = e2e.proxy()
     sock = open_raw_stream(proxy, chat_body(stream=True, model="5.5-tpg"))
@@ -1853,6 +3464,7 @@ def test_e2e_client_disconnect_stops_codex(e2e):
     sock.close()
     assert wait_until(lambda: not pid_alive(pid), 5)
     assert proxy.wait_event("client_disconnected")
+    assert len(e2e.upstream.requests) == 1            # Codex is gone: no retry can follow
 
 
 def agent_responder(body, index):
@@ -1864,22 +3476,24 @@ def agent_responder(body, index):
         return [message_item(f"The file holds {re.search(r'CONTENT-[a-z0-9.]+', text).group()}")]
     prompt = json.dumps(body["input"])
     names = re.findall(r"read ([a-z0-9]+\.py)", prompt)
-    return [function_call_item("read_file", {"path": names[-1]}, f"call_{index}_{names[-1][0]}")]
+    return [call_for(body, "read_file", {"path": names[-1]}, f"call_{index}_{names[-1][0]}")]
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_e2e_sdk_agent_loop_with_a_tool_round_in_each_turn(e2e, openai_sdk, stream):
+@pytest.mark.parametrize("stream, engine_name", [(False, "app-server"), (True, "app-server"),
+                                                 (False, "exec")])
+def test_e2e_sdk_agent_loop_with_a_tool_round_in_each_turn(e2e, openai_sdk, stream, engine_name):
     e2e.responder = agent_responder
-    proxy = e2e.proxy()
+    proxy = e2e.proxy(engine=engine_name)
     client = sdk_client(openai_sdk, proxy.base + "/v1")
     messages, answers, served = [], [], []
 
-    def ask(**kw):
+    def ask():
         if not stream:
             return client.chat.completions.create(model="5.5-tpg", messages=messages,
-                                                  tools=TOOLS, **kw).choices[0]
+                                                  tools=TOOLS).choices[0]
         chunks = list(client.chat.completions.create(model="5.5-tpg", messages=messages,
-                                                     tools=TOOLS, stream=True, **kw))
+                                                     tools=TOOLS, stream=True))
+        assert all(c.model == "5.5-tpg" for c in chunks)
         message = assemble_stream([c.model_dump() for c in chunks])
         finish = finish_of([c.model_dump() for c in chunks])
         return openai_sdk.types.chat.chat_completion.Choice.model_validate(
@@ -1902,14 +3516,15 @@ def test_e2e_sdk_agent_loop_with_a_tool_round_in_each_turn(e2e, openai_sdk, stre
         answers.append(choice.message.content)
     assert answers == ["The file holds CONTENT-alpha.py", "The file holds CONTENT-beta.py"]
     assert [s[1:] for s in served] == [("read_file", "alpha.py"), ("read_file", "beta.py")]
-    outputs = [(i["call_id"], json.dumps(i["output"])) for r in e2e.upstream.requests
-               for i in r["body"]["input"] if i.get("type") == "function_call_output"]
+    outputs = [(i["call_id"], json.dumps(i["output"])) for body in e2e.upstream.bodies()
+               for i in body["input"] if i.get("type") == "function_call_output"]
     for call_id, _, path in served:       # every result reached the model as that call's output
         assert any(cid == call_id and f"CONTENT-{path}" in out for cid, out in outputs)
-    for request in e2e.upstream.requests:  # the client's tools, directly, for gpt-5.5
-        names = tool_names(request["body"])
-        assert {"mcp__client/read_file", "mcp__client/ApplyPatch"} <= names
+    for body in e2e.upstream.bodies():     # the client's tools, directly, for gpt-5.5
+        names = tool_names(body)
+        assert {"read_file", "ApplyPatch"} <= {n.split("/")[-1] for n in names}
         assert not names & CODEX_HOST_TOOLS
+        assert engine_name == "exec" or not names & MCP_RESOURCE_TOOLS, names
     assert len(proxy.events("turn_resumed")) == 2
 
 
@@ -1917,8 +3532,8 @@ def test_e2e_parallel_calls_and_apply_patch(e2e, openai_sdk):
     def responder(body, index):
         outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
         if not outputs:
-            return [function_call_item("read_file", {"path": "a.py"}, "call_ra"),
-                    function_call_item("ApplyPatch", {"input": PATCH}, "call_ap")]
+            return [call_for(body, "read_file", {"path": "a.py"}, "call_ra"),
+                    call_for(body, "ApplyPatch", {"input": PATCH}, "call_ap")]
         return [message_item("outputs: " + " ".join(
             re.findall(r"OUT-[A-Za-z_]+", json.dumps(outputs))))]
     e2e.responder = responder
@@ -1943,7 +3558,7 @@ def test_e2e_restart_between_call_and_result_falls_back(e2e, openai_sdk):
         text = json.dumps(body["input"])
         if "CONTENT-alpha" in text:
             return [message_item("fallback answer with CONTENT-alpha")]
-        return [function_call_item("read_file", {"path": "alpha.py"}, "call_r1")]
+        return [call_for(body, "read_file", {"path": "alpha.py"}, "call_r1")]
     e2e.responder = responder
     proxy = e2e.proxy()
     messages = [{"role": "user", "content": "read alpha.py"}]
@@ -1959,12 +3574,12 @@ def test_e2e_restart_between_call_and_result_falls_back(e2e, openai_sdk):
         model="5.5-tpg", messages=messages, tools=TOOLS)
     assert final.choices[0].message.content == "fallback answer with CONTENT-alpha"
     assert proxy.events("fallback_transcript")
-    last = json.dumps(e2e.upstream.requests[-1]["body"]["input"])
+    last = json.dumps(e2e.upstream.bodies()[-1]["input"])
     assert "read alpha.py" in last and "tool_result" in last
 
 
 def test_e2e_abandoned_parked_turn_is_gone_after_the_timeout(e2e, openai_sdk):
-    e2e.responder = lambda body, index: [function_call_item("read_file", {"path": "x"}, "call_z")]
+    e2e.responder = lambda body, index: [call_for(body, "read_file", {"path": "x"}, "call_z")]
     proxy = e2e.proxy(tool_result_timeout=1.0)
     choice = sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
         model="5.5-tpg", messages=[{"role": "user", "content": "x"}], tools=TOOLS).choices[0]
@@ -1974,7 +3589,7 @@ def test_e2e_abandoned_parked_turn_is_gone_after_the_timeout(e2e, openai_sdk):
     assert wait_until(lambda: not pid_alive(pid), 5)
 
 
-def test_e2e_responses_shaped_body_gets_chat_chunks(e2e):
+def test_e2e_responses_shaped_body_on_chat_gets_chat_chunks(e2e):
     e2e.responder = lambda body, index: [message_item("responses ok")]
     proxy = e2e.proxy()
     status, _, raw = post_chat(proxy.base, {
@@ -1984,7 +3599,169 @@ def test_e2e_responses_shaped_body_gets_chat_chunks(e2e):
     events = sse_events(raw)
     assert status == 200 and events[-1] == "[DONE]"
     assert assemble_stream(events)["content"] == "responses ok"
-    assert "RESP-INSTR" in developer_text(e2e.upstream.requests[0]["body"])
+    assert "RESP-INSTR" in developer_text(e2e.upstream.bodies()[0])
+
+
+def test_e2e_a_codex_without_a_working_app_server_is_run_with_exec(e2e, openai_sdk, tmp_path):
+    wrapper = tmp_path / "old-codex"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = app-server ] && exit 2\nexec "{e2e.codex_path}" "$@"\n')
+    wrapper.chmod(0o755)
+    e2e.responder = agent_responder
+    for proxy in (e2e.proxy(codex_bin=str(wrapper)), e2e.proxy(engine="exec")):
+        health = json.loads(http_request(proxy.base, "GET", "/health")[2])
+        assert health["engine"] == "exec"
+        client = sdk_client(openai_sdk, proxy.base + "/v1")
+        messages = [{"role": "user", "content": "read gamma.py"}]
+        choice = client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                                tools=TOOLS).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                      "content": "CONTENT-gamma.py"}]
+        final = client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS)
+        assert final.choices[0].message.content == "The file holds CONTENT-gamma.py"
+        e2e.responder = lambda body, index: [message_item("plain answer")]
+        plain = client.chat.completions.create(model="5.5-tpg",
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert plain.choices[0].message.content == "plain answer"
+        e2e.responder = agent_responder
+        assert {e["engine"] for e in proxy.events("codex_forward")} == {"exec"}
+
+
+def test_e2e_responses_api_with_the_sdk(e2e, openai_sdk):
+    e2e.responder = lambda body, index: ("drip", 0.0, WORDS, "Pondering.")
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    response = client.responses.create(model="5.5-tpg", input="Say forty words",
+                                       instructions="INSTR-R")
+    assert response.model == "5.5-tpg" and response.output_text == "".join(WORDS)
+    assert response.usage.input_tokens == 100 and response.usage.output_tokens == 20
+    assert response.usage.input_tokens_details.cached_tokens == 40
+    with client.responses.stream(model="5.5-tpg", input="Say forty words") as stream:
+        kinds, deltas = [], []
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert len(deltas) >= 10 and "".join(deltas) == "".join(WORDS) == final.output_text
+    assert "response.reasoning_summary_text.delta" in kinds
+    assert "INSTR-R" in developer_text(e2e.upstream.bodies()[0])
+    e2e.responder = lambda body, index: [message_item('{"city": "Paris", "temp": 21}')]
+    parsed = client.responses.create(model="5.5-tpg", input="weather", text={"format": {
+        "type": "json_schema", "name": "weather", "schema": SCHEMA, "strict": True}})
+    assert json.loads(parsed.output_text) == {"city": "Paris", "temp": 21}
+    fmt = e2e.upstream.bodies()[-1]["text"]["format"]
+    assert fmt["type"] == "json_schema" and fmt["strict"] is True
+    assert set(fmt["schema"]["properties"]) == {"city", "temp"}
+
+
+def test_e2e_responses_tools_stateless_and_by_previous_response_id(e2e, openai_sdk):
+    e2e.responder = agent_responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    tools = [{"type": "function", "name": "read_file", "description": "Read a file",
+              "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                             "required": ["path"]}}]
+    first = client.responses.create(model="5.5-tpg", input="read delta.py", tools=tools)
+    call = [o for o in first.output if o.type == "function_call"][0]
+    assert call.name == "read_file" and json.loads(call.arguments) == {"path": "delta.py"}
+    by_id = client.responses.create(model="5.5-tpg", tools=tools, previous_response_id=first.id,
+                                    input=[{"type": "function_call_output", "call_id": call.call_id,
+                                            "output": "CONTENT-delta.py"}])
+    assert by_id.output_text == "The file holds CONTENT-delta.py"
+    second = client.responses.create(model="5.5-tpg", input="read eps.py", tools=tools)
+    call = [o for o in second.output if o.type == "function_call"][0]
+    stateless = client.responses.create(model="5.5-tpg", tools=tools, input=[
+        {"role": "user", "content": "read eps.py"},
+        {"type": "function_call", "call_id": call.call_id, "name": "read_file",
+         "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "CONTENT-eps.py"}])
+    assert stateless.output_text == "The file holds CONTENT-eps.py"
+    assert len(proxy.events("turn_resumed")) == 2
+
+
+def test_e2e_structured_output_on_chat(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [message_item('{"city": "Oslo", "temp": 3}')]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    reply = client.chat.completions.create(model="5.5-tpg", messages=[
+        {"role": "user", "content": "weather"}], response_format={"type": "json_schema",
+        "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}})
+    assert json.loads(reply.choices[0].message.content) == {"city": "Oslo", "temp": 3}
+    fmt = e2e.upstream.bodies()[0]["text"]["format"]
+    assert fmt["type"] == "json_schema" and set(fmt["schema"]["properties"]) == {"city", "temp"}
+    client.chat.completions.create(model="5.5-tpg", messages=[
+        {"role": "user", "content": "weather"}], response_format={"type": "json_object"})
+    body = e2e.upstream.bodies()[1]
+    assert "format" not in body.get("text", {}) and "JSON object" in developer_text(body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_e2e_stop_cuts_the_answer(e2e, openai_sdk, stream):
+    e2e.responder = lambda body, index: ("drip", 0.0, ["Thought: hmm\nAct", "ion: look\nObs",
+                                                       "ervation: invented\n", "more"])
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    kwargs = dict(model="5.5-tpg", messages=[{"role": "user", "content": "go"}],
+                  stop=["Observation:"])
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        reply = client.chat.completions.create(**kwargs)
+        text, finish = reply.choices[0].message.content, [reply.choices[0].finish_reason]
+    assert text == "Thought: hmm\nAction: look\n" and finish == ["stop"]
+
+
+def test_e2e_a_handoff_reaches_the_model_as_the_new_agent(e2e, openai_sdk):
+    def responder(body, index):
+        if "AGENT B" in developer_text(body):
+            return [message_item("B here")]
+        return [call_for(body, "transfer_to_b", {}, "call_hand")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    a_tools = [{"type": "function", "function": {"name": "transfer_to_b", "parameters": {
+        "type": "object", "properties": {}}}}]
+    b_tools = [{"type": "function", "function": {"name": "refund", "parameters": {
+        "type": "object", "properties": {}}}}]
+    history = [{"role": "user", "content": "refund please"}]
+    choice = client.chat.completions.create(model="5.5-tpg", tools=a_tools, messages=[
+        {"role": "system", "content": "AGENT A"}] + history).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    history += [choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": "call_hand", "content": "transferred"}]
+    final = client.chat.completions.create(model="5.5-tpg", tools=b_tools, messages=[
+        {"role": "system", "content": "AGENT B"}] + history)
+    assert final.choices[0].message.content == "B here"
+    last = e2e.upstream.bodies()[-1]
+    assert "refund" in tool_names(last) and "transfer_to_b" not in tool_names(last)
+    assert "AGENT B" in developer_text(last) and "AGENT A" not in developer_text(last)
+
+
+def test_e2e_parallel_tool_calls_false(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [call_for(body, "read_file", {"path": "a"}, "call_p1"),
+                                         call_for(body, "read_file", {"path": "b"}, "call_p2")]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    choice = client.chat.completions.create(model="5.5-tpg", tools=TOOLS, messages=[
+        {"role": "user", "content": "read a and b"}], parallel_tool_calls=False).choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    assert "one tool per reply" in developer_text(e2e.upstream.bodies()[0])
+
+
+def test_e2e_an_image_reaches_the_model(e2e, openai_sdk):
+    proxy = e2e.proxy()
+    url = "data:image/png;base64," + base64.b64encode(tiny_png()).decode()
+    sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+        model="5.5-tpg", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]}])
+    parts = [p for item in e2e.upstream.bodies()[0]["input"] if item.get("role") == "user"
+             for p in item["content"]]
+    assert any(p["type"] == "input_image" for p in parts), parts
 
 
 # ---------------------------------------------------------------------------
@@ -2059,6 +3836,9 @@ ROWS_JS = """return [...document.querySelectorAll('#rows tr')].filter(r => !r.hi
 
 
 def test_logs_page_renders_events_live_in_a_browser(make_proxy, fake_codex, browser):
+    limits = json.loads(json.dumps(LIMITS))
+    limits["primary"]["resetsAt"] = int(time.time()) + 3600
+    fake_codex.write("rate_limits.json", limits)
     proxy = make_proxy(api_keys=(KEY,))
     auth = {"Authorization": f"Bearer {KEY}"}
     fake_codex.scenario(("boom", [{"thread": True}, {"fail": "upstream exploded"}]),
@@ -2081,7 +3861,13 @@ def test_logs_page_renders_events_live_in_a_browser(make_proxy, fake_codex, brow
     assert error["cls"] == "error" and "upstream exploded" in error["cells"][4]
     response = next(r for r in rows if r["cells"][1] == "cursor_response")
     assert "finish stop" in response["cells"][4] and "11 in / 7 out" in response["cells"][4]
+    forward = next(r for r in rows if r["cells"][1] == "codex_forward")
+    assert "app-server" in forward["cells"][4]
     assert KEY not in json.dumps(rows)
+    assert wait_until(lambda: "plan plus" in browser.js(
+        "return document.getElementById('limits').textContent"), 10)
+    header = browser.js("return document.getElementById('limits').textContent")
+    assert "5 h: 42% used" in header and "week: 100% used" in header
     post_chat(proxy.base, chat_body("live one"), auth)           # the page tails new events
     request_id = proxy.wait_event("cursor_response", 2)[-1]["request_id"]
     assert wait_until(lambda: [r for r in browser.js(ROWS_JS) if r["cells"][2] == request_id
@@ -2101,6 +3887,7 @@ def test_logs_page_shows_a_turns_rounds_together(make_proxy, fake_codex, browser
     assert post_chat(proxy.base, chat_body("unrelated"))[0] == 200     # between the rounds
     assert tool_round(proxy, messages + [message, *results_for(message)])[2] == "stop"
     turn = proxy.wait_event("turn_resumed")[0]["turn"]
+    proxy.wait_event("cursor_response", 3)
     browser.go(proxy.base + "/logs")
     assert wait_until(lambda: [r["cells"][1] for r in browser.js(ROWS_JS)].count(
         "cursor_response") == 3, 15), json.dumps([r["cells"][1] for r in browser.js(ROWS_JS)])
@@ -2108,11 +3895,14 @@ def test_logs_page_shows_a_turns_rounds_together(make_proxy, fake_codex, browser
                ".find(a => a.textContent === arguments[0]).click();", turn)
     assert wait_until(lambda: all(r["cells"][3] == turn for r in browser.js(ROWS_JS)), 5)
     rows = browser.js(ROWS_JS)
-    assert [r["cells"][1] for r in rows] == [
-        "codex_forward", "tool_call_forwarded", "cursor_response",       # round 1
-        "tool_result_received", "turn_resumed", "cursor_response"]       # round 2
-    assert len({r["cells"][2] for r in rows}) == 2                       # two requests
-    assert "read_file (call_m1)" in rows[1]["cells"][4] and rows[1]["cls"] == "tool"
+    by_request = {}
+    for row in rows:                       # each request's rows keep their own order;
+        by_request.setdefault(row["cells"][2], []).append(row["cells"][1])   # the two
+    assert sorted(by_request.values()) == sorted([        # requests' rows may interleave
+        ["codex_forward", "tool_call_forwarded", "cursor_response"],          # round 1
+        ["tool_result_received", "turn_resumed", "cursor_response"]])         # round 2
+    call_row = next(r for r in rows if r["cells"][1] == "tool_call_forwarded")
+    assert "read_file (call_m1)" in call_row["cells"][4] and call_row["cls"] == "tool"
 
 
 def test_logs_page_reconnects_after_a_proxy_restart(make_proxy, fake_codex, browser):
@@ -2142,7 +3932,8 @@ def test_logs_page_reconnects_after_a_proxy_restart(make_proxy, fake_codex, brow
 
 
 # ---------------------------------------------------------------------------
-# Benchmarks: python3 test_codex_proxy.py --bench   (figures, no assertions)
+# Benchmarks: python3 test_codex_proxy.py --bench    (figures, no assertions)
+# Stress:     python3 test_codex_proxy.py --stress
 # ---------------------------------------------------------------------------
 
 INSTANT_CODEX = """#!/bin/sh
@@ -2150,6 +3941,7 @@ case "$1" in
   --version) echo "codex-cli 0.0.0-instant"; exit 0;;
   login) exit 0;;
   debug) echo '{"models": []}'; exit 0;;
+  app-server) exit 2;;
 esac
 cat > /dev/null
 printf '%s\\n' '{"type":"thread.started","thread_id":"t"}' '{"type":"turn.started"}' \\
@@ -2218,6 +4010,10 @@ def ms(seconds):
     return f"{seconds * 1000:7.1f} ms"
 
 
+def p50_p99(values):
+    return f"p50 {ms(percentile(values, 50))}  p99 {ms(percentile(values, 99))}"
+
+
 def bench_proxy_overhead(folder, count=200):
     script = folder / "instant-codex"
     script.write_text(INSTANT_CODEX)
@@ -2227,17 +4023,17 @@ def bench_proxy_overhead(folder, count=200):
     proc = spawn_proxy_process(script, folder, CODEX_PROXY_MAX_CONCURRENT="16")
     try:
         proxy = types.SimpleNamespace(base=re.search(
-            r"listening on (http://\S+)", proc.stdout.readline()).group(1))
+            r"listening on (http://\S+)", read_banner(proc)[0]).group(1))
         for concurrency in (1, 8):
             direct = direct_runs([str(script), "exec", "--json", "-"], os.environ, "hi", count,
                                  concurrency)
-            print(f"instant fake codex run directly, concurrency {concurrency}: p50 "
-                  f"{ms(percentile(direct, 50))}  p99 {ms(percentile(direct, 99))}  ({count} runs)")
+            print(f"instant fake codex (exec) run directly, concurrency {concurrency}: "
+                  f"{p50_p99(direct)}  ({count} runs)")
             lat = timed_requests(proxy.base, chat_body(), count, concurrency)
             added50 = percentile(lat, 50) - percentile(direct, 50)
             added99 = percentile(lat, 99) - percentile(direct, 99)
-            print(f"through the proxy, concurrency {concurrency}: p50 {ms(percentile(lat, 50))}  "
-                  f"p99 {ms(percentile(lat, 99))}  -> added p50 {ms(added50)}  p99 {ms(added99)}")
+            print(f"through the proxy, concurrency {concurrency}: {p50_p99(lat)}  "
+                  f"-> added p50 {ms(added50)}  p99 {ms(added99)}")
         ttfb = []
         for _ in range(50):
             start = time.perf_counter()
@@ -2246,15 +4042,45 @@ def bench_proxy_overhead(folder, count=200):
             ttfb.append(time.perf_counter() - start)
             recv_until(sock, b"0\r\n\r\n")
             sock.close()
-        print(f"stream time to first byte: p50 {ms(percentile(ttfb, 50))}  "
-              f"p99 {ms(percentile(ttfb, 99))}  (50 streams)")
+        print(f"stream time to first byte: {p50_p99(ttfb)}  (50 streams)")
     finally:
-        proc.send_signal(signal.SIGTERM)
+        stop_process(proc)
+
+
+def rss_kib(pid):
+    """Resident memory of a process and its descendants, in KiB (Linux)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            with open(f"/proc/{current}/status") as f:
+                total += int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(p) for p in f.read().split()]
+        except (OSError, AttributeError):
+            pass
+    return total
+
+
+def stream_times(proxy, body):
+    """(first content, last content) seconds of one streamed answer."""
+    start = time.perf_counter()
+    sock = open_raw_stream(proxy, body)
+    first = last = None
+    seen = b""
+    try:
+        while b"0\r\n\r\n" not in seen:
+            data = sock.recv(65536)
+            if not data:
+                break
+            seen += data
+            if b'"content":"w' in data:
+                now = time.perf_counter() - start
+                first = first if first is not None else now
+                last = now
+    finally:
+        sock.close()
+    return first, last
 
 
 def bench_real_codex(folder, runs=20):
@@ -2264,69 +4090,117 @@ def bench_real_codex(folder, runs=20):
         return
     env = E2E(folder, codex)
     try:
-        proxy = env.proxy(tool_result_timeout=60)
+        proxy = env.proxy(tool_result_timeout=120)
+        exec_proxy = env.proxy(tool_result_timeout=120, engine="exec")
         argv_prefix, user_config = proxy.server.check_ready()
-        run_dir = folder / "direct-run"
-        run_dir.mkdir()
-        workdir, instructions, _ = cp.make_run_files(
-            str(run_dir), cp.render_instructions([], [], "auto"), [])
+        run = cp.ExecRun("bench", proxy.server.env, str(folder / "direct-run"))
+        instructions, _, _ = cp.write_run_files(run, cp.render_instructions([], [], "auto"), [],
+                                                None)
         argv = cp.codex_argv(argv_prefix, model="gpt-5.5", effort=None, user_config=user_config,
-                             extra_config=[], workdir=workdir, instructions_path=instructions,
-                             catalog=proxy.server.catalog_path)
-        direct_env = dict(proxy.server.env)
+                             extra_config=[], workdir=run.workdir,
+                             instructions_path=instructions, catalog=proxy.server.catalog_path)
+        env.responder = lambda body, index: [message_item("ok")]
         via, direct = [], []
         for _ in range(runs):       # interleaved, so both see the same machine load
+            assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
             via += timed_requests(proxy.base, chat_body(model="5.5-tpg"), 1, 1)
-            pid = proxy.wait_event("codex_forward", len(via))[-1]["pid"]
-            wait_until(lambda: not pid_alive(pid), 10)     # its exit must not slow the next
-            direct += direct_runs(argv, direct_env, "hello", 1)
-        ratio = percentile(via, 50) / percentile(direct, 50)
-        print(f"real codex, plain answer: through the proxy p50 {ms(percentile(via, 50))}, "
-              f"codex exec directly (to turn.completed) p50 {ms(percentile(direct, 50))}  -> "
-              f"ratio {ratio:.3f} "
-              f"(target <= 1.05; {runs} runs each)")
-        bench_resume(env, proxy, runs)
+            direct += direct_runs(argv, dict(proxy.server.env), "hello", 1)
+        print(f"plain request, real codex: through the proxy (app-server, warm) {p50_p99(via)}; "
+              f"bare `codex exec` {p50_p99(direct)} -> p50 ratio "
+              f"{percentile(via, 50) / percentile(direct, 50):.3f} (target <= 0.5; {runs} each)")
+        env.responder = lambda body, index: ("drip", 0.05, WORDS, "Thinking.")
+        firsts, lasts = [], []
+        for _ in range(3):
+            assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
+            first, last = stream_times(proxy, chat_body(model="5.5-tpg", stream=True))
+            firsts.append(first)
+            lasts.append(last)
+        print(f"slow answer (40 deltas over ~2 s): first content {ms(percentile(firsts, 50))}, "
+              f"last content {ms(percentile(lasts, 50))} -> first/last "
+              f"{percentile(firsts, 50) / percentile(lasts, 50):.3f} (target <= 0.2; p50 of 3)")
+        bench_tools(env, proxy, exec_proxy, runs, percentile(direct, 50))
     finally:
         env.close()
 
 
-def answer_from_results(body, index):
-    """The model: call read_file once, then answer from its result, whether the
-    result comes as a function_call_output (resumed) or in a transcript (fresh)."""
-    if "CONTENT-" in json.dumps(body["input"]):
-        return [message_item("The file holds the content.")]
-    return [function_call_item("read_file", {"path": "f.py"}, f"call_{index}")]
+def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
+    def responder(body, index):
+        if any(i.get("type") == "function_call_output" for i in body["input"]):
+            return ("drip", 0.0, ["w-done"], None)
+        return [call_for(body, "read_file", {"path": "f.py"}, f"call_{index}")]
+    env.responder = responder
+    for name, target in (("app-server", proxy), ("exec", exec_proxy)):
+        to_call, to_token = [], []
+        for n in range(runs):
+            if name == "app-server":
+                assert wait_until(lambda: len(target.server.warm) == 1, 20)
+            messages = [{"role": "user", "content": f"read f{n}.py"}]
+            start = time.perf_counter()
+            _, message, finish, _ = tool_round(target, messages)
+            to_call.append(time.perf_counter() - start)
+            assert finish == "tool_calls"
+            messages += [message, *results_for(message, "CONTENT-x")]
+            start = time.perf_counter()
+            sock = open_raw_stream(target, {"model": "5.5-tpg", "messages": messages,
+                                            "tools": TOOLS, "stream": True})
+            recv_until(sock, b'"content":"w-done"', 30)
+            to_token.append(time.perf_counter() - start)
+            recv_until(sock, b"0\r\n\r\n")
+            sock.close()
+        print(f"{name}: request -> tool call {p50_p99(to_call)} (bare exec plain p50 "
+              f"{ms(direct_p50)} -> ratio {percentile(to_call, 50) / direct_p50:.3f}, target "
+              f"<= 0.5); tool result -> next token {p50_p99(to_token)}  ({runs} each)")
+    env.responder = lambda body, index: [call_for(body, "read_file", {"path": "x"}, f"c{index}")]
+    before = len(proxy.events("codex_forward"))
+    for n in range(5):
+        assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
+        assert tool_round(proxy, [{"role": "user", "content": f"park {n}"}])[2] == "tool_calls"
+    pids = [e["pid"] for e in proxy.events("codex_forward")[before:]]
+    print(f"memory per parked turn (app-server, RSS of its process tree): "
+          f"{sum(rss_kib(p) for p in pids) / len(pids) / 1024:.1f} MiB (5 parked)")
 
 
-def bench_resume(env, proxy, runs):
-    env.responder = answer_from_results
-    follow_ups, fresh = [], []
-    for n in range(runs):
-        messages = [{"role": "user", "content": f"read f{n}.py"}]
-        _, message, _, _ = tool_round(proxy, messages)
-        messages += [message, *results_for(message, "CONTENT-x")]
+def stress(folder, bodies=1000, connections=1100):
+    """Fuzz and flood a proxy process on the fake codex; print what happened."""
+    fake = FakeCodex(folder / "fake")
+    fake.scenario([{"thread": True}, {"text": "ok"}, {"complete": {}}])
+    proc = spawn_proxy_process(fake.script, folder, "--max-body", "65536", **fake.env)
+    try:
+        base = re.search(r"listening on (http://\S+)", read_banner(proc)[0]).group(1)
+        post_chat(base, chat_body())
+        before = rss_kib(proc.pid) - sum(rss_kib(p) for p in fake.pids() if pid_alive(p))
         start = time.perf_counter()
-        assert tool_round(proxy, messages)[2] == "stop"          # resumes the parked turn
-        follow_ups.append(time.perf_counter() - start)
-        for m in messages:                                       # same size, nothing parked
-            for c in m.get("tool_calls", []):
-                c["id"] = c["id"] + "-fresh"
-            if m.get("tool_call_id"):
-                m["tool_call_id"] += "-fresh"
+        tried, statuses, hangs = fuzz(base, seed=2026, count=bodies, deadline_seconds=600)
+        errors_5xx = sum(n for s, n in statuses.items() if s >= 500)
+        print(f"fuzz: {tried} hostile requests in {time.perf_counter() - start:.1f} s, "
+              f"statuses {dict(sorted(statuses.items()))}, 5xx {errors_5xx}, hangs {hangs}")
+        socks = []
+        for _ in range(connections):
+            socks.append(socket.create_connection(("127.0.0.1", port_of(base)), timeout=10))
         start = time.perf_counter()
-        assert tool_round(proxy, messages)[2] == "stop"          # a fresh Codex (fallback)
-        fresh.append(time.perf_counter() - start)
-    speedup = percentile(fresh, 50) / percentile(follow_ups, 50)
-    print(f"tool result follow-up (parked turn resumed) p50 {ms(percentile(follow_ups, 50))}, "
-          f"fresh request of the same size p50 {ms(percentile(fresh, 50))}  -> {speedup:.1f}x "
-          f"faster (target >= 3x; {runs} runs each)")
+        status, _, _ = post_chat(base, chat_body())
+        health = http_request(base, "GET", "/health")[0]
+        print(f"flood: {connections} idle connections open; chat {status} and /health {health} "
+              f"in {ms(time.perf_counter() - start)}")
+        for sock in socks:
+            sock.close()
+        after = rss_kib(proc.pid) - sum(rss_kib(p) for p in fake.pids() if pid_alive(p))
+        print(f"proxy RSS before {before / 1024:.1f} MiB, after {after / 1024:.1f} MiB")
+    finally:
+        stop_process(proc)
+    leaked = [p for p in fake.pids() if pid_alive(p)]
+    print(f"leaked codex processes after shutdown: {len(leaked)}")
 
 
-if __name__ == "__main__" and "--bench" in sys.argv:
+if __name__ == "__main__" and ("--bench" in sys.argv or "--stress" in sys.argv):
+    import pathlib
     import tempfile
     with tempfile.TemporaryDirectory(prefix="codex-proxy-bench-") as tmp:
-        base = __import__("pathlib").Path(tmp)
-        (base / "a").mkdir()
-        (base / "b").mkdir()
-        bench_proxy_overhead(base / "a")
-        bench_real_codex(base / "b")
+        base = pathlib.Path(tmp)
+        for name in ("a", "b", "c"):
+            (base / name).mkdir()
+        if "--bench" in sys.argv:
+            bench_proxy_overhead(base / "a")
+            bench_real_codex(base / "b")
+        if "--stress" in sys.argv:
+            stress(base / "c")
