@@ -2071,6 +2071,8 @@ class AppServerRun(CodexRun):
         self.turn_done = threading.Event()
         self.born = time.monotonic()
         self._deltas = set()        # items whose text arrived as deltas
+        self._response_calls = set()   # client tool calls of the response being written
+        self.signals_responses = False  # Codex tells us when the model ends a response
         # _write_lock keeps one JSON line at a time on stdin.
         self._write_lock = threading.Lock()
         # _rpc_lock guards _next_id and _waiting (request id -> [Event, reply]).
@@ -2137,8 +2139,11 @@ class AppServerRun(CodexRun):
         """Open the thread and start the turn -> the turn id."""
         dynamic = [{"type": "function", "name": t.name, "description": t.description,
                     "inputSchema": t.parameters} for t in spec.tools]
+        # experimentalRawEvents adds rawResponse/completed: the one sign that the
+        # model has finished a response, so its calls can go out without a wait.
         params = {"cwd": self.workdir, "sandbox": "read-only", "approvalPolicy": "never",
-                  "ephemeral": True, "baseInstructions": spec.instructions,
+                  "ephemeral": True, "experimentalRawEvents": True,
+                  "baseInstructions": spec.instructions,
                   "environments": [], "dynamicTools": dynamic,
                   "config": dict(thread_config, **self.user_overrides)}
         if spec.model:
@@ -2232,6 +2237,16 @@ class AppServerRun(CodexRun):
                         "imageGeneration", "collabAgentToolCall"):
                 return [("unexpected", kind)]
             return []
+        if method == "rawResponseItem/completed":
+            self.signals_responses = True
+            item = params.get("item") or {}
+            if item.get("type") in ("function_call", "custom_tool_call") and \
+                    item.get("name") in self.tools:
+                self._response_calls.add(item.get("call_id"))
+            return []
+        if method == "rawResponse/completed":
+            calls, self._response_calls = frozenset(self._response_calls), set()
+            return [("response_done", calls)] if calls else []
         if method == "thread/tokenUsage/updated":
             return [("usage", usage_from_app_server(
                 (params.get("tokenUsage") or {}).get("total")))]
@@ -2993,6 +3008,7 @@ class TurnPump:
         self.usage = None
         self.last_warning = None
         self.reasoning_chars = 0
+        self.expected = None        # the calls of a response the model has finished
         self.stop = StopFilter(request.stop) if request.stop else None
         self._text_key = None
 
@@ -3024,17 +3040,36 @@ class TurnPump:
                     next_keepalive = clock() + cfg.keepalive
                 continue
             last_event = clock()
-            if kind == "tool_call":
-                self.calls.append(payload)
-                self.server.logs.add("tool_call_forwarded", self.handler.request_id,
-                                     turn=self.run_.id, name=payload.call.name,
-                                     call_id=payload.call.id,
-                                     argument_bytes=len(payload.call.arguments))
-                quiet_until = last_event + cfg.tool_quiet
+            if kind in ("tool_call", "response_done"):
+                quiet_until = self.siblings(kind, payload, last_event)
                 continue
             result = self.handle_event(kind, payload)
             if result is not None:
                 return result
+
+    def siblings(self, kind, payload, now):
+        """A call arrived, or the model ended a response: -> when to end this
+        HTTP response with the calls collected so far (None: not yet).
+
+        Calls the model makes together go out together.  app-server says
+        when the model has finished a response (and which calls it made);
+        without that sign, a quiet spell of --tool-quiet-ms ends the batch."""
+        if kind == "tool_call":
+            self.calls.append(payload)
+            self.server.logs.add("tool_call_forwarded", self.handler.request_id,
+                                 turn=self.run_.id, name=payload.call.name,
+                                 call_id=payload.call.id,
+                                 argument_bytes=len(payload.call.arguments))
+        else:
+            self.expected = payload
+        if not self.calls:
+            return None
+        if self.expected is not None:
+            done = self.expected <= {p.call.id for p in self.calls}
+            return now if done else now + self.config.tool_quiet
+        if getattr(self.run_, "signals_responses", False):
+            return None         # the model may still be writing more calls
+        return now + self.config.tool_quiet
 
     def handle_event(self, kind, payload):
         logs, rid, run = self.server.logs, self.handler.request_id, self.run_

@@ -504,10 +504,17 @@ class AppServer:
             rid, self.next_id = self.next_id, self.next_id + 1
             slot = self.waiting[rid] = [threading.Event()]
         emit({"id": rid, "method": method, "params": params})
+        return slot
+
+    def answer_of(self, slot):
         while not slot[0].wait(0.05):
             if self.interrupted.is_set():
                 return None
         return slot[1]
+
+    def raw(self, method, params):
+        if (record.get("thread") or {}).get("experimentalRawEvents"):
+            self.notify(method, params)
 
     def serve(self):
         for line in sys.stdin:
@@ -613,7 +620,7 @@ class AppServer:
                 self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "failed",
                                                         "error": error}})
             elif kind == "calls":
-                self.calls(value)
+                self.calls(value, step.get("gap", 0), step.get("raw", True))
             elif kind == "rate_limits":
                 emit({"method": "account/rateLimits/updated", "params": {"rateLimits": value}})
             elif kind == "command":
@@ -625,19 +632,25 @@ class AppServer:
         record["ended"] = True
         save()
 
-    def calls(self, calls):
-        answers = [None] * len(calls)
-        def one(n, call):
+    def calls(self, calls, gap, raw):
+        """Each call as Codex sends it: its raw item, then the request; the
+        raw end of the response once all are out (`gap`: seconds between)."""
+        slots = []
+        for n, call in enumerate(calls):
+            if n and gap:
+                time.sleep(gap)
+            if raw:
+                self.raw("rawResponseItem/completed", {"item": {
+                    "type": "function_call", "name": call["name"], "call_id": call.get("id"),
+                    "arguments": json.dumps(call.get("arguments", {}))}})
             self.notify("item/started", {"item": {"type": "dynamicToolCall", "id": call.get("id"),
                                                   "tool": call["name"]}})
-            answers[n] = self.request("item/tool/call", {
+            slots.append(self.request("item/tool/call", {
                 "threadId": self.thread_id, "turnId": self.turn_id, "callId": call.get("id"),
-                "namespace": None, "tool": call["name"], "arguments": call.get("arguments", {})})
-        threads = [threading.Thread(target=one, args=(n, c)) for n, c in enumerate(calls)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+                "namespace": None, "tool": call["name"], "arguments": call.get("arguments", {})}))
+        if raw:
+            self.raw("rawResponse/completed", {"responseId": "resp_fake"})
+        answers = [self.answer_of(slot) for slot in slots]
         for n, answer in enumerate(answers):
             if answer is None:
                 continue
@@ -2672,6 +2685,36 @@ def test_parallel_calls_go_out_together_and_both_results_go_back(both, fake_code
     assert len(fake_codex.records()[0]["results"]) == 2
 
 
+def test_calls_of_one_response_go_out_together_however_far_apart(proxy, fake_codex):
+    """app-server says when the model has finished its response: siblings that
+    arrive later than --tool-quiet-ms still go out in the same response, and
+    the response goes out as soon as the model is done."""
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}], "gap": 0.4},
+        {"text": "both: {results}"}, {"complete": {}}])
+    _, message, finish, _ = tool_round(proxy, [{"role": "user", "content": "x"}])
+    assert finish == "tool_calls" and [c["id"] for c in message["tool_calls"]] == ["call_a", "call_b"]
+    assert fake_codex.records()[0]["thread"]["experimentalRawEvents"] is True
+
+
+def test_without_that_sign_a_quiet_spell_ends_the_batch(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}], "gap": 0.4,
+        "raw": False}, {"text": "both: {results}"}, {"complete": {}}])
+    messages = [{"role": "user", "content": "x"}]
+    _, first, finish, _ = tool_round(proxy, messages)
+    assert finish == "tool_calls" and [c["id"] for c in first["tool_calls"]] == ["call_a"]
+    messages += [first, *results_for(first)]
+    _, second, finish, _ = tool_round(proxy, messages)      # the late sibling, same turn
+    assert finish == "tool_calls" and [c["id"] for c in second["tool_calls"]] == ["call_b"]
+    messages += [second, *results_for(second)]
+    _, final, finish, _ = tool_round(proxy, messages)
+    assert finish == "stop" and final["content"].count("RESULT:read_file") == 2
+    assert len(fake_codex.records()) == 1
+
+
 def test_parallel_tool_calls_false_sends_one_call_at_a_time(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"calls": [
         {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
@@ -4047,19 +4090,24 @@ def bench_proxy_overhead(folder, count=200):
         stop_process(proc)
 
 
-def rss_kib(pid):
-    """Resident memory of a process and its descendants, in KiB (Linux)."""
+def rss_kib(pid, field="VmRSS", source="status"):
+    """Memory of a process and its descendants, in KiB (Linux): resident
+    (VmRSS), or proportional (Pss, shared pages split among their users)."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
         try:
-            with open(f"/proc/{current}/status") as f:
-                total += int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+            with open(f"/proc/{current}/{source}") as f:
+                total += int(re.search(field + r":\s+(\d+)", f.read()).group(1))
             with open(f"/proc/{current}/task/{current}/children") as f:
                 todo += [int(p) for p in f.read().split()]
         except (OSError, AttributeError):
             pass
     return total
+
+
+def pss_kib(pid):
+    return rss_kib(pid, "Pss", "smaps_rollup")
 
 
 def stream_times(proxy, body):
@@ -4143,9 +4191,10 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
             start = time.perf_counter()
             sock = open_raw_stream(target, {"model": "5.5-tpg", "messages": messages,
                                             "tools": TOOLS, "stream": True})
-            recv_until(sock, b'"content":"w-done"', 30)
+            seen = recv_until(sock, b'"content":"w-done"', 30)
             to_token.append(time.perf_counter() - start)
-            recv_until(sock, b"0\r\n\r\n")
+            if not seen.endswith(b"0\r\n\r\n"):
+                recv_until(sock, b"0\r\n\r\n")
             sock.close()
         print(f"{name}: request -> tool call {p50_p99(to_call)} (bare exec plain p50 "
               f"{ms(direct_p50)} -> ratio {percentile(to_call, 50) / direct_p50:.3f}, target "
@@ -4156,8 +4205,9 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
         assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
         assert tool_round(proxy, [{"role": "user", "content": f"park {n}"}])[2] == "tool_calls"
     pids = [e["pid"] for e in proxy.events("codex_forward")[before:]]
-    print(f"memory per parked turn (app-server, RSS of its process tree): "
-          f"{sum(rss_kib(p) for p in pids) / len(pids) / 1024:.1f} MiB (5 parked)")
+    print(f"memory per parked turn (app-server process tree): RSS "
+          f"{sum(rss_kib(p) for p in pids) / len(pids) / 1024:.1f} MiB, PSS "
+          f"{sum(pss_kib(p) for p in pids) / len(pids) / 1024:.1f} MiB (5 parked)")
 
 
 def stress(folder, bodies=1000, connections=1100):
