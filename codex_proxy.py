@@ -3273,6 +3273,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     endpoints, after the framing and access checks every request gets."""
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"   # no HTTP/0.9: even junk gets a status line
     server_version = f"codex-openai-proxy/{__version__}"
     error_content_type = "application/json"
     timeout = REQUEST_READ_SECONDS
