@@ -659,7 +659,7 @@ def parse_chat_request(body, reasoning_mode="content", history=None):
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     if "messages" not in body and "input" in body:     # Cursor's agent may send these
-        request = parse_responses_request(body, history)
+        request = parse_responses_request(body, history, strict_previous=False)
         request.api = "chat"
         return request
     messages = body.get("messages")
@@ -679,11 +679,13 @@ def parse_chat_request(body, reasoning_mode="content", history=None):
     return check_request(request)
 
 
-def parse_responses_request(body, history=None):
+def parse_responses_request(body, history=None, strict_previous=True):
     """Validate a Responses API body -> ProxyRequest.
 
     `history(previous_response_id)` returns the stored conversation a
-    `previous_response_id` continues, or None when it is unknown."""
+    `previous_response_id` continues, or None when it is unknown: a 400 on
+    /responses; on /chat/completions (Cursor's agent sends ids of its own
+    there, along with the whole history) it is ignored."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     if body.get("input") is None:
@@ -697,11 +699,11 @@ def parse_responses_request(body, history=None):
     previous = field(body, "previous_response_id", (str,))
     if previous is not None:
         earlier = history(previous) if history is not None else None
-        if earlier is None:
+        if earlier is None and strict_previous:
             raise bad_request(f"Previous response with id '{previous}' not found (this "
                               "proxy keeps recent responses in memory for a while).",
                               "previous_response_id", "previous_response_not_found")
-        messages += earlier
+        messages += earlier or []
     instructions = field(body, "instructions", (str,))
     if instructions:
         messages = [Message("system", instructions)] + \
@@ -3258,6 +3260,20 @@ def offered_key(headers):
     return headers.get("api-key") or headers.get("x-api-key")
 
 
+def connection_budget(config, soft_limit=None):
+    """--max-connections, lowered so that connections never take the
+    descriptors Codex processes need (three pipes each: running, parked,
+    spare) plus a margin for the listener, logs and bridge."""
+    if soft_limit is None:
+        if resource is None:
+            return config.max_connections
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft_limit == resource.RLIM_INFINITY:
+            return config.max_connections
+    reserve = 32 + 4 * (config.max_concurrent + config.max_parked + config.warm)
+    return min(config.max_connections, max(8, soft_limit - reserve))
+
+
 def own_host_names():
     name = socket.gethostname().lower()
     short = name.split(".")[0]
@@ -3720,6 +3736,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
         self.own_names = own_host_names()
+        self.max_connections = connection_budget(config)
         self.catalog_path, self.catalog_models = None, []
         self.engine = "exec" if config.engine == "exec" else "app-server"
         self.engine_reason = "not checked yet"
@@ -3821,12 +3838,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         """Stop serving and end every Codex process: spares, parked, running."""
         self.stopping.set()
         self.warm.close()
-        for run in self.parked.take_all():
-            self.end_run(run, "parked_shutdown")
+        self._end_all(self.parked.take_all(), "parked_shutdown")
         with self._lock:
             runs = list(self._runs.values())
-        for run in runs:
-            self.end_run(run, "shutdown")
+        self._end_all(runs, "shutdown")
         with self._lock:
             connections = list(self._connections)
         for connection in connections:     # wakes handlers idling on kept-alive sockets
@@ -3838,6 +3853,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.bridge.shutdown()
         self.bridge.server_close()
         self.server_close()
+
+    def _end_all(self, runs, reason):
+        """End runs side by side: each may wait a moment for its turn/interrupt."""
+        threads = [threading.Thread(target=self.end_run, args=(run, reason),
+                                    name=f"stop-{run.id}") for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _reap_parked(self):
         while not self.stopping.wait(min(1.0, max(0.05, self.config.tool_result_timeout / 10))):
@@ -3854,7 +3878,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         makes room, and with none idle the newcomer is refused politely."""
         victim = refuse = None
         with self._lock:
-            if len(self._connections) >= self.config.max_connections:
+            if len(self._connections) >= self.max_connections:
                 victim = next((c for c, idle in self._connections.items() if idle), None)
                 if victim is None:
                     refuse = True

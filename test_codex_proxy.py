@@ -2244,6 +2244,64 @@ def test_a_flood_of_idle_connections_does_not_stop_chat(make_proxy, fake_codex):
             sock.close()
 
 
+def test_past_the_connection_cap_with_none_idle_a_newcomer_gets_503(make_proxy):
+    proxy = make_proxy(max_connections=2)
+    streams = []
+    try:
+        for _ in range(2):          # two busy connections: log tails
+            sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10)
+            sock.sendall(b"GET /logs/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b"connected" in recv_until(sock, b"connected")
+            streams.append(sock)
+        raw = raw_exchange(proxy.base, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 503") and b"too_many_connections" in raw
+    finally:
+        for sock in streams:
+            sock.close()
+    assert wait_until(lambda: http_request(proxy.base, "GET", "/health")[0] == 200, 10)
+
+
+LOW_FD_PROXY = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+sys.argv = sys.argv[1:]
+exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"),
+     {"__name__": "__main__", "__file__": sys.argv[0]})
+"""
+
+
+def test_running_out_of_descriptors_closes_idle_connections_instead_of_failing(fake_codex,
+                                                                               tmp_path):
+    """With 96 descriptors and 150 idle connections, accept() fails: the proxy
+    closes idle connections to make room, and chat and /health still answer."""
+    env = dict(os.environ, CODEX_HOME=str(tmp_path), CODEX_PROXY_STATE_DIR=str(tmp_path / "s"),
+               CODEX_PROXY_QUIET="1", CODEX_PROXY_WARM="0", **fake_codex.env)
+    proc = subprocess.Popen([sys.executable, "-c", LOW_FD_PROXY, PROXY_SCRIPT,
+                             "--addr", "127.0.0.1:0", "--codex-bin", str(fake_codex.script)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    socks = []
+    try:
+        base = re.search(r"listening on (http://\S+)", read_banner(proc)[0]).group(1)
+        for _ in range(150):
+            socks.append(socket.create_connection(("127.0.0.1", port_of(base)), timeout=10))
+        assert wait_until(lambda: http_request(base, "GET", "/health", timeout=5)[0] == 200, 20)
+        status, _, raw = post_chat(base, chat_body())
+        assert status == 200 and b"fake answer" in raw
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_process(proc)
+    assert proc.returncode == 0
+    assert wait_until(lambda: not any(pid_alive(p) for p in fake_codex.pids()), 10)
+
+
+def test_connections_leave_descriptors_for_codex():
+    config = cp.Config(max_connections=1000, max_concurrent=4, max_parked=16, warm=1)
+    assert cp.connection_budget(config, soft_limit=20000) == 1000
+    assert cp.connection_budget(config, soft_limit=1024) == 1024 - 32 - 4 * 21
+    assert cp.connection_budget(config, soft_limit=96) == 8
+
+
 def test_the_bridge_relay_checks_the_secret_before_reading_more(make_proxy, fake_codex,
                                                                 monkeypatch):
     monkeypatch.setattr(cp.BridgeRelayHandler, "timeout", 0.3)
@@ -2939,6 +2997,13 @@ def test_responses_shaped_body_on_chat_gets_chat_chunks_and_resumes(proxy, fake_
     _, _, raw = post_chat(proxy.base, body)
     assert assemble_stream(sse_events(raw))["content"] == "The file says CONTENT"
     assert len(fake_codex.records()) == 1
+
+
+def test_cursors_own_previous_response_id_on_chat_is_ignored(proxy, fake_codex):
+    body = {"model": "m", "previous_response_id": "resp_from_cursor", "store": True,
+            "input": [{"role": "user", "content": "hi"}]}
+    status, _, raw = post_chat(proxy.base, body)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "fake answer"
 
 
 def test_the_mcp_bridge_speaks_json_rpc(tmp_path):
