@@ -460,6 +460,7 @@ def parse_effort(value, param):
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+INSTRUCTIONS_MESSAGE = "<instructions>"     # Message.name of a Responses `instructions`
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
@@ -703,11 +704,11 @@ def parse_responses_request(body, history=None, strict_previous=True):
             raise bad_request(f"Previous response with id '{previous}' not found (this "
                               "proxy keeps recent responses in memory for a while).",
                               "previous_response_id", "previous_response_not_found")
-        messages += earlier or []
+        # an earlier request's `instructions` do not carry over (as upstream)
+        messages += [m for m in earlier or [] if m.name != INSTRUCTIONS_MESSAGE]
     instructions = field(body, "instructions", (str,))
     if instructions:
-        messages = [Message("system", instructions)] + \
-            [m for m in messages if m.role != "system"]
+        messages.insert(0, Message("system", instructions, name=INSTRUCTIONS_MESSAGE))
     messages += parse_input_items(body.get("input"))
     request = ProxyRequest(api="responses", model=parse_model(body), messages=messages)
     common_fields(body, request)
@@ -4142,15 +4143,21 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         run = self.warm.take()
         if run is not None:
             run.warm = True
-        else:
-            run = self.spawn_app_server()
-        self._register(run, request, spec)
-        try:
-            run.start(spec, self.thread_config())
-        except BaseException:
-            self.end_run(run, "spawn_failed")
-            raise
-        return run
+        while True:
+            if run is None:
+                run = self.spawn_app_server()
+            self._register(run, request, spec)
+            try:
+                run.start(spec, self.thread_config())
+                return run
+            except ProxyError:
+                self.end_run(run, "spawn_failed")
+                if not run.warm or run.thread_id is not None:
+                    raise
+                run = None      # a spare that died before its thread started: go fresh
+            except BaseException:
+                self.end_run(run, "spawn_failed")
+                raise
 
     def _start_exec(self, request, spec, argv_prefix, user_config):
         run = ExecRun("turn_" + secrets.token_hex(5), self.env,

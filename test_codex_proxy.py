@@ -2589,6 +2589,20 @@ def test_a_spare_that_died_is_not_used(make_proxy, fake_codex):
     assert proxy.wait_event("codex_forward")[0]["pid"] != spare
 
 
+def test_a_spare_that_dies_as_it_is_taken_is_replaced_by_a_fresh_process(make_proxy,
+                                                                         fake_codex):
+    proxy = make_proxy(warm=1)
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    spare = proxy.server.warm.take()
+    os.kill(spare.proc.pid, signal.SIGKILL)
+    assert spare.exited.wait(10)
+    handed_out = iter([spare])              # it dies just as a request takes it
+    proxy.server.warm.take = lambda: next(handed_out, None)
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    forward = proxy.wait_event("codex_forward")[0]
+    assert forward["warm"] is False and forward["pid"] != spare.proc.pid
+
+
 def test_an_app_server_that_exits_mid_turn_is_a_502(proxy, fake_codex):
     fake_codex.scenario([{"thread": True}, {"deltas": ["half"]}, {"exit": 3}])
     status, _, raw = post_chat(proxy.base, chat_body())
@@ -2673,6 +2687,14 @@ def results_for(message, prefix="RESULT"):
             for c in message["tool_calls"]]
 
 
+def two_reads(answer, **options):
+    """A turn whose model reads files a and b in one response, then answers."""
+    return [{"thread": True}, dict({"calls": [
+        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
+        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]}, **options),
+        {"text": answer}, {"complete": {}}]
+
+
 TOOL_TURN = [{"thread": True}, {"text": "Let me look."},
              {"calls": [{"name": "read_file", "arguments": {"path": "a.py"}, "id": "call_m1"}]},
              {"text": "The file says {results}"}, {"complete": {}}]
@@ -2730,10 +2752,7 @@ def test_streamed_tool_calls_follow_the_fragment_rules(both, fake_codex):
 
 
 def test_parallel_calls_go_out_together_and_both_results_go_back(both, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
-        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
-        {"text": "both: {results}"}, {"complete": {}}])
+    fake_codex.scenario(two_reads("both: {results}"))
     messages = [{"role": "user", "content": "read both"}]
     _, message, finish, _ = tool_round(both, messages)
     assert finish == "tool_calls" and len(message["tool_calls"]) == 2
@@ -2749,20 +2768,14 @@ def test_calls_of_one_response_go_out_together_however_far_apart(proxy, fake_cod
     """app-server says when the model has finished its response: siblings that
     arrive later than --tool-quiet-ms still go out in the same response, and
     the response goes out as soon as the model is done."""
-    fake_codex.scenario([{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
-        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}], "gap": 0.4},
-        {"text": "both: {results}"}, {"complete": {}}])
+    fake_codex.scenario(two_reads("both: {results}", gap=0.4))
     _, message, finish, _ = tool_round(proxy, [{"role": "user", "content": "x"}])
     assert finish == "tool_calls" and [c["id"] for c in message["tool_calls"]] == ["call_a", "call_b"]
     assert fake_codex.records()[0]["thread"]["experimentalRawEvents"] is True
 
 
 def test_without_that_sign_a_quiet_spell_ends_the_batch(proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
-        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}], "gap": 0.4,
-        "raw": False}, {"text": "both: {results}"}, {"complete": {}}])
+    fake_codex.scenario(two_reads("both: {results}", gap=0.4, raw=False))
     messages = [{"role": "user", "content": "x"}]
     _, first, finish, _ = tool_round(proxy, messages)
     assert finish == "tool_calls" and [c["id"] for c in first["tool_calls"]] == ["call_a"]
@@ -2776,10 +2789,7 @@ def test_without_that_sign_a_quiet_spell_ends_the_batch(proxy, fake_codex):
 
 
 def test_parallel_tool_calls_false_sends_one_call_at_a_time(both, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
-        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
-        {"text": "got: {results}"}, {"complete": {}}])
+    fake_codex.scenario(two_reads("got: {results}"))
     messages = [{"role": "user", "content": "read both"}]
     _, message, finish, _ = tool_round(both, messages, parallel_tool_calls=False)
     assert finish == "tool_calls" and len(message["tool_calls"]) == 1
@@ -2967,10 +2977,7 @@ def test_call_ids_stay_unique_within_a_conversation(proxy, fake_codex):
 
 
 def test_missing_result_is_answered_with_an_error(both, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "a"}, "id": "call_a"},
-        {"name": "read_file", "arguments": {"path": "b"}, "id": "call_b"}]},
-        {"text": "{results}"}, {"complete": {}}])
+    fake_codex.scenario(two_reads("{results}"))
     messages = [{"role": "user", "content": "x"}]
     _, message, _, _ = tool_round(both, messages)
     messages += [message, results_for(message)[0]]
@@ -3168,6 +3175,17 @@ def test_an_unknown_previous_response_id_is_a_400(proxy, fake_codex):
     error = json.loads(raw)["error"]
     assert status == 400 and error["code"] == "previous_response_not_found"
     assert error["param"] == "previous_response_id" and fake_codex.records() == []
+
+
+def test_instructions_do_not_carry_over_but_input_developer_messages_do(proxy, fake_codex):
+    first = json.loads(post_responses(proxy.base, {
+        "model": "m", "instructions": "OLD RULES",
+        "input": [{"role": "developer", "content": "KEEP THIS"},
+                  {"role": "user", "content": "hi"}]})[2])
+    post_responses(proxy.base, {"model": "m", "instructions": "NEW RULES", "input": "again",
+                                "previous_response_id": first["id"]})
+    second = fake_codex.wait_records(2)[-1]["instructions"]
+    assert "NEW RULES" in second and "KEEP THIS" in second and "OLD RULES" not in second
 
 
 def test_previous_response_id_continues_the_conversation(proxy, fake_codex):
