@@ -3429,6 +3429,7 @@ MCP_RESOURCE_TOOLS = {"list_mcp_resources", "list_mcp_resource_templates", "read
 def test_e2e_sdk_answers_streamed_and_not_on_both_routes(e2e, openai_sdk):
     e2e.responder = lambda body, index: [reasoning_item("Pondering."), message_item("Hello from upstream")]
     proxy = e2e.proxy()
+    assert wait_until(lambda: len(proxy.server.warm) == 1, 20)      # as users meet it
     for base in (proxy.base + "/v1", proxy.base):
         client = sdk_client(openai_sdk, base)
         reply = client.chat.completions.create(model="5.5-tpg", messages=[
