@@ -2826,6 +2826,7 @@ class ResponsesResponder:
         self.output = []            # finished output items
         self.calls = []
         self.content = []           # answer text, for the log and the history
+        self.on_finish = None       # called before the last bytes go out
         self._seq = 0
         self._item = None           # the item being written: {kind, key, id, parts}
 
@@ -2935,6 +2936,8 @@ class ResponsesResponder:
 
     def finish(self, reason, usage):
         self._close()
+        if self.on_finish is not None:     # before the client can ask for what follows
+            self.on_finish(self)
         response = self._response("completed", usage)
         if not self.stream:
             self.handler.send_json(200, response)
@@ -3685,6 +3688,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         out = responder(self, request, server.config.reasoning)
         started = time.monotonic()
         outcome = "failed"
+        if request.api == "responses" and request.store:
+            out.on_finish = lambda done: server.responses.put(done.id, request.messages + [
+                Message("assistant", done.answer_text(), tool_calls=list(done.calls))])
         try:
             out.open()
             outcome, usage, reason = TurnPump(server, run, out, self, request).run()
@@ -3694,9 +3700,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                      tool_calls=len(out.calls),
                      **({"answer": out.answer_text()[-4000:]} if server.config.log_bodies
                         else {}))
-            if request.api == "responses" and request.store:
-                server.responses.put(out.id, request.messages + [Message(
-                    "assistant", out.answer_text(), tool_calls=list(out.calls))])
         except ProxyError as error:
             logs.add("stream_codex_error", self.request_id, turn=run.id,
                      status=error.status, code=error.code, message=error.message[:500])
