@@ -2443,6 +2443,7 @@ def test_logs_hold_the_event_kinds_without_bodies(proxy, fake_codex):
     fake_codex.scenario([{"thread": True}, {"fail": "boom"}])
     post_chat(proxy.base, chat_body())
     proxy.wait_event("stream_codex_error")
+    proxy.wait_event("cursor_response")     # logged just after its answer went out
     status, _, raw = http_request(proxy.base, "GET", "/logs?format=json")
     events = json.loads(raw)["events"]
     kinds = {e["type"] for e in events}
