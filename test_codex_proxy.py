@@ -623,7 +623,8 @@ class AppServer:
                 self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "failed",
                                                         "error": error}})
             elif kind == "calls":
-                self.calls(value, step.get("gap", 0), step.get("raw", True))
+                self.calls(value, step.get("gap", 0), step.get("raw", True),
+                           step.get("gate"))
             elif kind == "rate_limits":
                 emit({"method": "account/rateLimits/updated", "params": {"rateLimits": value}})
             elif kind == "command":
@@ -635,13 +636,16 @@ class AppServer:
         record["ended"] = True
         save()
 
-    def calls(self, calls, gap, raw):
+    def calls(self, calls, gap, raw, gate=None):
         """Each call as Codex sends it: its raw item, then the request; the
-        raw end of the response once all are out (`gap`: seconds between)."""
+        raw end of the response once all are out.  Between calls: `gap`
+        seconds, or until the file `gate` exists."""
         slots = []
         for n, call in enumerate(calls):
             if n and gap:
                 time.sleep(gap)
+            if n and gate:
+                common_step("wait_file", gate)
             if raw:
                 self.raw("rawResponseItem/completed", {"item": {
                     "type": "function_call", "name": call["name"], "call_id": call.get("id"),
@@ -1488,8 +1492,8 @@ def test_shutdown_closes_kept_alive_connections(make_proxy):
 
 
 def test_idle_connections_are_closed(make_proxy, monkeypatch):
-    monkeypatch.setattr(cp, "KEEPALIVE_IDLE_SECONDS", 0.3)
-    monkeypatch.setattr(cp, "REQUEST_READ_SECONDS", 0.3)
+    monkeypatch.setattr(cp, "KEEPALIVE_IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(cp, "REQUEST_READ_SECONDS", 1.0)
     proxy = make_proxy()
     conn = http.client.HTTPConnection("127.0.0.1", proxy.server.server_address[1], timeout=10)
     try:
@@ -1734,10 +1738,20 @@ def test_first_chunk_leaves_before_codex_says_anything(both, fake_codex):
 
 def test_keepalive_comments_while_codex_is_silent(make_proxy, fake_codex):
     proxy = make_proxy(keepalive=0.1)
-    fake_codex.scenario([{"thread": True}, {"sleep": 0.6}, {"text": "done"}, {"complete": {}}])
-    _, _, raw = post_chat(proxy.base, chat_body(stream=True))
-    assert raw.count(b": keepalive\n\n") >= 2
-    assert sse_events(raw)[-1] == "[DONE]"
+    fake_codex.scenario([{"thread": True}, {"wait_file": "go"}, {"text": "done"},
+                         {"complete": {}}])
+    sock = open_raw_stream(proxy, chat_body(stream=True))
+    try:
+        seen = b""
+        for _ in range(20):                 # Codex stays silent until "go"
+            if seen.count(b": keepalive\n\n") >= 2:
+                break
+            seen += recv_until(sock, b": keepalive")
+        (fake_codex.dir / "go").write_text("")
+        seen += recv_until(sock, b"0\r\n\r\n")
+    finally:
+        sock.close()
+    assert sse_events(strip_chunking(seen))[-1] == "[DONE]" and b"done" in seen
 
 
 @pytest.mark.parametrize("steps, status, code", [
@@ -2779,10 +2793,11 @@ def test_calls_of_one_response_go_out_together_however_far_apart(proxy, fake_cod
 
 
 def test_without_that_sign_a_quiet_spell_ends_the_batch(proxy, fake_codex):
-    fake_codex.scenario(two_reads("both: {results}", gap=0.4, raw=False))
+    fake_codex.scenario(two_reads("both: {results}", gate="second", raw=False))
     messages = [{"role": "user", "content": "x"}]
     _, first, finish, _ = tool_round(proxy, messages)
     assert finish == "tool_calls" and [c["id"] for c in first["tool_calls"]] == ["call_a"]
+    (fake_codex.dir / "second").write_text("")      # the sibling comes after the response
     messages += [first, *results_for(first)]
     _, second, finish, _ = tool_round(proxy, messages)      # the late sibling, same turn
     assert finish == "tool_calls" and [c["id"] for c in second["tool_calls"]] == ["call_b"]
