@@ -1893,20 +1893,16 @@ def test_a_burst_with_a_stale_login_check_is_answered_without_waiting_for_it(
     assert sorted(r[0] for r in results) == [200] + [429] * 29
 
 
-def disconnect_mid_stream(proxy):
-    """Start a stream, read its first chunk, then hang up."""
-    sock = open_raw_stream(proxy, chat_body(stream=True))
-    assert b"role" in recv_until(sock, b"role")
-    sock.close()
-
-
 @pytest.mark.parametrize("ignore_term", [False, True])
 def test_client_disconnect_terminates_codex(both, fake_codex, ignore_term):
     steps = [{"ignore_term": True}] if ignore_term else []
     fake_codex.scenario(("again", [{"thread": True}, {"text": "ok"}, {"complete": {}}]),
                         steps + [{"thread": True}, {"touch": "started"}, {"sleep": 60},
                                  {"text": "never"}])
-    disconnect_mid_stream(both)
+    sock = open_raw_stream(both, chat_body(stream=True))
+    assert b"role" in recv_until(sock, b"role")
+    assert wait_until((fake_codex.dir / "started").exists, 10)      # Codex is mid-turn
+    sock.close()                                                    # and the client leaves
     pid = fake_codex.wait_records(1)[0]["pid"]
     assert wait_until(lambda: not pid_alive(pid), 8)
     assert wait_until(lambda: both.events("client_disconnected"), 5)
