@@ -392,8 +392,8 @@ def common_step(kind, value):
             time.sleep(0.01)
     elif kind == "touch":
         open(os.path.join(STATE, value), "w").close()
-    elif kind == "ignore_term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif kind == "ignore_term" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # app-server: see turn/start
     elif kind == "exit":           # from any thread, at once
         sys.stdout.flush()
         os._exit(value)
@@ -563,6 +563,8 @@ class AppServer:
                 record["turn_order"] = time.time()
                 record["images"] = [i["url"] for i in params["input"] if i["type"] == "image"]
                 save()
+                if any("ignore_term" in step for step in scenario(record["prompt"])):
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # only the main thread may
                 emit({"id": mid, "result": {"turn": {"id": self.turn_id, "status": "inProgress"}}})
                 threading.Thread(target=self.play, daemon=True).start()
             elif method == "turn/interrupt":
