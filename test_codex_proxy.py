@@ -88,9 +88,10 @@ def post_chat(base, body, headers=None, path="/v1/chat/completions", timeout=60)
     return http_request(base, "POST", path, body, headers, timeout)
 
 
-def raw_exchange(base, data, until=b"\r\n\r\n", timeout=10.0):
-    """Send raw bytes on a new connection; -> everything read until `until`
-    has been seen and the body is complete, or the peer closes."""
+def raw_exchange(base, data, timeout=10.0):
+    """Send raw bytes on a new connection and say that is all; -> the
+    response read (headers and a Content-Length body), or what came before
+    the peer closed."""
     sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=timeout)
     try:
         sock.sendall(data)
