@@ -269,6 +269,11 @@ class ProxyRequest:
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def too_deep(max_depth):
+    return bad_request(f"the request body is nested deeper than {max_depth} levels",
+                       code="too_deep")
+
+
 def check_json_value(value, max_depth=MAX_JSON_DEPTH):
     """Refuse JSON nested deeper than max_depth or holding text that cannot be
     encoded (lone surrogates); iterative, so hostile input cannot recurse."""
@@ -283,8 +288,7 @@ def check_json_value(value, max_depth=MAX_JSON_DEPTH):
         if not isinstance(item, (dict, list)):
             continue
         if depth > max_depth:
-            raise bad_request(f"the request body is nested deeper than {max_depth} levels",
-                              code="too_deep")
+            raise too_deep(max_depth)
         if isinstance(item, dict):
             stack.extend((k, depth) for k in item)
             stack.extend((v, depth + 1) for v in item.values())
@@ -296,8 +300,7 @@ def parse_json_body(data):
     try:
         value = json.loads(data or b"null")
     except RecursionError:
-        raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
-                          code="too_deep")
+        raise too_deep(MAX_JSON_DEPTH)
     except ValueError as exc:
         raise bad_request(f"request body is not valid JSON: {str(exc)[:200]}")
     check_json_value(value)
@@ -2138,19 +2141,25 @@ class AppServerRun(CodexRun):
             self.user_overrides = {}
         return self
 
-    def start(self, spec, thread_config):
-        """Open the thread and start the turn -> the turn id."""
-        dynamic = [{"type": "function", "name": t.name, "description": t.description,
-                    "inputSchema": t.parameters} for t in spec.tools]
+    def thread_params(self, instructions, tools, thread_config, model=None):
+        """thread/start for a pure forwarder: the client's instructions and
+        tools, the forwarder settings, and the user's additions switched off."""
         # experimentalRawEvents adds rawResponse/completed: the one sign that the
         # model has finished a response, so its calls can go out without a wait.
         params = {"cwd": self.workdir, "sandbox": "read-only", "approvalPolicy": "never",
                   "ephemeral": True, "experimentalRawEvents": True,
-                  "baseInstructions": spec.instructions,
-                  "environments": [], "dynamicTools": dynamic,
+                  "baseInstructions": instructions, "environments": [],
+                  "dynamicTools": [{"type": "function", "name": t.name,
+                                    "description": t.description, "inputSchema": t.parameters}
+                                   for t in tools],
                   "config": dict(thread_config, **self.user_overrides)}
-        if spec.model:
-            params["model"] = spec.model
+        if model:
+            params["model"] = model
+        return params
+
+    def start(self, spec, thread_config):
+        """Open the thread and start the turn -> the turn id."""
+        params = self.thread_params(spec.instructions, spec.tools, thread_config, spec.model)
         try:
             thread = self.call("thread/start", params).get("thread") or {}
             self.thread_id = thread.get("id")
@@ -3664,11 +3673,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def serve(self, request):
         server = self.server
-        spec = server.run_spec(request)
         self.log_incoming(request)
         run = server.resume_run(request, self.request_id)
-        if run is None:
-            run = server.start_run(request, spec, self.request_id)   # counts as active
+        if run is None:     # only a fresh run needs the prompt rendered
+            run = server.start_run(request, server.run_spec(request),
+                                   self.request_id)             # counts as active
         self.serve_turn(run, request)
 
     def log_incoming(self, request):
@@ -3818,13 +3827,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             return False, str(exc)
         try:
             run.launch().initialize(timeout=20)
-            result = run.call("thread/start", {
-                "cwd": run.workdir, "sandbox": "read-only", "approvalPolicy": "never",
-                "ephemeral": True, "baseInstructions": "probe", "environments": [],
-                "config": dict(self.thread_config(), **run.user_overrides),
-                "dynamicTools": [{"type": "function", "name": "probe_tool",
-                                  "description": "probe", "inputSchema": {
-                                      "type": "object", "properties": {}}}]}, 20)
+            probe_tool = ToolSpec("probe_tool", "probe", {"type": "object", "properties": {}})
+            result = run.call("thread/start", run.thread_params(
+                "probe", [probe_tool], self.thread_config()), 20)
             if not (result.get("thread") or {}).get("id"):
                 return False, "thread/start gave no thread"
             try:
