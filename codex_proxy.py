@@ -27,6 +27,39 @@ loopback by default and, without a key, answers only local pages and local
 Host names (browsers and DNS rebinding are real attackers) and refuses
 requests that carry tunnel headers.  Before exposing it (a Cloudflare Tunnel
 or ngrok for Cursor), set a key with `--api-key-file` / CODEX_PROXY_API_KEY.
+
+How a request flows, and where each step lives (the sections, in file order):
+
+    Defaults                 every tunable number and fixed setting
+    Errors                   ProxyError (status, type, code) and ClientGone
+    The request model        ToolSpec, ToolCall, Message, ProxyRequest
+    Parsing requests         JSON checks; Chat Completions and Responses bodies
+                             -> ProxyRequest (pure)
+    Prompt rendering         instructions and the transcript Codex gets (pure)
+    Configuration            Config, TOML, $CODEX_HOME/config.toml, environment
+    The log                  event names, LogBuffer (/logs, /logs/stream, stderr)
+    Codex failures           Codex's errors -> ProxyError (pure)
+    Processes                process trees, finding Codex, CodexInfo, the catalog
+    Runs                     the engine interface: CodexRun and its events,
+                             Engine, RunSpec, PendingCall
+    Engine: exec             `codex exec --json`: ExecRun, its argv, ExecEngine,
+                             and the MCP bridge that carries client tools
+    Engine: app-server       `codex app-server`: JsonRpcPipe, AppServerEvents
+                             (notifications -> events), AppServerRun,
+                             AppServerEngine, WarmPool
+    Launching Codex          CodexLauncher: engine choice, spawning, failures
+    Parked turns and stored responses
+    Responders               one per API: Responder (the contract),
+                             ChatResponder, ResponsesResponder, their shapes
+    The pump                 TurnPump: one run's events -> one responder
+    Turns                    Turns: admission, resume, park, expire; one request
+                             served from start to end
+    Access, connections and rate limits
+                             AccessPolicy, ConnectionTable, RateLimits
+    HTTP                     framing (pure), HttpHandler (plumbing), endpoints,
+                             routes, ProxyHandler (routing and errors)
+    The server               ProxyServer: wiring and lifecycle
+    Command line             flags, banner, main()
 """
 
 from __future__ import annotations
@@ -75,6 +108,45 @@ except ImportError:         # pragma: no cover - Windows
     resource = None
 
 __version__ = "0.3.0"
+
+# What the module offers a reader, a test or a script that imports it.
+__all__ = [
+    # classes
+    "ProxyError", "ClientGone", "ToolSpec", "ToolCall", "Message", "ProxyRequest",
+    "Config", "TomlError", "CodexConfigFile", "LogEvent", "LogBuffer", "CodexInfo",
+    "PendingCall", "RunSpec", "CodexRun", "Engine", "ExecRun", "ExecEngine",
+    "BridgeRelayHandler", "BridgeListener", "RpcError", "JsonRpcPipe",
+    "AppServerEvents", "AppServerRun", "AppServerEngine", "WarmPool", "RunTable",
+    "CodexLauncher", "ParkedTurns", "ResponseStore", "Responder", "StopFilter",
+    "ChatResponder", "ResponsesResponder", "TurnPump", "Turns", "AccessPolicy",
+    "ConnectionTable", "RateLimits", "HttpHandler", "Route", "ProxyHandler",
+    "ProxyServer",
+    # functions
+    "bad_request", "too_deep", "check_json_value", "parse_json_body", "field",
+    "image_url_of", "content_to_text", "tool_spec", "normalize_tools",
+    "parse_tool_choice", "parse_stop", "parse_effort", "parse_model", "call_arguments",
+    "parse_message", "parse_input_items", "parse_text_format", "schema_instruction",
+    "strict_schema", "common_fields", "parse_chat_request", "parse_responses_request",
+    "check_request", "resolve_model", "trailing_tool_results",
+    "tool_choice_instruction", "render_instructions", "request_instructions",
+    "render_prompt", "toml_value", "read_toml", "global_agents_file",
+    "uses_custom_provider", "default_state_dir", "child_environment", "escape_controls",
+    "retry_after_seconds", "usage_limit_error", "format_duration", "classify_failure",
+    "classify_codex_error", "clean_codex_output", "redact_paths", "popen_group_kwargs",
+    "stop_process_tree", "native_codex", "resolve_codex", "run_quick",
+    "build_model_catalog", "run_spec", "translate_codex_event", "write_run_files",
+    "codex_argv", "mcp_tool_list", "run_mcp_bridge", "usage_from_app_server",
+    "user_config_overrides", "new_run_id", "message_chars", "token_counts",
+    "openai_usage", "new_completion_id", "make_chunk", "tool_call_chunks",
+    "make_completion", "sse", "responses_usage", "output_message_item",
+    "output_reasoning_item", "output_call_item", "make_response", "is_local_name",
+    "split_host", "host_allowed", "origin_allowed", "tunnel_headers", "offered_key",
+    "own_host_names", "connection_budget", "framing_error", "body_framing",
+    "endpoint_health", "endpoint_models", "endpoint_logs", "since_of",
+    "endpoint_logs_stream", "endpoint_chat", "endpoint_responses", "env_flag",
+    "parse_addr", "parse_alias", "split_env_list", "read_key_file", "build_parser",
+    "config_from_args", "is_loopback", "raise_descriptor_limit", "banner", "main",
+]
 
 # ---------------------------------------------------------------------------
 # Defaults
@@ -126,8 +198,8 @@ CORS_HEADER_PREFIXES = ("x-stainless-",)
 FORWARDED_CONFIG_KEYS = ("model", "model_provider", "model_providers",
                          "model_reasoning_effort", "model_reasoning_summary",
                          "model_verbosity", "service_tier")
-# PROTOCOL.md section 2: together these leave the model no tool of Codex's
-# that runs or reads anything on the host (the exec engine).
+# Together these leave the model no tool of Codex's that runs or reads
+# anything on the host (the exec engine; checked against the real CLI).
 FORWARDER_FLAGS = (
     "--json", "-s", "read-only", "--skip-git-repo-check", "--ephemeral",
     "--ignore-user-config",
@@ -139,7 +211,7 @@ FORWARDER_FLAGS = (
     "-c", "include_permissions_instructions=false",
     "-c", "skills.include_instructions=false", "-c", "project_doc_max_bytes=0",
 )
-# The same settings for an app-server thread (APP_SERVER.md 3), plus the
+# The same settings for an app-server thread, plus the
 # features that could run or read something on the host or add to the prompt
 # on their own (hooks, memories, notify commands...).  app-server reads the
 # user's config.toml: what it adds on top (MCP servers, notify, developer
@@ -165,10 +237,10 @@ INSTRUCTIONS_PREAMBLE = (
     "result."
 )
 
-
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
+
 
 class ProxyError(Exception):
     """Every failure a client sees: an HTTP status and an OpenAI error body."""
@@ -199,10 +271,10 @@ class ClientGone(Exception):
 DISCONNECT_ERRORS = (BrokenPipeError, ConnectionResetError,
                      ConnectionAbortedError, ClientGone)
 
+# ---------------------------------------------------------------------------
+# The request model (pure): every API parses into these
+# ---------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------
-# The request model (pure): both APIs parse into these
-# ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class ToolSpec:
@@ -265,6 +337,10 @@ class ProxyRequest:
                           sort_keys=True, default=str)
         return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
+
+# ---------------------------------------------------------------------------
+# Parsing requests (pure): JSON, fields, tools, Chat Completions, Responses
+# ---------------------------------------------------------------------------
 
 SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -852,8 +928,45 @@ def render_prompt(messages):
 
 
 # ---------------------------------------------------------------------------
-# TOML: values for `codex -c key=value`, and a small reader for Python < 3.11
+# Configuration: flags, TOML, $CODEX_HOME/config.toml, the child environment
 # ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config:
+    """Everything `main` learned from flags and environment variables."""
+    host: str = "127.0.0.1"
+    port: int = 11435
+    codex_bin: str = "codex"
+    codex_home: str | None = None
+    engine: str = DEFAULT_ENGINE
+    warm: int = DEFAULT_WARM
+    api_keys: tuple = ()
+    insecure_no_key: bool = False
+    allow_origins: tuple = ()
+    allow_hosts: tuple = ()
+    max_body: int = DEFAULT_MAX_BODY
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    keepalive: float = DEFAULT_KEEPALIVE
+    reasoning: str = "content"          # content | think | none
+    aliases: dict = dataclasses.field(default_factory=dict)
+    codex_config: list = dataclasses.field(default_factory=list)
+    log_size: int = DEFAULT_LOG_SIZE
+    log_bodies: bool = False
+    quiet: bool = False
+    tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
+    max_parked: int = DEFAULT_MAX_PARKED
+    tool_quiet: float = DEFAULT_TOOL_QUIET
+    state_dir: str | None = None
+    logs_html: str | None = None
+
+    @property
+    def codex_home_dir(self):
+        return self.codex_home or os.environ.get("CODEX_HOME") or \
+            os.path.join(os.path.expanduser("~"), ".codex")
+
 
 def toml_value(value):
     """A Python value as a TOML literal for `codex -c key=value`."""
@@ -1088,8 +1201,167 @@ def read_toml(text):
     return _TomlReader(text).parse()
 
 
+class CodexConfigFile:
+    """The keys of $CODEX_HOME/config.toml the proxy needs, re-read when the
+    file changes.  `error` says why it could not be read, if it could not."""
+
+    def __init__(self, codex_home):
+        self.path = os.path.join(codex_home, "config.toml")
+        # _lock guards the cached fields; the file is read outside it.
+        self._lock = threading.Lock()
+        self._stamp, self._data, self.error = None, {}, None
+
+    def stamp(self):
+        try:
+            st = os.stat(self.path)
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    def read(self):
+        """The forwarded keys (FORWARDED_CONFIG_KEYS) as a dict."""
+        stamp = self.stamp()
+        with self._lock:
+            if stamp == self._stamp:
+                return self._data
+        data, error = {}, None
+        if stamp is not None:
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    parsed = read_toml(f.read())
+                data = {k: parsed[k] for k in FORWARDED_CONFIG_KEYS if k in parsed}
+            except (OSError, UnicodeDecodeError, TomlError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._stamp, self._data, self.error = stamp, data, error
+        return data
+
+
+def global_agents_file(codex_home):
+    """The global AGENTS file Codex adds to every prompt, or None.
+
+    `--ignore-user-config` does not stop Codex from reading it: the first
+    non-empty one of AGENTS.override.md and AGENTS.md in CODEX_HOME."""
+    for name in ("AGENTS.override.md", "AGENTS.md"):
+        path = os.path.join(codex_home, name)
+        try:
+            if os.path.getsize(path) > 0:
+                return path
+        except OSError:
+            pass
+    return None
+
+
+def uses_custom_provider(user_config, extra_config):
+    provider = user_config.get("model_provider")
+    for item in extra_config:
+        key, _, value = item.partition("=")
+        if key.strip() == "model_provider":
+            provider = value.strip().strip('"')
+    return provider not in (None, "openai")
+
+
+def default_state_dir():
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~")
+    else:
+        base = os.environ.get("XDG_STATE_HOME") or \
+            os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "codex-openai-proxy")
+
+
+def child_environment(environ, api_keys, codex_home=None):
+    """The environment Codex runs with: the proxy's, without its keys."""
+    env = {k: v for k, v in environ.items()
+           if k != "CODEX_PROXY_API_KEY" and not any(key and key in v for key in api_keys)}
+    if codex_home:
+        env["CODEX_HOME"] = codex_home
+    return env
+
+
 # ---------------------------------------------------------------------------
-# Codex failures -> OpenAI errors (pure)
+# The log: event names and the buffer behind /logs, /logs/stream and stderr
+# ---------------------------------------------------------------------------
+
+class LogEvent:
+    """Every event name the log uses, in one place: logs.html colours them,
+    the README lists them, a test checks that the two agree."""
+    ENGINE_SELECTED = "engine_selected"             # which engine runs, and why
+    INCOMING_REQUEST = "incoming_request"           # API, model, output format
+    CODEX_FORWARD = "codex_forward"                 # a Codex thread took the turn
+    REASONING_DETECTED = "reasoning_detected"
+    CURSOR_RESPONSE = "cursor_response"             # a response ended: finish, usage
+    STREAM_CODEX_ERROR = "stream_codex_error"       # a turn failed
+    CODEX_WARNING = "codex_warning"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    AUTH_REJECTED = "auth_rejected"                 # an access error answered
+    REQUEST_REJECTED = "request_rejected"           # any other error answered
+    TOOL_CALL_FORWARDED = "tool_call_forwarded"
+    TOOL_RESULT_RECEIVED = "tool_result_received"
+    TURN_RESUMED = "turn_resumed"
+    PARKED_EXPIRED = "parked_expired"
+    FALLBACK_TRANSCRIPT = "fallback_transcript"     # results no parked turn took
+    INTERNAL_ERROR = "internal_error"               # a bug: a 500 was answered
+
+
+LOG_EVENTS = tuple(value for key, value in vars(LogEvent).items() if key.isupper())
+
+
+def escape_controls(text):
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class LogBuffer:
+    """The last N events, for /logs, /logs/stream and a line each on stderr."""
+
+    def __init__(self, size, stream=None, clock=time.time):
+        self._clock = clock
+        self._stream = stream          # None: no stderr lines (--quiet)
+        # _cond guards _events and _seq; add() notifies /logs/stream readers.
+        self._cond = threading.Condition()
+        self._events = collections.deque(maxlen=max(1, size))
+        self._seq = 0
+
+    def add(self, type, request_id=None, **fields):
+        with self._cond:
+            self._seq += 1
+            event = {"seq": self._seq, "ts": round(self._clock(), 3), "type": type,
+                     "request_id": request_id, **fields}
+            self._events.append(event)
+            self._cond.notify_all()
+        if self._stream is not None:
+            self._write_line(event)
+        return event
+
+    def _write_line(self, event):
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
+        extras = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
+                          for k, v in event.items()
+                          if k not in ("seq", "ts", "type", "request_id") and v is not None)
+        line = escape_controls(f"{stamp} {event['type']} {event['request_id'] or '-'} "
+                               f"{extras}"[:2000]) + "\n"
+        try:
+            try:
+                self._stream.write(line)
+            except UnicodeEncodeError:    # e.g. a Windows console or file in cp1252
+                self._stream.write(line.encode("ascii", "backslashreplace").decode())
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def since(self, seq=0):
+        with self._cond:
+            return [e for e in self._events if e["seq"] > seq]
+
+    def wait_since(self, seq, timeout):
+        """Events newer than seq, waiting up to timeout for the first one."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > seq, timeout)
+            return [e for e in self._events if e["seq"] > seq]
+
+
+# ---------------------------------------------------------------------------
+# Codex failures -> ProxyError (pure)
 # ---------------------------------------------------------------------------
 
 RETRY_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -1224,318 +1496,7 @@ def redact_paths(text, private_paths=()):
 
 
 # ---------------------------------------------------------------------------
-# Usage, Chat Completions and Responses shapes (pure)
-# ---------------------------------------------------------------------------
-
-def usage_from_app_server(total):
-    """thread/tokenUsage/updated `total` -> Codex's usage dict (exec's names)."""
-    total = total if isinstance(total, dict) else {}
-    return {"input_tokens": total.get("inputTokens") or 0,
-            "cached_input_tokens": total.get("cachedInputTokens") or 0,
-            "output_tokens": total.get("outputTokens") or 0,
-            "reasoning_output_tokens": total.get("reasoningOutputTokens") or 0}
-
-
-def token_counts(usage):
-    usage = usage or {}
-
-    def number(key):
-        value = usage.get(key)
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-            else 0
-    return (number("input_tokens"), number("cached_input_tokens"),
-            number("output_tokens"), number("reasoning_output_tokens"))
-
-
-def openai_usage(usage):
-    """Codex turn usage -> Chat Completions usage."""
-    prompt, cached, completion, reasoning = token_counts(usage)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": reasoning}}
-
-
-def responses_usage(usage):
-    """Codex turn usage -> Responses API usage."""
-    prompt, cached, completion, reasoning = token_counts(usage)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": prompt + completion}
-
-
-def new_completion_id():
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
-
-
-def make_chunk(cid, created, model, delta=None, finish_reason=None, usage=None):
-    chunk = {"id": cid, "object": "chat.completion.chunk", "created": created,
-             "model": model, "choices": []}
-    if delta is not None:
-        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish_reason}]
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
-
-
-def tool_call_chunks(cid, created, model, calls, start_index=0):
-    """Streaming fragments for calls: id, type and name first, then arguments."""
-    chunks = []
-    for offset, call in enumerate(calls):
-        index = start_index + offset
-        chunks.append(make_chunk(cid, created, model, {"tool_calls": [{
-            "index": index, "id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": ""}}]}))
-        if call.arguments:
-            chunks.append(make_chunk(cid, created, model, {"tool_calls": [{
-                "index": index, "function": {"arguments": call.arguments}}]}))
-    return chunks
-
-
-def make_completion(cid, created, model, content, reasoning, calls,
-                    finish_reason, usage):
-    message = {"role": "assistant", "content": content or None}
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    if calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-            "name": c.name, "arguments": c.arguments}} for c in calls]
-    else:
-        message["content"] = content or ""
-    return {"id": cid, "object": "chat.completion", "created": created,
-            "model": model, "choices": [{"index": 0, "message": message,
-                                         "logprobs": None,
-                                         "finish_reason": finish_reason}],
-            "usage": usage}
-
-
-def sse(data, event=None):
-    head = b"event: " + event.encode() + b"\n" if event else b""
-    return head + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def output_message_item(item_id, text, status="completed"):
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [],
-                         "logprobs": []}] if status == "completed" else []}
-
-
-def output_reasoning_item(item_id, parts):
-    return {"type": "reasoning", "id": item_id,
-            "summary": [{"type": "summary_text", "text": p} for p in parts]}
-
-
-def output_call_item(item_id, call, status="completed"):
-    if call.custom:
-        return {"type": "custom_tool_call", "id": item_id, "call_id": call.id,
-                "name": call.name, "input": call.arguments if status == "completed" else "",
-                "status": status}
-    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
-            "arguments": call.arguments if status == "completed" else "", "status": status}
-
-
-def make_response(rid, created, model, request, status, output, usage=None, error=None):
-    """A Responses API Response object."""
-    echo = request.echo
-    incomplete = {"reason": "stop_sequence"} if status == "incomplete" else None
-    return {"id": rid, "object": "response", "created_at": created, "status": status,
-            "model": model, "output": output,
-            "usage": responses_usage(usage) if usage is not None else None,
-            "error": error, "incomplete_details": incomplete,
-            "instructions": echo.get("instructions"),
-            "tools": echo.get("tools") or [],
-            "tool_choice": echo.get("tool_choice") or "auto",
-            "parallel_tool_calls": request.parallel_tool_calls,
-            "previous_response_id": echo.get("previous_response_id"),
-            "reasoning": echo.get("reasoning") or {"effort": None, "summary": None},
-            "text": echo.get("text") or {"format": {"type": "text"}},
-            "metadata": echo.get("metadata") or {},
-            "temperature": echo.get("temperature"), "top_p": echo.get("top_p"),
-            "max_output_tokens": echo.get("max_output_tokens"),
-            "store": request.store, "truncation": echo.get("truncation") or "disabled",
-            "user": echo.get("user")}
-
-
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Config:
-    """Everything `main` learned from flags and environment variables."""
-    host: str = "127.0.0.1"
-    port: int = 11435
-    codex_bin: str = "codex"
-    codex_home: str | None = None
-    engine: str = DEFAULT_ENGINE
-    warm: int = DEFAULT_WARM
-    api_keys: tuple = ()
-    insecure_no_key: bool = False
-    allow_origins: tuple = ()
-    allow_hosts: tuple = ()
-    max_body: int = DEFAULT_MAX_BODY
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    keepalive: float = DEFAULT_KEEPALIVE
-    reasoning: str = "content"          # content | think | none
-    aliases: dict = dataclasses.field(default_factory=dict)
-    codex_config: list = dataclasses.field(default_factory=list)
-    log_size: int = DEFAULT_LOG_SIZE
-    log_bodies: bool = False
-    quiet: bool = False
-    tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
-    max_parked: int = DEFAULT_MAX_PARKED
-    tool_quiet: float = DEFAULT_TOOL_QUIET
-    state_dir: str | None = None
-    logs_html: str | None = None
-
-    @property
-    def codex_home_dir(self):
-        return self.codex_home or os.environ.get("CODEX_HOME") or \
-            os.path.join(os.path.expanduser("~"), ".codex")
-
-
-class CodexConfigFile:
-    """The keys of $CODEX_HOME/config.toml the proxy needs, re-read when the
-    file changes.  `error` says why it could not be read, if it could not."""
-
-    def __init__(self, codex_home):
-        self.path = os.path.join(codex_home, "config.toml")
-        # _lock guards the cached fields; the file is read outside it.
-        self._lock = threading.Lock()
-        self._stamp, self._data, self.error = None, {}, None
-
-    def stamp(self):
-        try:
-            st = os.stat(self.path)
-            return (st.st_mtime_ns, st.st_size)
-        except OSError:
-            return None
-
-    def read(self):
-        """The forwarded keys (FORWARDED_CONFIG_KEYS) as a dict."""
-        stamp = self.stamp()
-        with self._lock:
-            if stamp == self._stamp:
-                return self._data
-        data, error = {}, None
-        if stamp is not None:
-            try:
-                with open(self.path, encoding="utf-8") as f:
-                    parsed = read_toml(f.read())
-                data = {k: parsed[k] for k in FORWARDED_CONFIG_KEYS if k in parsed}
-            except (OSError, UnicodeDecodeError, TomlError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        with self._lock:
-            self._stamp, self._data, self.error = stamp, data, error
-        return data
-
-
-def global_agents_file(codex_home):
-    """The global AGENTS file Codex adds to every prompt, or None.
-
-    `--ignore-user-config` does not stop Codex from reading it: the first
-    non-empty one of AGENTS.override.md and AGENTS.md in CODEX_HOME."""
-    for name in ("AGENTS.override.md", "AGENTS.md"):
-        path = os.path.join(codex_home, name)
-        try:
-            if os.path.getsize(path) > 0:
-                return path
-        except OSError:
-            pass
-    return None
-
-
-def uses_custom_provider(user_config, extra_config):
-    provider = user_config.get("model_provider")
-    for item in extra_config:
-        key, _, value = item.partition("=")
-        if key.strip() == "model_provider":
-            provider = value.strip().strip('"')
-    return provider not in (None, "openai")
-
-
-def default_state_dir():
-    if os.name == "nt":
-        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~")
-    else:
-        base = os.environ.get("XDG_STATE_HOME") or \
-            os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "codex-openai-proxy")
-
-
-def child_environment(environ, api_keys, codex_home=None):
-    """The environment Codex runs with: the proxy's, without its keys."""
-    env = {k: v for k, v in environ.items()
-           if k != "CODEX_PROXY_API_KEY" and not any(key and key in v for key in api_keys)}
-    if codex_home:
-        env["CODEX_HOME"] = codex_home
-    return env
-
-
-# ---------------------------------------------------------------------------
-# Log buffer
-# ---------------------------------------------------------------------------
-
-def escape_controls(text):
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-class LogBuffer:
-    """The last N events, for /logs, /logs/stream and a line each on stderr."""
-
-    def __init__(self, size, stream=None, clock=time.time):
-        self._clock = clock
-        self._stream = stream          # None: no stderr lines (--quiet)
-        # _cond guards _events and _seq; add() notifies /logs/stream readers.
-        self._cond = threading.Condition()
-        self._events = collections.deque(maxlen=max(1, size))
-        self._seq = 0
-
-    def add(self, type, request_id=None, **fields):
-        with self._cond:
-            self._seq += 1
-            event = {"seq": self._seq, "ts": round(self._clock(), 3), "type": type,
-                     "request_id": request_id, **fields}
-            self._events.append(event)
-            self._cond.notify_all()
-        if self._stream is not None:
-            self._write_line(event)
-        return event
-
-    def _write_line(self, event):
-        stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
-        extras = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
-                          for k, v in event.items()
-                          if k not in ("seq", "ts", "type", "request_id") and v is not None)
-        line = escape_controls(f"{stamp} {event['type']} {event['request_id'] or '-'} "
-                               f"{extras}"[:2000]) + "\n"
-        try:
-            try:
-                self._stream.write(line)
-            except UnicodeEncodeError:    # e.g. a Windows console or file in cp1252
-                self._stream.write(line.encode("ascii", "backslashreplace").decode())
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
-
-    def since(self, seq=0):
-        with self._cond:
-            return [e for e in self._events if e["seq"] > seq]
-
-    def wait_since(self, seq, timeout):
-        """Events newer than seq, waiting up to timeout for the first one."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._seq > seq, timeout)
-            return [e for e in self._events if e["seq"] > seq]
-
-
-# ---------------------------------------------------------------------------
-# Processes
+# Processes: process trees, finding Codex, its version and login, the catalog
 # ---------------------------------------------------------------------------
 
 def popen_group_kwargs():
@@ -1755,7 +1716,7 @@ def build_model_catalog(codex_argv, env, state_dir, version):
 
 
 # ---------------------------------------------------------------------------
-# Runs: one Codex process answering one request's turn
+# Runs: the interface every engine adapter implements
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -1781,17 +1742,51 @@ class RunSpec:
     output_schema: dict | None
 
 
+def run_spec(request, aliases):
+    """What Codex gets for a request; a prompt Codex would refuse is refused here."""
+    model, effort = resolve_model(request.model, aliases)
+    tools = request.tools if request.tool_choice != "none" else []
+    spec = RunSpec(model=model, effort=request.reasoning_effort or effort,
+                   summary=request.reasoning_summary,
+                   instructions=request_instructions(request, tools),
+                   prompt=render_prompt(request.messages), images=request.images(),
+                   tools=tools, output_schema=request.output_schema)
+    if len(spec.prompt) > MAX_INPUT_CHARS:
+        raise ProxyError(400, f"the conversation is {len(spec.prompt)} characters; Codex "
+                         f"takes at most {MAX_INPUT_CHARS}. Shorten it.",
+                         "invalid_request_error", "context_length_exceeded", "messages")
+    return spec
+
+
 class CodexRun:
-    """One Codex process: its events, its tool calls and its files.
+    """One Codex process answering one request's turn: its events, its tool
+    calls and its files.  Each engine has a subclass.
 
-    An engine subclass turns the process's output into (kind, payload) items
-    on `events`; the HTTP handler that owns the run at the moment consumes
-    them.  Kinds: thread, text (key, delta), reasoning (key, delta), usage,
-    completed, interrupted, failed (message or app-server error), warning,
-    unexpected, tool_call (PendingCall), exit (code, plain output).  A run
-    outlives an HTTP response when it parks on tool calls."""
+    The engine's reader threads put (kind, payload) pairs on `events`; the
+    pump of the request that owns the run at the moment takes them.  Every
+    engine speaks the same kinds:
 
-    engine = None
+        thread         Codex's thread id (the run has started its turn)
+        text           (item key, delta): answer text; the key changes
+                       between Codex's messages
+        reasoning      (item key, part index, delta): the reasoning summary
+        usage          the turn's usage so far, as a dict with Codex's names
+                       (input_tokens, cached_input_tokens, output_tokens,
+                       reasoning_output_tokens)
+        tool_call      a PendingCall: the model called a client tool
+        response_done  frozenset of call ids: the model finished a response
+                       holding these calls (only when `signals_responses`)
+        warning        text worth logging (Codex retries, notices)
+        unexpected     what Codex should never do here (a tool of its own)
+        completed      None: the turn ended
+        interrupted    None: the turn was interrupted
+        failed         {"message", "codexErrorInfo"?, "additionalDetails"?}
+        exit           (exit code, plain output): the process ended
+
+    A run outlives an HTTP response when it parks on tool calls."""
+
+    engine = None                   # the name of the adapter that runs it
+    signals_responses = False       # sends response_done, so calls need no quiet wait
 
     def __init__(self, run_id, env, tempdir):
         self.id = run_id
@@ -1898,8 +1893,56 @@ class CodexRun:
         shutil.rmtree(self.tempdir, ignore_errors=True)
 
 
+class Engine:
+    """One way of running Codex: the adapter the launcher picks by name.
+
+    An engine starts runs for requests (`start`), knows its command line
+    (`argv`), says whether Codex can run it (`probe`) and, when it keeps
+    processes started ahead of requests (`warms`), builds them (`spawn`) and
+    says what they depend on (`warm_key`).  Its runs emit the events that
+    CodexRun lists, failures included, so nothing after it knows which
+    engine ran."""
+
+    name = None
+    warms = False                   # keeps spares started ahead (WarmPool)
+
+    def __init__(self, launcher):
+        self.launcher = launcher
+
+    def argv(self, prefix):
+        """The command line that starts this engine's Codex process."""
+        raise NotImplementedError
+
+    def probe(self, argv):
+        """-> (ok, reason): whether the Codex at `argv` runs this engine."""
+        return True, f"chosen with --engine {self.name}"
+
+    def start(self, spec, register):
+        """Start a run for `spec` -> the CodexRun; `register(run)` is called
+        before the process starts, so that the run can be found at once."""
+        raise NotImplementedError
+
+    def spawn(self):
+        """A process started ahead of its request (warm engines only)."""
+        raise NotImplementedError
+
+    def warm_key(self):
+        """What a spare depends on; None when no spare should be kept."""
+        return None
+
+    def open(self):
+        """Start what the engine needs beside its runs (the exec bridge)."""
+
+    def close(self):
+        """Stop it again."""
+
+# ---------------------------------------------------------------------------
+# Engine: exec (`codex exec --json`, client tools through the MCP bridge)
+# ---------------------------------------------------------------------------
+
+
 def translate_codex_event(event):
-    """One parsed `codex exec --json` line -> [(kind, payload)].
+    """One parsed `codex exec --json` line -> [(kind, payload)] (CodexRun's kinds).
 
     Text is taken from completed items only, so it goes out exactly once."""
     etype = event.get("type")
@@ -1909,7 +1952,7 @@ def translate_codex_event(event):
         return [("usage", event.get("usage") or {}), ("completed", None)]
     if etype == "turn.failed":
         error = event.get("error") or {}
-        return [("failed", error.get("message") or "Codex turn failed")]
+        return [("failed", {"message": error.get("message") or "Codex turn failed"})]
     if etype == "error":
         return [("warning", event.get("message") or "")]
     if etype not in ("item.completed", "item.started"):
@@ -1923,7 +1966,7 @@ def translate_codex_event(event):
     if itype == "agent_message":
         return [("text", (item.get("id"), item.get("text") or ""))]
     if itype == "reasoning":
-        return [("reasoning", (item.get("id"), item.get("text") or ""))]
+        return [("reasoning", (item.get("id"), 0, item.get("text") or ""))]
     if itype in ("command_execution", "file_change", "web_search"):
         return [("unexpected", itype)]
     return []
@@ -2043,6 +2086,232 @@ def codex_argv(prefix, *, model, effort, user_config, extra_config, workdir,
     return argv
 
 
+class ExecEngine(Engine):
+    """`codex exec --json`, one process per request: the fallback when
+    app-server does not work.  Whole messages, no token streaming.  Client
+    tools reach the model through the MCP bridge (this same file, started by
+    Codex), which relays each call to the proxy over loopback."""
+
+    name = "exec"
+
+    def __init__(self, launcher):
+        super().__init__(launcher)
+        self.bridge = BridgeListener(launcher.runs.get, launcher.stopping,
+                                     launcher.config.max_body)
+        self._thread = None
+
+    def open(self):
+        self._thread = threading.Thread(target=self.bridge.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name="bridge-listener", daemon=True)
+        self._thread.start()
+
+    def close(self):
+        if self._thread is not None:       # shutdown() waits for serve_forever
+            self.bridge.shutdown()
+        self.bridge.server_close()
+
+    def start(self, spec, prepare):
+        launcher = self.launcher
+        run = ExecRun(new_run_id(), launcher.env, tempfile.mkdtemp(prefix="codex-proxy-"))
+        prepare(run)
+        try:
+            instructions, images, schema = write_run_files(
+                run, spec.instructions, spec.images, spec.output_schema)
+            bridge_path = self._write_bridge_config(run, spec.tools) if spec.tools else None
+            argv = codex_argv(
+                launcher.codex.current()[0], model=spec.model, effort=spec.effort,
+                user_config=launcher.user_config.read(),
+                extra_config=launcher.config.codex_config, workdir=run.workdir,
+                instructions_path=instructions, images=images, bridge_config=bridge_path,
+                catalog=launcher.catalog_path,
+                bridge_timeout=launcher.config.tool_result_timeout,
+                output_schema=schema, summary=spec.summary)
+            run.start(argv, spec.prompt)
+        except OSError as exc:
+            launcher.discard(run)
+            raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
+                             "server_error", "codex_not_found")
+        except BaseException:
+            launcher.discard(run)
+            raise
+        return run
+
+    def _write_bridge_config(self, run, tools):
+        path = os.path.join(run.tempdir, "bridge.json")
+        host, port = self.bridge.server_address[:2]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"relay": f"{host}:{port}", "run": run.id, "secret": run.secret,
+                       "tools": mcp_tool_list(tools)}, f)
+        return path
+
+
+BRIDGE_HELLO_LIMIT = 1024          # the first line, checked before anything else is read
+BRIDGE_READ_SECONDS = 10.0
+BRIDGE_MAX_CONNECTIONS = 256
+
+
+class BridgeRelayHandler(socketserver.StreamRequestHandler):
+    """Proxy side of the bridge: one connection per tool call.
+
+    The bridge sends {"run", "secret"} on a short first line; only when they
+    match does the proxy read the second line {"call_id", "name",
+    "arguments"}.  The answer line {"text", "is_error"} is written when the
+    client's result arrives (or the run ends)."""
+
+    timeout = BRIDGE_READ_SECONDS
+
+    def handle(self):
+        listener = self.server
+        hello = self._line(BRIDGE_HELLO_LIMIT)
+        if not isinstance(hello, dict):
+            return
+        run = listener.find_run(str(hello.get("run", "")))
+        if not isinstance(run, ExecRun) or not hmac.compare_digest(
+                run.secret.encode(), str(hello.get("secret", "")).encode()):
+            self._reply("unknown run or bad secret", True)
+            return
+        request = self._line(listener.max_line)
+        if not isinstance(request, dict):
+            return
+        self.connection.settimeout(None)
+        pending = run.add_call(request.get("call_id"), str(request.get("name", "")),
+                               request.get("arguments"))
+        while not pending.done.wait(1.0):
+            if run.exited.is_set() or listener.stopping.is_set():
+                return
+        self._reply(*pending.result)
+
+    def _line(self, limit):
+        try:
+            line = self.rfile.readline(limit + 1)
+            if len(line) > limit or not line.endswith(b"\n"):
+                return None
+            return json.loads(line)
+        except (OSError, ValueError):
+            return None
+
+    def _reply(self, text, is_error):
+        try:
+            self.wfile.write(json.dumps({"text": text, "is_error": is_error}).encode() + b"\n")
+        except OSError:
+            pass
+
+
+class BridgeListener(socketserver.ThreadingTCPServer):
+    """The loopback listener the bridges of exec runs call back to."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, find_run, stopping, max_line):
+        self.find_run = find_run        # run id -> CodexRun or None
+        self.stopping = stopping
+        self.max_line = max_line
+        # _lock guards _open, the number of relay connections being served.
+        self._lock = threading.Lock()
+        self._open = 0
+        super().__init__(("127.0.0.1", 0), BridgeRelayHandler)
+
+    def verify_request(self, request, client_address):
+        with self._lock:
+            if self._open >= BRIDGE_MAX_CONNECTIONS:
+                return False
+            self._open += 1
+        return True
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._open = max(0, self._open - 1)
+        super().shutdown_request(request)
+
+
+def mcp_tool_list(tools):
+    return [{"name": t.name, "description": t.description,
+             "inputSchema": t.parameters} for t in tools]
+
+
+def run_mcp_bridge(config_path, stdin=None, stdout=None):
+    """Serve the client's tools to Codex over MCP stdio, relaying each call.
+
+    Started by Codex, never by a user.  Newline-delimited JSON-RPC 2.0 on
+    stdin/stdout; each tools/call is relayed to the proxy on its own thread
+    and answered when the proxy sends the client's result back."""
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    with open(config_path, encoding="utf-8") as f:
+        conf = json.load(f)
+    out_lock = threading.Lock()     # guards stdout: one JSON-RPC message per line
+
+    def send(message):
+        data = json.dumps(message).encode() + b"\n"
+        with out_lock:
+            try:
+                stdout.write(data)
+                stdout.flush()
+            except (OSError, ValueError):
+                pass        # Codex has gone; nobody is waiting for the answer
+
+    calls = []
+    for raw in iter(stdin.readline, b""):
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(message, dict):
+            continue
+        method, msg_id = message.get("method"), message.get("id")
+        params = message.get("params") or {}
+        if msg_id is None:
+            continue                    # notifications need no answer
+        if method == "initialize":
+            send({"jsonrpc": "2.0", "id": msg_id, "result": {
+                "protocolVersion": params.get("protocolVersion", MCP_PROTOCOL_VERSION),
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "codex-openai-proxy-client-tools",
+                               "version": __version__}}})
+        elif method == "tools/list":
+            send({"jsonrpc": "2.0", "id": msg_id, "result": {"tools": conf["tools"]}})
+        elif method == "tools/call":
+            calls.append(threading.Thread(target=_bridge_call, name="bridge-call",
+                                          args=(conf, msg_id, params, send), daemon=True))
+            calls[-1].start()
+        elif method == "ping":
+            send({"jsonrpc": "2.0", "id": msg_id, "result": {}})
+        else:
+            send({"jsonrpc": "2.0", "id": msg_id, "error": {
+                "code": -32601, "message": f"method not found: {method}"}})
+    deadline = time.monotonic() + 5.0      # stdin closed: let answered calls go out
+    for thread in calls:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return 0
+
+
+def _bridge_call(conf, msg_id, params, send):
+    meta = params.get("_meta") or {}
+    hello = {"run": conf["run"], "secret": conf["secret"]}
+    request = {"call_id": meta.get("callId") or meta.get("call_id"),
+               "name": params.get("name"), "arguments": params.get("arguments") or {}}
+    host, _, port = conf["relay"].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(json.dumps(hello).encode() + b"\n" +
+                         json.dumps(request).encode() + b"\n")
+            sock.settimeout(None)
+            line = sock.makefile("rb").readline()
+        answer = json.loads(line)
+    except (OSError, ValueError):
+        answer = {"text": "The proxy did not return a result for this call.",
+                  "is_error": True}
+    send({"jsonrpc": "2.0", "id": msg_id, "result": {
+        "content": [{"type": "text", "text": str(answer.get("text", ""))}],
+        "isError": bool(answer.get("is_error"))}})
+
+
+# ---------------------------------------------------------------------------
+# Engine: app-server (`codex app-server`: JSON-RPC on stdio, token streaming)
+# ---------------------------------------------------------------------------
+
 class RpcError(Exception):
     """An app-server JSON-RPC error answer."""
 
@@ -2052,21 +2321,207 @@ class RpcError(Exception):
         self.data = error.get("data") if isinstance(error.get("data"), dict) else {}
 
 
-class AppServerRun(CodexRun):
-    """`codex app-server`: newline-delimited JSON-RPC on stdio.
+def usage_from_app_server(total):
+    """thread/tokenUsage/updated `total` -> Codex's usage dict (exec's names)."""
+    total = total if isinstance(total, dict) else {}
+    return {"input_tokens": total.get("inputTokens") or 0,
+            "cached_input_tokens": total.get("cachedInputTokens") or 0,
+            "output_tokens": total.get("outputTokens") or 0,
+            "reasoning_output_tokens": total.get("reasoningOutputTokens") or 0}
 
-    `launch` and `initialize` may run ahead of the request (a warm spare);
-    `start` then opens one thread with the request's settings and tools and
-    starts its one turn.  Notifications become events; an `item/tool/call`
-    request from Codex becomes a PendingCall whose answer is the reply."""
 
-    engine = "app-server"
+class JsonRpcPipe:
+    """JSON-RPC as app-server speaks it: one JSON object per line on the
+    child's stdin and stdout, no `jsonrpc` field.  `call` sends a request and
+    waits, with a deadline, for the answer that the reader hands to
+    `answered`; everything else the child says is the run's business."""
+
+    def __init__(self, stdin, exited, stderr_tail):
+        self._stdin = stdin
+        self._exited = exited               # set by the reader once the child is gone
+        self._stderr_tail = stderr_tail     # for the message when a call goes unanswered
+        # _write_lock keeps one JSON line at a time on stdin.
+        self._write_lock = threading.Lock()
+        # _lock guards _next_id and _waiting (request id -> [Event, answer]).
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._waiting = {}
+
+    def send(self, message):
+        """Write one message -> False when the child has gone."""
+        data = json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
+        with self._write_lock:
+            try:
+                self._stdin.write(data)
+                self._stdin.flush()
+            except (OSError, ValueError):
+                return False        # Codex has gone; the reader reports why
+        return True
+
+    def call(self, method, params, timeout=RPC_SECONDS):
+        """Send a request and wait for its answer -> result; raises RpcError,
+        or ProxyError when Codex exits or does not answer."""
+        with self._lock:
+            self._next_id += 1
+            rid = self._next_id
+            slot = self._waiting[rid] = [threading.Event(), None]
+        # The reader sets `exited` before it wakes the waiting slots, so a
+        # process that is already gone is noticed here, not after `timeout`.
+        if not self.send({"id": rid, "method": method, "params": params}) or \
+                self._exited.is_set():
+            slot[0].set()
+        answered = slot[0].wait(timeout)
+        with self._lock:
+            self._waiting.pop(rid, None)
+        if not answered or slot[1] is None:
+            tail = " ".join(list(self._stderr_tail)[-3:])
+            raise ProxyError(502, f"Codex app-server did not answer {method}"
+                             + (" (it exited)" if self._exited.is_set() else "")
+                             + (f": {tail[:300]}" if tail else ""), "api_error", "codex_error")
+        if "error" in slot[1]:
+            raise RpcError(slot[1]["error"])
+        return slot[1].get("result") or {}
+
+    def answered(self, message):
+        """If `message` answers one of our requests, hand it over -> True."""
+        if message.get("method") is not None:
+            return False
+        with self._lock:
+            slot = self._waiting.get(message.get("id"))
+        if slot is not None:
+            slot[1] = message
+            slot[0].set()
+        return True
+
+    def wake_all(self):
+        """The child has gone: no waiting call waits any longer."""
+        with self._lock:
+            waiting = list(self._waiting.values())
+        for slot in waiting:
+            slot[0].set()
+
+    def close(self):
+        with self._write_lock:
+            try:
+                self._stdin.close()
+            except (OSError, ValueError, AttributeError):
+                pass
+
+
+class AppServerEvents:
+    """What app-server says -> CodexRun's events.  No process, no I/O: it
+    keeps only what the translation needs (which items arrived as deltas,
+    which client calls the response being written holds), so it is tested
+    on its own.
+
+    `notification(method, params)` -> [(kind, payload)].
+    `request(method, params)` -> (reply, events): the reply to send at once,
+    or None for a call of a client tool, which the run answers when the
+    client's result arrives."""
+
+    # Codex runs with approvals off; should it ask anyway, the answer is no.
     DECLINE = {"item/commandExecution/requestApproval": {"decision": "decline"},
                "item/fileChange/requestApproval": {"decision": "decline"},
                "item/permissions/requestApproval": {"decision": "decline"},
                "applyPatchApproval": {"decision": "denied"},
                "execCommandApproval": {"decision": "denied"},
                "mcpServer/elicitation/request": {"action": "decline"}}
+    CODEX_TOOL_ITEMS = ("commandExecution", "fileChange", "webSearch", "mcpToolCall",
+                        "imageGeneration", "collabAgentToolCall")
+
+    def __init__(self, tools=(), clock=time.time):
+        self.tools = tools              # the client's tool names
+        self.clock = clock
+        self.signals_responses = False  # Codex tells when the model ends a response
+        self._deltas = set()            # items whose text arrived as deltas
+        self._response_calls = set()    # client calls of the response being written
+
+    def request(self, method, params):
+        if method == "item/tool/call":
+            name = params.get("tool")
+            if name in self.tools:
+                return None, []
+            return {"result": {"success": False, "contentItems": [
+                {"type": "inputText", "text": f"unknown tool: {name}"}]}}, []
+        if method == "currentTime/read":
+            return {"result": {"currentTimeAt": int(self.clock())}}, []
+        if method in self.DECLINE:
+            return {"result": self.DECLINE[method]}, [("unexpected", method)]
+        return {"error": {"code": -32601, "message": f"{method} is not supported here"}}, []
+
+    def notification(self, method, params):
+        if method == "item/agentMessage/delta":
+            self._deltas.add(params.get("itemId"))
+            return [("text", (params.get("itemId"), params.get("delta") or ""))]
+        if method == "item/reasoning/summaryTextDelta":
+            self._deltas.add(params.get("itemId"))
+            return [("reasoning", (params.get("itemId"), params.get("summaryIndex", 0),
+                                   params.get("delta") or ""))]
+        if method == "item/completed":
+            return self._completed_item(params.get("item") or {})
+        if method == "item/started":
+            kind = (params.get("item") or {}).get("type")
+            return [("unexpected", kind)] if kind in self.CODEX_TOOL_ITEMS else []
+        if method in ("rawResponseItem/completed", "rawResponse/completed"):
+            return self._raw(method, params)
+        if method == "thread/tokenUsage/updated":
+            return [("usage", usage_from_app_server(
+                (params.get("tokenUsage") or {}).get("total")))]
+        if method == "turn/completed":
+            return self._turn_completed(params.get("turn") or {})
+        if method == "error":
+            error = params.get("error") or {}
+            if params.get("willRetry"):
+                return [("warning", f"retrying: {error.get('message') or ''}")]
+            return []       # turn/completed carries the failure
+        if method in ("warning", "model/rerouted", "deprecationNotice"):
+            return [("warning", json.dumps(params)[:500])]
+        if method == "mcpServer/startupStatus/updated":
+            return [("unexpected", f"MCP server {params.get('name')}")]
+        return []
+
+    def _raw(self, method, params):
+        """experimentalRawEvents: the one sign that the model has finished a
+        response, so that its calls can go out without a quiet wait."""
+        self.signals_responses = True
+        if method == "rawResponseItem/completed":
+            item = params.get("item") or {}
+            if item.get("type") in ("function_call", "custom_tool_call") and \
+                    item.get("name") in self.tools:
+                self._response_calls.add(item.get("call_id"))
+            return []
+        calls, self._response_calls = frozenset(self._response_calls), set()
+        return [("response_done", calls)] if calls else []
+
+    @staticmethod
+    def _turn_completed(turn):
+        status = turn.get("status")
+        if status == "completed":
+            return [("completed", None)]
+        if status == "interrupted":
+            return [("interrupted", None)]
+        return [("failed", turn.get("error") or {"message": f"turn {status}"})]
+
+    def _completed_item(self, item):
+        kind, item_id = item.get("type"), item.get("id")
+        if kind == "agentMessage" and item_id not in self._deltas:
+            return [("text", (item_id, item.get("text") or ""))]
+        if kind == "reasoning" and item_id not in self._deltas:
+            return [("reasoning", (item_id, n, text))
+                    for n, text in enumerate(item.get("summary") or []) if text]
+        return []
+
+
+class AppServerRun(CodexRun):
+    """One `codex app-server` process answering one request's turn.
+
+    `launch` and `initialize` may run ahead of the request (a warm spare);
+    `start` then opens one thread with the request's settings and tools and
+    starts its one turn.  Notifications become events through
+    AppServerEvents; an `item/tool/call` request from Codex becomes a
+    PendingCall whose answer is the reply."""
+
+    engine = "app-server"
 
     def __init__(self, run_id, env, tempdir, argv, on_rate_limits=None):
         super().__init__(run_id, env, tempdir)
@@ -2076,64 +2531,35 @@ class AppServerRun(CodexRun):
         self.turn_id = None
         self.turn_done = threading.Event()
         self.born = time.monotonic()
-        self._deltas = set()        # items whose text arrived as deltas
-        self._response_calls = set()   # client tool calls of the response being written
-        self.signals_responses = False  # Codex tells us when the model ends a response
-        # _write_lock keeps one JSON line at a time on stdin.
-        self._write_lock = threading.Lock()
-        # _rpc_lock guards _next_id and _waiting (request id -> [Event, reply]).
-        self._rpc_lock = threading.Lock()
-        self._next_id = 0
-        self._waiting = {}
+        self.protocol = AppServerEvents()
+        self.pipe = None
+
+    @property
+    def signals_responses(self):
+        return self.protocol.signals_responses
+
+    def set_tools(self, tools, known_ids):
+        super().set_tools(tools, known_ids)
+        self.protocol.tools = self.tools
 
     # -- process and JSON-RPC ----------------------------------------------
     def launch(self):
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=self.workdir, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_group_kwargs())
+        self.pipe = JsonRpcPipe(self.proc.stdin, self.exited, self.stderr_tail)
         self._start_readers()
         return self
 
-    def send(self, message):
-        data = json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
-        with self._write_lock:
-            try:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
-            except (OSError, ValueError):
-                return False        # Codex has gone; the reader reports why
-        return True
-
     def call(self, method, params, timeout=RPC_SECONDS):
-        """Send a request and wait for its answer -> result; raises RpcError,
-        or ProxyError when Codex exits or does not answer."""
-        with self._rpc_lock:
-            self._next_id += 1
-            rid = self._next_id
-            slot = self._waiting[rid] = [threading.Event(), None]
-        # The reader sets `exited` before it wakes the waiting slots, so a
-        # process that is already gone is noticed here, not after `timeout`.
-        if not self.send({"id": rid, "method": method, "params": params}) or \
-                self.exited.is_set():
-            slot[0].set()
-        answered = slot[0].wait(timeout)
-        with self._rpc_lock:
-            self._waiting.pop(rid, None)
-        if not answered or slot[1] is None:
-            tail = " ".join(list(self.stderr_tail)[-3:])
-            raise ProxyError(502, f"Codex app-server did not answer {method}"
-                             + (" (it exited)" if self.exited.is_set() else "")
-                             + (f": {tail[:300]}" if tail else ""), "api_error", "codex_error")
-        if "error" in slot[1]:
-            raise RpcError(slot[1]["error"])
-        return slot[1].get("result") or {}
+        return self.pipe.call(method, params, timeout)
 
     def initialize(self, client_name="codex_openai_proxy", timeout=APP_SERVER_START_SECONDS):
         self.call("initialize", {"clientInfo": {"name": client_name,
                                                 "title": "codex-openai-proxy",
                                                 "version": __version__},
                                  "capabilities": {"experimentalApi": True}}, timeout)
-        self.send({"method": "initialized"})
+        self.pipe.send({"method": "initialized"})
         try:
             effective = self.call("config/read", {"includeLayers": False}, timeout)
             self.user_overrides = user_config_overrides(effective.get("config") or {})
@@ -2188,135 +2614,55 @@ class AppServerRun(CodexRun):
             except ValueError:
                 self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
                 continue
-            if isinstance(message, dict):
+            if isinstance(message, dict) and not self.pipe.answered(message):
                 self._dispatch(message)
         self.proc.stdout.close()
         self.proc.wait()
         self.exited.set()
-        with self._rpc_lock:
-            waiting = list(self._waiting.values())
-        for slot in waiting:
-            slot[0].set()
+        self.pipe.wake_all()
         self.events.put(("exit", (self.proc.returncode, "")))
 
     def _dispatch(self, message):
-        method = message.get("method")
-        if method is None:
-            with self._rpc_lock:
-                slot = self._waiting.get(message.get("id"))
-            if slot is not None:
-                slot[1] = message
-                slot[0].set()
-        elif "id" in message:
-            self._server_request(message["id"], method, message.get("params") or {})
-        else:
-            for event in self._translate(method, message.get("params") or {}):
+        """A request or a notification from Codex (reader thread)."""
+        method, params = message["method"], message.get("params") or {}
+        if "id" in message:
+            reply, events = self.protocol.request(method, params)
+            for event in events:
                 self.events.put(event)
-
-    def _server_request(self, rid, method, params):
-        if method == "item/tool/call":
-            name = params.get("tool")
-            if name in self.tools:
-                self.add_call(params.get("callId"), name, params.get("arguments"), rid)
-                return
-            self.send({"id": rid, "result": {"success": False, "contentItems": [
-                {"type": "inputText", "text": f"unknown tool: {name}"}]}})
+            if reply is None:
+                self.add_call(params.get("callId"), params.get("tool"),
+                              params.get("arguments"), message["id"])
+            else:
+                self.pipe.send(dict(reply, id=message["id"]))
             return
-        if method == "currentTime/read":
-            self.send({"id": rid, "result": {"currentTimeAt": int(time.time())}})
-            return
-        if method in self.DECLINE:
-            self.events.put(("unexpected", method))
-            self.send({"id": rid, "result": self.DECLINE[method]})
-            return
-        self.send({"id": rid, "error": {"code": -32601,
-                                        "message": f"{method} is not supported here"}})
-
-    def _translate(self, method, params):
-        """One notification -> [(kind, payload)]."""
-        if method == "item/agentMessage/delta":
-            self._deltas.add(params.get("itemId"))
-            return [("text", (params.get("itemId"), params.get("delta") or ""))]
-        if method == "item/reasoning/summaryTextDelta":
-            self._deltas.add(params.get("itemId"))
-            key = f"{params.get('itemId')}#{params.get('summaryIndex', 0)}"
-            return [("reasoning", (key, params.get("delta") or ""))]
-        if method == "item/completed":
-            return self._completed_item(params.get("item") or {})
-        if method == "item/started":
-            kind = (params.get("item") or {}).get("type")
-            if kind in ("commandExecution", "fileChange", "webSearch", "mcpToolCall",
-                        "imageGeneration", "collabAgentToolCall"):
-                return [("unexpected", kind)]
-            return []
-        if method == "rawResponseItem/completed":
-            self.signals_responses = True
-            item = params.get("item") or {}
-            if item.get("type") in ("function_call", "custom_tool_call") and \
-                    item.get("name") in self.tools:
-                self._response_calls.add(item.get("call_id"))
-            return []
-        if method == "rawResponse/completed":
-            calls, self._response_calls = frozenset(self._response_calls), set()
-            return [("response_done", calls)] if calls else []
-        if method == "thread/tokenUsage/updated":
-            return [("usage", usage_from_app_server(
-                (params.get("tokenUsage") or {}).get("total")))]
         if method == "turn/started":
             self.turn_id = (params.get("turn") or {}).get("id") or self.turn_id
-            return []
-        if method == "turn/completed":
-            turn = params.get("turn") or {}
+        elif method == "turn/completed":
             self.turn_done.set()
-            status = turn.get("status")
-            if status == "completed":
-                return [("completed", None)]
-            if status == "interrupted":
-                return [("interrupted", None)]
-            return [("failed", turn.get("error") or {"message": f"turn {status}"})]
-        if method == "error":
-            error = params.get("error") or {}
-            if params.get("willRetry"):
-                return [("warning", f"retrying: {error.get('message') or ''}")]
-            return []       # turn/completed carries the failure
-        if method == "account/rateLimits/updated" and self.on_rate_limits is not None:
-            self.on_rate_limits(params.get("rateLimits"))
-            return []
-        if method in ("warning", "model/rerouted", "deprecationNotice"):
-            return [("warning", json.dumps(params)[:500])]
-        if method == "mcpServer/startupStatus/updated":
-            return [("unexpected", f"MCP server {params.get('name')}")]
-        return []
-
-    def _completed_item(self, item):
-        kind, item_id = item.get("type"), item.get("id")
-        if kind == "agentMessage" and item_id not in self._deltas:
-            return [("text", (item_id, item.get("text") or ""))]
-        if kind == "reasoning" and item_id not in self._deltas:
-            return [("reasoning", (f"{item_id}#{n}", text))
-                    for n, text in enumerate(item.get("summary") or []) if text]
-        return []
+        elif method == "account/rateLimits/updated":
+            if self.on_rate_limits is not None:
+                self.on_rate_limits(params.get("rateLimits"))
+            return
+        for event in self.protocol.notification(method, params):
+            self.events.put(event)
 
     def _deliver(self, pending):
         if pending.rpc_id is None:
             return
         text, is_error = pending.result
-        self.send({"id": pending.rpc_id, "result": {
+        self.pipe.send({"id": pending.rpc_id, "result": {
             "contentItems": [{"type": "inputText", "text": text}], "success": not is_error}})
 
     def interrupt(self):
         if self.thread_id and self.turn_id and not self.turn_done.is_set() \
                 and not self.exited.is_set():
-            self.send({"id": "interrupt", "method": "turn/interrupt",
-                       "params": {"threadId": self.thread_id, "turnId": self.turn_id}})
+            self.pipe.send({"id": "interrupt", "method": "turn/interrupt",
+                            "params": {"threadId": self.thread_id, "turnId": self.turn_id}})
             self.turn_done.wait(1.0)
 
     def close_input(self):
-        with self._write_lock:
-            try:
-                self.proc.stdin.close()
-            except (OSError, ValueError, AttributeError):
-                pass
+        if self.pipe is not None:
+            self.pipe.close()
 
 
 def user_config_overrides(effective):
@@ -2334,6 +2680,108 @@ def user_config_overrides(effective):
     if effective.get("developer_instructions"):
         overrides["developer_instructions"] = ""
     return overrides
+
+
+class AppServerEngine(Engine):
+    """`codex app-server`, one process per request, started and initialized
+    ahead of time (warm spares): answers stream token by token, and the
+    client's tools are the thread's dynamic tools."""
+
+    name = "app-server"
+    warms = True
+
+    def argv(self, prefix):
+        argv = [*prefix, "app-server"]
+        for item in self.launcher.config.codex_config:
+            argv += ["-c", item]
+        return argv
+
+    def thread_config(self):
+        config = dict(FORWARDER_THREAD_CONFIG)
+        if self.launcher.catalog_path:
+            config["model_catalog_json"] = self.launcher.catalog_path
+        return config
+
+    def _new_run(self, argv, run_id=None):
+        launcher = self.launcher
+        return AppServerRun(run_id or new_run_id(), launcher.env,
+                            tempfile.mkdtemp(prefix="codex-proxy-"), self.argv(argv),
+                            launcher.rate_limits.seen)
+
+    def probe(self, argv):
+        """Handshake plus a thread with one dynamic tool -> (ok, reason)."""
+        try:
+            run = self._new_run(argv, "probe_" + secrets.token_hex(4))
+        except OSError as exc:
+            return False, str(exc)
+        try:
+            run.launch().initialize(timeout=20)
+            probe_tool = ToolSpec("probe_tool", "probe", {"type": "object", "properties": {}})
+            result = run.call("thread/start", run.thread_params(
+                "probe", [probe_tool], self.thread_config()), 20)
+            if not (result.get("thread") or {}).get("id"):
+                return False, "thread/start gave no thread"
+            try:
+                limits = run.call("account/rateLimits/read", None, 10)
+                self.launcher.rate_limits.seen(limits.get("rateLimits"))
+            except (RpcError, ProxyError):
+                pass        # API-key and custom-provider logins have none
+            return True, "app-server answered the probe"
+        except (ProxyError, RpcError, OSError) as exc:
+            return False, self.launcher.redact(str(exc))[:300]
+        finally:
+            run.stop("probe")
+
+    def warm_key(self):
+        launcher = self.launcher
+        argv, version = launcher.codex.current()
+        if argv is None:
+            return None
+        auth = os.path.join(launcher.config.codex_home_dir, "auth.json")
+        try:
+            auth_stamp = os.stat(auth).st_mtime_ns
+        except OSError:
+            auth_stamp = None
+        return (tuple(argv), version, launcher.catalog_path, launcher.user_config.stamp(),
+                auth_stamp, tuple(launcher.config.codex_config))
+
+    def spawn(self):
+        """A new app-server process, initialized (a spare, or for a request)."""
+        argv, _ = self.launcher.codex.current()
+        if argv is None:
+            raise ProxyError(503, "the Codex CLI was not found", "server_error",
+                             "codex_not_found")
+        run = self._new_run(argv)
+        try:
+            run.launch().initialize()
+        except OSError as exc:
+            run.stop("failed to start")
+            raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
+                             "server_error", "codex_not_found")
+        except BaseException:
+            run.stop("failed to start")
+            raise
+        return run
+
+    def start(self, spec, prepare):
+        run = self.launcher.warm.take()
+        if run is not None:
+            run.warm = True
+        while True:
+            if run is None:
+                run = self.spawn()
+            prepare(run)
+            try:
+                run.start(spec, self.thread_config())
+                return run
+            except ProxyError:
+                self.launcher.discard(run)
+                if not run.warm or run.thread_id is not None:
+                    raise
+                run = None      # a spare that died before its thread started: go fresh
+            except BaseException:
+                self.launcher.discard(run)
+                raise
 
 
 class WarmPool:
@@ -2434,9 +2882,186 @@ class WarmPool:
             run.stop("shutdown")
 
 
+# The engines by name, in the order `--engine auto` tries them.
+ENGINES = {engine.name: engine for engine in (AppServerEngine, ExecEngine)}
+
+# ---------------------------------------------------------------------------
+# Launching Codex: which engine, spares, starting runs, what failures mean
+# ---------------------------------------------------------------------------
+
+
+def new_run_id():
+    return "turn_" + secrets.token_hex(5)
+
+
+class RunTable:
+    """The runs alive now, by id: those answering a request and those parked.
+    The exec bridge finds its run here."""
+
+    def __init__(self):
+        # _lock guards _runs (run id -> CodexRun).
+        self._lock = threading.Lock()
+        self._runs = {}
+
+    def add(self, run):
+        with self._lock:
+            self._runs[run.id] = run
+
+    def pop(self, run):
+        with self._lock:
+            return self._runs.pop(run.id, None) is not None
+
+    def get(self, run_id):
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def all(self):
+        with self._lock:
+            return list(self._runs.values())
+
+
+class CodexLauncher:
+    """Everything about starting Codex: where it is and whether it is logged
+    in (CodexInfo), the user's config.toml, the model catalog copy, which
+    engine runs (probed at start-up and whenever Codex's version changes),
+    the warm spares, and what Codex's failures mean for a client."""
+
+    def __init__(self, config, env, logs, rate_limits, runs, stopping, clock=time.monotonic):
+        self.config = config
+        self.env = env
+        self.logs = logs
+        self.rate_limits = rate_limits
+        self.runs = runs
+        self.stopping = stopping
+        self.codex = CodexInfo(config, env, on_refresh=self._codex_checked)
+        self.user_config = CodexConfigFile(config.codex_home_dir)
+        self.catalog_path, self.catalog_models = None, []
+        self.engines = {name: kind(self) for name, kind in ENGINES.items()}
+        forced = self.engines.get(config.engine)
+        self.engine = forced or next(iter(self.engines.values()))    # until the probe
+        self.engine_reason = "not checked yet"
+        self.warm = WarmPool(config.warm if forced is None or forced.warms else 0,
+                             lambda: self.engine.spawn(), self.warm_key, clock=clock,
+                             on_error=self._warm_failed)
+        # _catalog_lock guards _catalog_version and the engine choice; the
+        # catalog build and the probe run under it, off the request path.
+        self._catalog_lock = threading.Lock()
+        self._catalog_version = None
+
+    def open(self):
+        """Check Codex (which builds the catalog and picks the engine), then
+        start what the engines need and the warm spares."""
+        self.codex.refresh()
+        for engine in self.engines.values():
+            engine.open()
+        self.warm.start()
+
+    def close(self):
+        self.warm.close()
+        for engine in self.engines.values():
+            engine.close()
+
+    def _codex_checked(self, argv, version):
+        """At start-up and whenever Codex's version changes: build the model
+        catalog and choose the engine again."""
+        with self._catalog_lock:        # one build per version, even when checks race
+            if argv is None or version == self._catalog_version:
+                if argv is None:
+                    self.engine_reason = "Codex not found"
+                return
+            self._catalog_version = version
+            state_dir = self.config.state_dir or default_state_dir()
+            try:
+                self.catalog_path, self.catalog_models = build_model_catalog(
+                    argv, self.env, state_dir, version)
+            except OSError as exc:
+                self.logs.add(LogEvent.CODEX_WARNING,
+                              message=f"model catalog not written: {exc}")
+            self._choose_engine(argv)
+        self.warm.refresh()
+
+    def _choose_engine(self, argv):
+        """The engine --engine names, or with auto the first whose probe passes."""
+        forced = self.engines.get(self.config.engine)
+        if forced is not None:
+            ok, why = forced.probe(argv)
+            self.engine, self.engine_reason = forced, why if ok else \
+                f"forced; its probe failed: {why}"
+        else:
+            failures = []
+            for engine in self.engines.values():
+                ok, why = engine.probe(argv)
+                if ok:
+                    break
+                failures.append(f"{engine.name} probe failed: {why}")
+            self.engine, self.engine_reason = engine, "; ".join(failures) or why
+        self.logs.add(LogEvent.ENGINE_SELECTED, engine=self.engine.name,
+                      reason=self.engine_reason[:300])
+
+    def _warm_failed(self, exc):
+        self.logs.add(LogEvent.CODEX_WARNING, message=f"warm app-server failed to start: "
+                      f"{self.redact(str(exc))[:300]}")
+
+    def warm_key(self):
+        """What a spare depends on; None when the engine keeps none."""
+        return self.engine.warm_key() if self.engine.warms else None
+
+    def check_ready(self):
+        argv, _, logged_in = self.codex.snapshot()
+        if argv is None:
+            raise ProxyError(503, f"the Codex CLI was not found; install it with "
+                             f"`{INSTALL_HINT}` (or point --codex-bin at it), then run "
+                             "`codex login`", "server_error", "codex_not_found")
+        user_config = self.user_config.read()
+        if not logged_in and not uses_custom_provider(user_config, self.config.codex_config):
+            raise ProxyError(401, "Codex is not logged in: run `codex login` on the "
+                             "proxy's machine (with your ChatGPT account), then retry",
+                             "authentication_error", "codex_not_logged_in")
+        return argv, user_config
+
+    def start(self, spec, prepare):
+        """Start a run on the current engine (check_ready() first)."""
+        return self.engine.start(spec, prepare)
+
+    def discard(self, run, reason="spawn_failed"):
+        """A run that could not start: forget it and stop its process."""
+        self.runs.pop(run)
+        run.stop(f"The tool call was abandoned ({reason}).")
+
+    def failure(self, payload):
+        """A failed turn ({"message", "codexErrorInfo"...}) -> the ProxyError
+        the client sees: the right status, no backtrace, no paths."""
+        error = classify_codex_error(payload, self.rate_limits.reset_seconds())
+        error.message = self.redact(clean_codex_output(error.message) or error.message)
+        if error.status == 401:
+            self.codex.expire()
+        return error
+
+    def redact(self, text):
+        return redact_paths(text, (self.config.codex_home_dir, self.config.state_dir,
+                                   tempfile.gettempdir(), os.path.expanduser("~")))
+
+    def model_names(self):
+        user_config = self.user_config.read()
+        names = []
+        base = [user_config.get("model")] + list(self.config.aliases) + \
+            list(self.config.aliases.values()) + list(self.catalog_models)
+        for name in base:
+            if not isinstance(name, str) or not name:
+                continue
+            for candidate in (name, name[::-1]):
+                if candidate not in names:
+                    names.append(candidate)
+        return names
+
+    def default_model(self):
+        """The model Codex uses when a request names none (config.toml's)."""
+        return self.user_config.read().get("model")
+
 # ---------------------------------------------------------------------------
 # Parked turns and stored responses
 # ---------------------------------------------------------------------------
+
 
 class ParkedTurns:
     """Codex runs waiting on tool calls the client has not answered yet."""
@@ -2549,189 +3174,179 @@ class ResponseStore:
 
 
 # ---------------------------------------------------------------------------
-# The MCP bridge (exec engine; runs inside Codex as `codex_proxy.py --mcp-bridge FILE`)
+# Responders: one per API, each writes a turn in its API's shape
 # ---------------------------------------------------------------------------
 
-BRIDGE_HELLO_LIMIT = 1024          # the first line, checked before anything else is read
-BRIDGE_READ_SECONDS = 10.0
-BRIDGE_MAX_CONNECTIONS = 256
+class Responder:
+    """Writes one turn to the client in one API's shape: as a stream of
+    events when the request streams, else as one object at the end.
 
+    The contract, the same for every API.  The pump calls:
 
-class BridgeRelayHandler(socketserver.StreamRequestHandler):
-    """Proxy side of the bridge: one connection per tool call.
+        open()                      once, first: headers (and the opening
+                                    events) go out before Codex says anything
+        text(key, delta)            answer text; a new key starts a new message
+        reasoning(item, part, delta)
+                                    reasoning summary text; a new item or
+                                    part starts a new paragraph
+        keepalive()                 while Codex is silent (streams only)
+        tool_calls(calls)           at most once, before finish: [ToolCall]
+        finish(reason, usage)       once: "stop" or "tool_calls", Codex usage
+        fail(error)                 instead of finish: a ProxyError
 
-    The bridge sends {"run", "secret"} on a short first line; only when they
-    match does the proxy read the second line {"call_id", "name",
-    "arguments"}.  The answer line {"text", "is_error"} is written when the
-    client's result arrives (or the run ends)."""
-
-    timeout = BRIDGE_READ_SECONDS
-
-    def handle(self):
-        proxy = self.server.proxy
-        hello = self._line(BRIDGE_HELLO_LIMIT)
-        if not isinstance(hello, dict):
-            return
-        run = proxy.find_run(str(hello.get("run", "")))
-        if not isinstance(run, ExecRun) or not hmac.compare_digest(
-                run.secret.encode(), str(hello.get("secret", "")).encode()):
-            self._reply("unknown run or bad secret", True)
-            return
-        request = self._line(proxy.config.max_body)
-        if not isinstance(request, dict):
-            return
-        self.connection.settimeout(None)
-        pending = run.add_call(request.get("call_id"), str(request.get("name", "")),
-                               request.get("arguments"))
-        while not pending.done.wait(1.0):
-            if run.exited.is_set() or proxy.stopping.is_set():
-                return
-        self._reply(*pending.result)
-
-    def _line(self, limit):
-        try:
-            line = self.rfile.readline(limit + 1)
-            if len(line) > limit or not line.endswith(b"\n"):
-                return None
-            return json.loads(line)
-        except (OSError, ValueError):
-            return None
-
-    def _reply(self, text, is_error):
-        try:
-            self.wfile.write(json.dumps({"text": text, "is_error": is_error}).encode() + b"\n")
-        except OSError:
-            pass
-
-
-class BridgeListener(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, proxy):
-        self.proxy = proxy
-        # _lock guards _open, the number of relay connections being served.
-        self._lock = threading.Lock()
-        self._open = 0
-        super().__init__(("127.0.0.1", 0), BridgeRelayHandler)
-
-    def verify_request(self, request, client_address):
-        with self._lock:
-            if self._open >= BRIDGE_MAX_CONNECTIONS:
-                return False
-            self._open += 1
-        return True
-
-    def shutdown_request(self, request):
-        with self._lock:
-            self._open = max(0, self._open - 1)
-        super().shutdown_request(request)
-
-
-def mcp_tool_list(tools):
-    return [{"name": t.name, "description": t.description,
-             "inputSchema": t.parameters} for t in tools]
-
-
-def run_mcp_bridge(config_path, stdin=None, stdout=None):
-    """Serve the client's tools to Codex over MCP stdio, relaying each call.
-
-    Started by Codex, never by a user.  Newline-delimited JSON-RPC 2.0 on
-    stdin/stdout; each tools/call is relayed to the proxy on its own thread
-    and answered when the proxy sends the client's result back."""
-    stdin = stdin or sys.stdin.buffer
-    stdout = stdout or sys.stdout.buffer
-    with open(config_path, encoding="utf-8") as f:
-        conf = json.load(f)
-    out_lock = threading.Lock()     # guards stdout: one JSON-RPC message per line
-
-    def send(message):
-        data = json.dumps(message).encode() + b"\n"
-        with out_lock:
-            try:
-                stdout.write(data)
-                stdout.flush()
-            except (OSError, ValueError):
-                pass        # Codex has gone; nobody is waiting for the answer
-
-    calls = []
-    for raw in iter(stdin.readline, b""):
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(message, dict):
-            continue
-        method, msg_id = message.get("method"), message.get("id")
-        params = message.get("params") or {}
-        if msg_id is None:
-            continue                    # notifications need no answer
-        if method == "initialize":
-            send({"jsonrpc": "2.0", "id": msg_id, "result": {
-                "protocolVersion": params.get("protocolVersion", MCP_PROTOCOL_VERSION),
-                "capabilities": {"tools": {}},
-                "serverInfo": {"name": "codex-openai-proxy-client-tools",
-                               "version": __version__}}})
-        elif method == "tools/list":
-            send({"jsonrpc": "2.0", "id": msg_id, "result": {"tools": conf["tools"]}})
-        elif method == "tools/call":
-            calls.append(threading.Thread(target=_bridge_call, name="bridge-call",
-                                          args=(conf, msg_id, params, send), daemon=True))
-            calls[-1].start()
-        elif method == "ping":
-            send({"jsonrpc": "2.0", "id": msg_id, "result": {}})
-        else:
-            send({"jsonrpc": "2.0", "id": msg_id, "error": {
-                "code": -32601, "message": f"method not found: {method}"}})
-    deadline = time.monotonic() + 5.0      # stdin closed: let answered calls go out
-    for thread in calls:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    return 0
-
-
-def _bridge_call(conf, msg_id, params, send):
-    meta = params.get("_meta") or {}
-    hello = {"run": conf["run"], "secret": conf["secret"]}
-    request = {"call_id": meta.get("callId") or meta.get("call_id"),
-               "name": params.get("name"), "arguments": params.get("arguments") or {}}
-    host, _, port = conf["relay"].rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(json.dumps(hello).encode() + b"\n" +
-                         json.dumps(request).encode() + b"\n")
-            sock.settimeout(None)
-            line = sock.makefile("rb").readline()
-        answer = json.loads(line)
-    except (OSError, ValueError):
-        answer = {"text": "The proxy did not return a result for this call.",
-                  "is_error": True}
-    send({"jsonrpc": "2.0", "id": msg_id, "result": {
-        "content": [{"type": "text", "text": str(answer.get("text", ""))}],
-        "isError": bool(answer.get("is_error"))}})
-
-
-# ---------------------------------------------------------------------------
-# API translation layers: one responder per API, streamed or not
-# ---------------------------------------------------------------------------
-
-class ChatResponder:
-    """Writes one turn as Chat Completions: chunks on a chunked SSE response
-    when the request streams, else one chat.completion object at the end.
-
-    The pump calls text / reasoning (with a key that changes between Codex
-    items), tool_calls, then finish or fail."""
+    A subclass fills in what differs: `open`, `text`, `reasoning`,
+    `tool_calls`, `finish` and `fail_stream` (an error once the stream has
+    started).  `on_finish(responder)`, when set, runs before the last bytes
+    go out, so a follow-up request that arrives at once finds what it needs.
+    Writes raise ClientGone when the client has left."""
 
     def __init__(self, handler, request, reasoning_mode):
         self.handler = handler
         self.request = request
-        self.model = request.model
+        self.model = request.model          # echoed exactly as the client sent it
         self.stream = request.stream
         self.reasoning_mode = reasoning_mode
-        self.id = new_completion_id()
         self.created = int(time.time())
-        self.content = []           # the content as sent (think blocks included)
+        self.calls = []                     # [ToolCall] sent
+        self.content = []                   # the answer text as sent
+        self.on_finish = None
+
+    def keepalive(self):
+        if self.stream:
+            self.handler.write_chunk(b": keepalive\n\n")
+
+    def fail(self, error):
+        if self.stream:
+            self.fail_stream(error)
+        else:
+            self.handler.send_error_body(error)
+
+    def fail_stream(self, error):
+        raise NotImplementedError
+
+    def answer_text(self):
+        """The answer as the conversation's history should hold it."""
+        return "".join(self.content)
+
+    def _finishing(self):
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+
+class StopFilter:
+    """Cuts streamed text before the first stop sequence.  It holds back the
+    few characters that could be the start of a stop sequence split across
+    deltas, and lets them go once they cannot be."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, text):
+        """-> the text that may go out now; sets `hit` at a stop sequence."""
+        if self.hit:
+            return ""
+        buffer = self._held + text
+        found = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self._held = True, ""
+            return buffer[:min(found)]
+        keep = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(stop[:size]):
+                    keep = size
+                    break
+        self._held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep]
+
+    def flush(self):
+        held, self._held = self._held, ""
+        return held
+
+
+def token_counts(usage):
+    usage = usage or {}
+
+    def number(key):
+        value = usage.get(key)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else 0
+    return (number("input_tokens"), number("cached_input_tokens"),
+            number("output_tokens"), number("reasoning_output_tokens"))
+
+
+def openai_usage(usage):
+    """Codex turn usage -> Chat Completions usage."""
+    prompt, cached, completion, reasoning = token_counts(usage)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def new_completion_id():
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def make_chunk(cid, created, model, delta=None, finish_reason=None, usage=None):
+    chunk = {"id": cid, "object": "chat.completion.chunk", "created": created,
+             "model": model, "choices": []}
+    if delta is not None:
+        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish_reason}]
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def tool_call_chunks(cid, created, model, calls, start_index=0):
+    """Streaming fragments for calls: id, type and name first, then arguments."""
+    chunks = []
+    for offset, call in enumerate(calls):
+        index = start_index + offset
+        chunks.append(make_chunk(cid, created, model, {"tool_calls": [{
+            "index": index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": ""}}]}))
+        if call.arguments:
+            chunks.append(make_chunk(cid, created, model, {"tool_calls": [{
+                "index": index, "function": {"arguments": call.arguments}}]}))
+    return chunks
+
+
+def make_completion(cid, created, model, content, reasoning, calls,
+                    finish_reason, usage):
+    message = {"role": "assistant", "content": content or None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.name, "arguments": c.arguments}} for c in calls]
+    else:
+        message["content"] = content or ""
+    return {"id": cid, "object": "chat.completion", "created": created,
+            "model": model, "choices": [{"index": 0, "message": message,
+                                         "logprobs": None,
+                                         "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def sse(data, event=None):
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ChatResponder(Responder):
+    """Chat Completions: `chat.completion.chunk`s on a chunked SSE response
+    ending in `data: [DONE]`, or one `chat.completion`.  Reasoning goes out
+    as `reasoning_content`, as <think> blocks in the content, or not at all
+    (--reasoning)."""
+
+    def __init__(self, handler, request, reasoning_mode):
+        super().__init__(handler, request, reasoning_mode)
+        self.id = new_completion_id()
         self.reasoning_text = []
-        self.calls = []
         self._text_key = self._reasoning_key = None
         self._think_open = False
 
@@ -2763,11 +3378,11 @@ class ChatResponder:
         self._text_key = key
         self._content(prefix + delta)
 
-    def reasoning(self, key, delta):
+    def reasoning(self, item, part, delta):
         if not delta:
             return
-        new_part = key != self._reasoning_key
-        self._reasoning_key = key
+        new_part = (item, part) != self._reasoning_key
+        self._reasoning_key = (item, part)
         sep = "\n\n" if new_part and self.reasoning_text else ""
         self.reasoning_text.append(sep + delta)
         if self.reasoning_mode == "content":
@@ -2790,6 +3405,7 @@ class ChatResponder:
         if self._think_open:
             self._content("\n</think>")
             self._think_open = False
+        self._finishing()
         usage = openai_usage(usage)
         if not self.stream:
             reasoning = "".join(self.reasoning_text) if self.reasoning_mode == "content" else ""
@@ -2803,39 +3419,76 @@ class ChatResponder:
         self.handler.write_chunk(data + b"data: [DONE]\n\n")
         self.handler.end_chunks()
 
-    def fail(self, error):
-        if not self.stream:
-            self.handler.send_error_body(error)
-            return
+    def fail_stream(self, error):
         self.handler.write_chunk(sse(error.body()) + b"data: [DONE]\n\n")
         self.handler.end_chunks()
-
-    def keepalive(self):
-        if self.stream:
-            self.handler.write_chunk(b": keepalive\n\n")
 
     def answer_text(self):
         return THINK_BLOCK.sub("", "".join(self.content))
 
 
-class ResponsesResponder:
-    """Writes one turn as a Responses API Response: the event sequence the
-    openai SDKs parse when the request streams, else one Response object.
+def responses_usage(usage):
+    """Codex turn usage -> Responses API usage."""
+    prompt, cached, completion, reasoning = token_counts(usage)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + completion}
 
-    Each Codex message, reasoning item and tool call becomes one output item."""
+
+def output_message_item(item_id, text, status="completed"):
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [],
+                         "logprobs": []}] if status == "completed" else []}
+
+
+def output_reasoning_item(item_id, parts):
+    return {"type": "reasoning", "id": item_id,
+            "summary": [{"type": "summary_text", "text": p} for p in parts]}
+
+
+def output_call_item(item_id, call, status="completed"):
+    if call.custom:
+        return {"type": "custom_tool_call", "id": item_id, "call_id": call.id,
+                "name": call.name, "input": call.arguments if status == "completed" else "",
+                "status": status}
+    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else "", "status": status}
+
+
+def make_response(rid, created, model, request, status, output, usage=None, error=None):
+    """A Responses API Response object."""
+    echo = request.echo
+    incomplete = {"reason": "stop_sequence"} if status == "incomplete" else None
+    return {"id": rid, "object": "response", "created_at": created, "status": status,
+            "model": model, "output": output,
+            "usage": responses_usage(usage) if usage is not None else None,
+            "error": error, "incomplete_details": incomplete,
+            "instructions": echo.get("instructions"),
+            "tools": echo.get("tools") or [],
+            "tool_choice": echo.get("tool_choice") or "auto",
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "previous_response_id": echo.get("previous_response_id"),
+            "reasoning": echo.get("reasoning") or {"effort": None, "summary": None},
+            "text": echo.get("text") or {"format": {"type": "text"}},
+            "metadata": echo.get("metadata") or {},
+            "temperature": echo.get("temperature"), "top_p": echo.get("top_p"),
+            "max_output_tokens": echo.get("max_output_tokens"),
+            "store": request.store, "truncation": echo.get("truncation") or "disabled",
+            "user": echo.get("user")}
+
+
+class ResponsesResponder(Responder):
+    """The Responses API: the event sequence the openai SDKs parse
+    (response.created ... response.completed) when the request streams,
+    else one Response object.  Each Codex message, reasoning item and tool
+    call becomes one output item."""
 
     def __init__(self, handler, request, reasoning_mode):
-        self.handler = handler
-        self.request = request
-        self.model = request.model
-        self.stream = request.stream
+        super().__init__(handler, request, reasoning_mode)
         self.show_reasoning = reasoning_mode != "none"
         self.id = "resp_" + uuid.uuid4().hex
-        self.created = int(time.time())
         self.output = []            # finished output items
-        self.calls = []
-        self.content = []           # answer text, for the log and the history
-        self.on_finish = None       # called before the last bytes go out
         self._seq = 0
         self._item = None           # the item being written: {kind, key, id, parts}
 
@@ -2879,23 +3532,22 @@ class ResponsesResponder:
                     output_index=len(self.output), content_index=0, delta=delta,
                     logprobs=[])
 
-    def reasoning(self, key, delta):
+    def reasoning(self, item_key, part, delta):
         if not delta or not self.show_reasoning:
             return
-        item_key = str(key).split("#")[0]
         item = self._item
         if item is None or item["kind"] != "reasoning" or item["key"] != item_key:
             self._begin("reasoning", item_key, output_reasoning_item(
                 "rs_" + uuid.uuid4().hex, []))
             item = self._item
             item["part_keys"] = []
-        if key not in item["part_keys"]:
-            item["part_keys"].append(key)
+        if part not in item["part_keys"]:
+            item["part_keys"].append(part)
             item["parts"].append("")
             self._event("response.reasoning_summary_part.added", item_id=item["id"],
                         output_index=len(self.output), summary_index=len(item["parts"]) - 1,
                         part={"type": "summary_text", "text": ""})
-        index = item["part_keys"].index(key)
+        index = item["part_keys"].index(part)
         item["parts"][index] += delta
         self._event("response.reasoning_summary_text.delta", item_id=item["id"],
                     output_index=len(self.output), summary_index=index, delta=delta)
@@ -2945,8 +3597,7 @@ class ResponsesResponder:
 
     def finish(self, reason, usage):
         self._close()
-        if self.on_finish is not None:     # before the client can ask for what follows
-            self.on_finish(self)
+        self._finishing()
         response = self._response("completed", usage)
         if not self.stream:
             self.handler.send_json(200, response)
@@ -2954,71 +3605,36 @@ class ResponsesResponder:
         self._event("response.completed", response=response)
         self.handler.end_chunks()
 
-    def fail(self, error):
-        if not self.stream:
-            self.handler.send_error_body(error)
-            return
+    def fail_stream(self, error):
         self._close()
         self._event("response.failed", response=self._response(
             "failed", error={"code": error.code or "server_error", "message": error.message}))
         self.handler.end_chunks()
 
-    def keepalive(self):
-        if self.stream:
-            self.handler.write_chunk(b": keepalive\n\n")
 
-    def answer_text(self):
-        return "".join(self.content)
-
-
-class StopFilter:
-    """Cuts streamed text before the first stop sequence.  It holds back the
-    few characters that could be the start of a stop sequence split across
-    deltas, and lets them go once they cannot be."""
-
-    def __init__(self, stops):
-        self.stops = [s for s in stops if s]
-        self.hit = False
-        self._held = ""
-
-    def feed(self, text):
-        """-> the text that may go out now; sets `hit` at a stop sequence."""
-        if self.hit:
-            return ""
-        buffer = self._held + text
-        found = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit, self._held = True, ""
-            return buffer[:min(found)]
-        keep = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(buffer)), keep, -1):
-                if buffer.endswith(stop[:size]):
-                    keep = size
-                    break
-        self._held = buffer[len(buffer) - keep:] if keep else ""
-        return buffer[:len(buffer) - keep]
-
-    def flush(self):
-        held, self._held = self._held, ""
-        return held
-
+RESPONDERS = {"chat": ChatResponder, "responses": ResponsesResponder}
 
 # ---------------------------------------------------------------------------
-# The pump: one run's events -> one response
+# The pump: one run's events -> one responder
 # ---------------------------------------------------------------------------
+
 
 class TurnPump:
-    """Moves one run's events to one response until the turn ends or parks."""
+    """Moves one run's events to one responder until the turn ends or parks.
+
+    It owns the timing rules of a response: --idle-timeout and
+    --request-timeout, keepalives, noticing a client that has left, and when
+    the calls the model made together go out together."""
 
     NOT_RUN = ("Not run: the client accepts one tool call at a time "
                "(parallel_tool_calls is false). Call it again after this result if "
                "you still need it.")
 
-    def __init__(self, server, run, out, handler, request):
-        self.server, self.run_, self.out, self.handler = server, run, out, handler
+    def __init__(self, turns, run, out, handler, request):
+        self.turns, self.run_, self.out, self.handler = turns, run, out, handler
         self.request = request
-        self.config = server.config
+        self.config = turns.config
+        self.logs = turns.logs
         self.calls = []
         self.usage = None
         self.last_warning = None
@@ -3071,10 +3687,10 @@ class TurnPump:
         without that sign, a quiet spell of --tool-quiet-ms ends the batch."""
         if kind == "tool_call":
             self.calls.append(payload)
-            self.server.logs.add("tool_call_forwarded", self.handler.request_id,
-                                 turn=self.run_.id, name=payload.call.name,
-                                 call_id=payload.call.id,
-                                 argument_bytes=len(payload.call.arguments))
+            self.logs.add(LogEvent.TOOL_CALL_FORWARDED, self.handler.request_id,
+                          turn=self.run_.id, name=payload.call.name,
+                          call_id=payload.call.id,
+                          argument_bytes=len(payload.call.arguments))
         else:
             self.expected = payload
         if not self.calls:
@@ -3082,41 +3698,42 @@ class TurnPump:
         if self.expected is not None:
             done = self.expected <= {p.call.id for p in self.calls}
             return now if done else now + self.config.tool_quiet
-        if getattr(self.run_, "signals_responses", False):
+        if self.run_.signals_responses:
             return None         # the model may still be writing more calls
         return now + self.config.tool_quiet
 
     def handle_event(self, kind, payload):
-        logs, rid, run = self.server.logs, self.handler.request_id, self.run_
+        logs, rid, run = self.logs, self.handler.request_id, self.run_
         if kind == "thread":
             run.thread_id = payload
-            logs.add("codex_forward", rid, turn=run.id, engine=run.engine, warm=run.warm,
-                     thread_id=payload, mapped_model=run.model, effort=run.effort,
-                     pid=run.proc.pid if run.proc else None)
+            logs.add(LogEvent.CODEX_FORWARD, rid, turn=run.id, engine=run.engine,
+                     warm=run.warm, thread_id=payload, mapped_model=run.model,
+                     effort=run.effort, pid=run.proc.pid if run.proc else None)
         elif kind == "text":
             return self.text(*payload)
         elif kind == "reasoning":
-            self.reasoning_chars += len(payload[1])
+            self.reasoning_chars += len(payload[-1])
             self.out.reasoning(*payload)
         elif kind == "usage":
             self.usage = payload
         elif kind == "warning":
             self.last_warning = payload or self.last_warning
-            logs.add("codex_warning", rid, turn=run.id, message=payload[:500])
+            logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id, message=payload[:500])
         elif kind == "unexpected":
-            logs.add("codex_warning", rid, turn=run.id,
+            logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id,
                      message=f"Codex produced {payload}; it should have no such tool")
         elif kind == "completed":
             self.flush_text()
             return self.finish("done", "stop")
         elif kind in ("failed", "interrupted"):
-            raise self.server.codex_failure(payload if kind == "failed" else
-                                            "Codex interrupted the turn")
+            raise self.turns.launcher.failure(
+                payload if kind == "failed" else {"message": "Codex interrupted the turn"})
         elif kind == "exit":
             code, plain = payload
             detail = plain or self.last_warning or "\n".join(list(run.stderr_tail)[-5:])
-            raise self.server.codex_failure(f"Codex exited (code {code}) without finishing "
-                                            f"the turn: {detail or 'no output'}")
+            raise self.turns.launcher.failure({
+                "message": f"Codex exited (code {code}) without finishing the turn: "
+                           f"{detail or 'no output'}"})
         return None
 
     def text(self, key, delta):
@@ -3141,8 +3758,8 @@ class TurnPump:
 
     def finish(self, outcome, reason):
         if self.reasoning_chars:
-            self.server.logs.add("reasoning_detected", self.handler.request_id,
-                                 turn=self.run_.id, summary_chars=self.reasoning_chars)
+            self.logs.add(LogEvent.REASONING_DETECTED, self.handler.request_id,
+                          turn=self.run_.id, summary_chars=self.reasoning_chars)
         self.out.finish(reason, self.usage or {})
         return outcome, self.usage or {}, reason
 
@@ -3159,51 +3776,199 @@ class TurnPump:
         for pending in calls:
             pending.sent = True
         self.flush_text()
-        self.server.park(self.run_)
+        self.turns.park(self.run_)
         try:
             self.out.tool_calls([p.call for p in calls])
             self.out.finish("tool_calls", {})  # the turn's usage comes with its last response
         except DISCONNECT_ERRORS:
-            if self.server.parked.discard(self.run_):
+            if self.turns.parked.discard(self.run_):
                 raise           # nobody has the calls: end the run as a disconnect
         return "parked", {}, "tool_calls"
 
 
 # ---------------------------------------------------------------------------
-# HTTP: framing and access rules (pure)
+# Turns: admission, resuming parked turns, serving one request end to end
 # ---------------------------------------------------------------------------
 
-ROUTES = {"/chat/completions": ("POST",), "/responses": ("POST",), "/models": ("GET",),
-          "/health": ("GET",), "/logs": ("GET",), "/logs/stream": ("GET",)}
-OPEN_ROUTES = ("/health",)
+class Turns:
+    """The turns being answered.  A request comes in parsed; Turns finds the
+    parked turn its tool results resume, or admits it (--max-concurrent) and
+    starts a run through the launcher, then pumps the run's events into the
+    API's responder.  A run that calls tools is parked until the results
+    come, expired when they do not, and ended otherwise."""
+
+    def __init__(self, config, launcher, logs, runs, stopping, clock=time.monotonic):
+        self.config = config
+        self.launcher = launcher
+        self.logs = logs
+        self.runs = runs
+        self.stopping = stopping
+        self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
+        self.responses = ResponseStore(clock=clock)
+        # _lock guards _active, the runs answering a request right now.
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def start(self):
+        threading.Thread(target=self._reap_parked, name="parked-reaper", daemon=True).start()
+
+    def close(self):
+        """End every run: parked ones, then those still answering."""
+        self._end_all(self.parked.take_all(), "parked_shutdown")
+        self._end_all(self.runs.all(), "shutdown")
+
+    # -- one request, start to end ------------------------------------------
+    def serve(self, handler, request):
+        self._log_incoming(handler, request)
+        run = self.resume(request, handler.request_id)
+        if run is None:     # only a fresh run needs the prompt rendered
+            run = self.start_run(request, handler.request_id)     # counts as active
+        self._respond(handler, run, request)
+
+    def _log_incoming(self, handler, request):
+        fields = {"api": request.api, "model": request.model, "stream": request.stream,
+                  "messages": len(request.messages), "tools": len(request.tools),
+                  "client": handler.client_address[0]}
+        if request.output_note:
+            fields["output_format"] = request.output_note
+        if self.config.log_bodies:
+            fields["prompt"] = render_prompt(request.messages)[-4000:]
+        self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **fields)
+
+    def _respond(self, handler, run, request):
+        """Relay one run to this response; keep it parked if it called tools."""
+        logs, request_id = self.logs, handler.request_id
+        out = RESPONDERS[request.api](handler, request, self.config.reasoning)
+        started = time.monotonic()
+        outcome = "failed"
+        if request.api == "responses" and request.store:
+            out.on_finish = lambda done: self.responses.put(done.id, request.messages + [
+                Message("assistant", done.answer_text(), tool_calls=list(done.calls))])
+        try:
+            out.open()
+            outcome, usage, reason = TurnPump(self, run, out, handler, request).run()
+            logs.add(LogEvent.CURSOR_RESPONSE, request_id, turn=run.id, api=request.api,
+                     finish_reason=reason, duration_ms=int((time.monotonic() - started) * 1000),
+                     usage=openai_usage(usage) if outcome != "parked" else None,
+                     tool_calls=len(out.calls),
+                     **({"answer": out.answer_text()[-4000:]} if self.config.log_bodies
+                        else {}))
+        except ProxyError as error:
+            logs.add(LogEvent.STREAM_CODEX_ERROR, request_id, turn=run.id,
+                     status=error.status, code=error.code, message=error.message[:500])
+            try:
+                out.fail(error)
+            except DISCONNECT_ERRORS:
+                handler.close_connection = True
+        except DISCONNECT_ERRORS:
+            outcome = "disconnected"
+            logs.add(LogEvent.CLIENT_DISCONNECTED, request_id, turn=run.id,
+                     duration_ms=int((time.monotonic() - started) * 1000))
+            handler.close_connection = True
+        finally:
+            self._leave(run, outcome)
+
+    # -- starting and resuming -----------------------------------------------
+    def start_run(self, request, request_id):
+        """Admit the request (the concurrency check first, then readiness from
+        the cached checks) and start a Codex for it."""
+        spec = run_spec(request, self.config.aliases)
+        with self._lock:
+            if self._active >= self.config.max_concurrent:
+                raise ProxyError(429, f"{self._active} Codex runs are busy "
+                                 "(--max-concurrent); retry shortly", "rate_limit_error",
+                                 "too_many_concurrent_requests", headers={"Retry-After": "2"})
+            self._active += 1
+        try:
+            results = trailing_tool_results(request.messages)
+            self.launcher.check_ready()
+            if results:
+                self.logs.add(LogEvent.FALLBACK_TRANSCRIPT, request_id, results=len(results))
+            return self.launcher.start(spec, lambda run: self._prepare(run, request, spec))
+        except BaseException:
+            with self._lock:
+                self._active -= 1
+            raise
+
+    def _prepare(self, run, request, spec):
+        run.set_tools(spec.tools, request.history_ids())
+        run.fingerprint = request.fingerprint()
+        run.model = spec.model or self.launcher.default_model()
+        run.effort = spec.effort
+        self.runs.add(run)
+
+    def resume(self, request, request_id):
+        """The parked run these tool results answer, with the results
+        delivered; None when no parked turn of this conversation matches."""
+        results = trailing_tool_results(request.messages)
+        history_ids = request.history_ids()
+        run = self.parked.claim(r.tool_call_id for r in results) if results else None
+        for stale in self.parked.take_mentioning(history_ids):
+            self.expire(stale, "history_changed")
+        if run is None:
+            return None
+        if run.fingerprint != request.fingerprint():     # e.g. a handoff to another agent
+            self.expire(run, "conversation_changed")
+            return None
+        run.remember_ids(history_ids)
+        answered = 0
+        for result in results:
+            if run.answer(result.tool_call_id, result.text):
+                answered += 1
+                self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, turn=run.id,
+                              call_id=result.tool_call_id, result_chars=len(result.text))
+        for missing in run.open_call_ids():
+            run.answer(missing, "The client sent no result for this call.", True)
+        self.logs.add(LogEvent.TURN_RESUMED, request_id, turn=run.id, results=answered)
+        with self._lock:
+            self._active += 1
+        return run
+
+    # -- parking and ending ----------------------------------------------------
+    def _leave(self, run, outcome):
+        with self._lock:
+            self._active -= 1
+        if outcome != "parked":
+            self.end_run(run, outcome)
+
+    def park(self, run):
+        for evicted in self.parked.park(run):
+            self.expire(evicted, "max_parked")
+
+    def expire(self, run, reason):
+        self.logs.add(LogEvent.PARKED_EXPIRED, None, turn=run.id, reason=reason,
+                      pending=sorted(run.open_call_ids(sent_only=False)))
+        self.end_run(run, reason)
+
+    def end_run(self, run, reason):
+        self.runs.pop(run)
+        if reason == "done":    # Codex ends by itself; reap it off the request path
+            threading.Thread(target=run.stop, kwargs={"grace": KILL_GRACE_SECONDS},
+                             name=f"reap-{run.id}", daemon=True).start()
+        else:
+            run.stop(f"The tool call was abandoned ({reason}).")
+
+    def _end_all(self, runs, reason):
+        """End runs side by side: each may wait a moment for its turn/interrupt."""
+        threads = [threading.Thread(target=self.end_run, args=(run, reason),
+                                    name=f"stop-{run.id}") for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _reap_parked(self):
+        while not self.stopping.wait(min(1.0, max(0.05, self.config.tool_result_timeout / 10))):
+            for run in self.parked.take_due():
+                self.expire(run, "tool_result_timeout")
+
+# ---------------------------------------------------------------------------
+# Access, connections and rate limits
+# ---------------------------------------------------------------------------
+
+
 ACCESS_CODES = ("invalid_api_key", "api_key_required", "origin_not_allowed",
                 "host_not_allowed")
-DRAIN_LIMIT = 64 * 1024           # an unread body this small is read and dropped
-
-
-def framing_error(message):
-    return ProxyError(400, message, code="bad_framing")
-
-
-def body_framing(headers):
-    """-> ("none", 0) | ("length", n) | ("chunked", None); ProxyError (400)
-    for anything a front proxy and this server could read differently."""
-    te = headers.get_all("Transfer-Encoding") or []
-    cl = headers.get_all("Content-Length") or []
-    if te:
-        if cl:
-            raise framing_error("a request may not carry both Content-Length and "
-                                "Transfer-Encoding")
-        if len(te) != 1 or te[0].strip().lower() != "chunked":
-            raise framing_error("Transfer-Encoding must be exactly chunked")
-        return "chunked", None
-    if not cl:
-        return "none", 0
-    values = {v.strip() for v in cl}
-    value = values.pop()
-    if values or not re.fullmatch(r"[0-9]{1,15}", value):
-        raise framing_error("Content-Length must be one non-negative decimal number")
-    return ("length", int(value)) if int(value) else ("none", 0)
 
 
 def is_local_name(host):
@@ -3273,6 +4038,75 @@ def offered_key(headers):
     return headers.get("api-key") or headers.get("x-api-key")
 
 
+def own_host_names():
+    name = socket.gethostname().lower()
+    short = name.split(".")[0]
+    return {n for n in (name, short, short + ".local") if n}
+
+
+class AccessPolicy:
+    """Who may use the proxy.  With a key, the key guards everything, from
+    any origin and through any tunnel.  Without one, only this machine:
+    no tunnel or proxy headers, only local pages (Origin) and local Host
+    names (DNS rebinding).  It also decides what CORS answers may grant."""
+
+    def __init__(self, config):
+        self.keys = config.api_keys
+        self.allow_origins = config.allow_origins
+        self.allow_hosts = config.allow_hosts
+        self.own_names = own_host_names()
+
+    def check(self, headers):
+        """Without a key: refuse tunnels, foreign pages and foreign Hosts (403)."""
+        if self.keys:
+            return
+        tunnel = tunnel_headers(headers)
+        if tunnel:
+            raise ProxyError(403, "this request came through a tunnel or proxy "
+                             f"({tunnel[0]} header) but the proxy has no API key: "
+                             "restart it with --api-key-file FILE (or CODEX_PROXY_API_KEY) "
+                             "and set the same key in your client",
+                             "permission_error", "api_key_required")
+        for origin in headers.get_all("Origin") or []:
+            if not origin_allowed(origin, self.allow_origins):
+                raise ProxyError(403, f"web pages from {origin.strip()[:100]!r} may not use "
+                                 "this proxy; allow the origin with --allow-origin, or set "
+                                 "an API key", "permission_error", "origin_not_allowed")
+        hosts = headers.get_all("Host") or []
+        if len(hosts) > 1 or not all(host_allowed(h, self.allow_hosts, self.own_names)
+                                     for h in hosts):
+            raise ProxyError(403, "the Host header names neither this machine nor a local "
+                             "address (DNS rebinding?); allow it with --allow-host, or set "
+                             "an API key", "permission_error", "host_not_allowed")
+
+    def key_ok(self, headers):
+        if not self.keys:
+            return True
+        offered = offered_key(headers)
+        return offered is not None and any(
+            hmac.compare_digest(offered.encode(), k.encode()) for k in self.keys)
+
+    def require_key(self, headers):
+        if not self.key_ok(headers):
+            raise ProxyError(401, "invalid or missing API key: send Authorization: "
+                             "Bearer <key> with the key the proxy was started with",
+                             "authentication_error", "invalid_api_key")
+
+    def cors_origin(self, headers):
+        """The Origin a response may echo in Access-Control-Allow-Origin, or None."""
+        origin = headers.get("Origin") if headers is not None else None
+        if origin and (self.keys or origin_allowed(origin, self.allow_origins)):
+            return origin.strip()
+        return None
+
+    @staticmethod
+    def preflight_headers(requested):
+        """The request headers a CORS preflight grants: a fixed list, never an echo."""
+        allowed = [h for h in (x.strip().lower() for x in (requested or "").split(","))
+                   if h in CORS_HEADERS or h.startswith(CORS_HEADER_PREFIXES)]
+        return allowed or ["authorization", "content-type"]
+
+
 def connection_budget(config, soft_limit=None):
     """--max-connections, lowered so that connections never take the
     descriptors Codex processes need (three pipes each: running, parked,
@@ -3287,27 +4121,182 @@ def connection_budget(config, soft_limit=None):
     return min(config.max_connections, max(8, soft_limit - reserve))
 
 
-def own_host_names():
-    name = socket.gethostname().lower()
-    short = name.split(".")[0]
-    return {n for n in (name, short, short + ".local") if n}
+class ConnectionTable:
+    """The open client connections, for --max-connections.  A connection is
+    idle while it waits for a request line; past the limit the oldest idle
+    one makes room, and with none idle a newcomer gets a polite 503."""
 
+    def __init__(self, limit, logs):
+        self.limit = limit
+        self._logs = logs
+        # _lock guards _connections (socket -> idle) and _accept_logged.
+        self._lock = threading.Lock()
+        self._connections = {}
+        self._accept_logged = 0.0
+
+    def admit(self, sock):
+        """A new connection: -> False when it was refused (and told so)."""
+        victim = refuse = None
+        with self._lock:
+            if len(self._connections) >= self.limit:
+                victim = next((c for c, idle in self._connections.items() if idle), None)
+                if victim is None:
+                    refuse = True
+                else:
+                    del self._connections[victim]
+            if not refuse:
+                self._connections[sock] = False
+        if victim is not None:
+            self._close(victim)
+        if refuse:
+            body = json.dumps(ProxyError(503, "too many open connections; retry shortly",
+                                         "server_error", "too_many_connections").body())
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                              f"application/json\r\nContent-Length: {len(body)}\r\n"
+                              "Retry-After: 1\r\nConnection: close\r\n\r\n"
+                              + body).encode())
+            except OSError:
+                pass
+            return False
+        return True
+
+    def remove(self, sock):
+        with self._lock:
+            self._connections.pop(sock, None)
+
+    def set_idle(self, sock, idle):
+        with self._lock:
+            if sock in self._connections:
+                self._connections[sock] = idle
+
+    def accept_failed(self, exc):
+        """accept() ran out of descriptors: close an idle connection rather
+        than spin, and say so now and then."""
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            return
+        with self._lock:
+            victim = next((c for c, idle in self._connections.items() if idle), None)
+            log = time.monotonic() - self._accept_logged > 10
+            if log:
+                self._accept_logged = time.monotonic()
+        if victim is not None:
+            self._close(victim)
+        if log:
+            self._logs.add(LogEvent.CODEX_WARNING, message=f"accept failed: {exc.strerror}; "
+                           "closing idle connections")
+        time.sleep(0.05)
+
+    def close_all(self):
+        """Wake every handler, idle ones on kept-alive sockets included."""
+        with self._lock:
+            connections = list(self._connections)
+        for sock in connections:
+            self._close(sock)
+
+    @staticmethod
+    def _close(sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class RateLimits:
+    """The plan's usage windows as Codex last reported them
+    (account/rateLimits/read and .../updated), for /health, the log page's
+    header and the reset time in a 429."""
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        # _lock guards _limits and _at.
+        self._lock = threading.Lock()
+        self._limits, self._at = None, None
+
+    def seen(self, snapshot):
+        """Merge the windows Codex knows (called from reader threads)."""
+        if not isinstance(snapshot, dict):
+            return
+        with self._lock:
+            merged = dict(self._limits or {})
+            merged.update({k: v for k, v in snapshot.items() if v is not None})
+            self._limits, self._at = merged, self._clock()
+
+    def view(self):
+        """The windows for /health and the log page, or None."""
+        with self._lock:
+            limits, at = self._limits, self._at
+        if not limits or not (limits.get("primary") or limits.get("secondary")):
+            return None
+        now, windows = self._clock(), []
+        for name in ("primary", "secondary"):
+            window = limits.get(name)
+            if not isinstance(window, dict) or window.get("usedPercent") is None:
+                continue
+            resets = window.get("resetsAt")
+            windows.append({"name": name, "used_percent": window.get("usedPercent"),
+                            "window_minutes": window.get("windowDurationMins"),
+                            "resets_at": resets,
+                            "resets_in_seconds": max(0, int(resets - now))
+                            if isinstance(resets, (int, float)) else None})
+        return {"plan": limits.get("planType"), "windows": windows,
+                "reached": limits.get("rateLimitReachedType"), "updated_at": int(at)}
+
+    def reset_seconds(self):
+        """Seconds until the fullest window resets, when Codex told us."""
+        windows = [w for w in (self.view() or {}).get("windows", [])
+                   if w["resets_in_seconds"] is not None]
+        if not windows:
+            return None
+        return max(windows, key=lambda w: w["used_percent"] or 0)["resets_in_seconds"] or None
 
 # ---------------------------------------------------------------------------
-# HTTP handler
+# HTTP: framing (pure), the connection's plumbing, endpoints, routing
 # ---------------------------------------------------------------------------
 
-class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """Routes /v1/... and /... to the chat, responses, models, health and log
-    endpoints, after the framing and access checks every request gets."""
+
+DRAIN_LIMIT = 64 * 1024           # an unread body this small is read and dropped
+
+
+def framing_error(message):
+    return ProxyError(400, message, code="bad_framing")
+
+
+def body_framing(headers):
+    """-> ("none", 0) | ("length", n) | ("chunked", None); ProxyError (400)
+    for anything a front proxy and this server could read differently."""
+    te = headers.get_all("Transfer-Encoding") or []
+    cl = headers.get_all("Content-Length") or []
+    if te:
+        if cl:
+            raise framing_error("a request may not carry both Content-Length and "
+                                "Transfer-Encoding")
+        if len(te) != 1 or te[0].strip().lower() != "chunked":
+            raise framing_error("Transfer-Encoding must be exactly chunked")
+        return "chunked", None
+    if not cl:
+        return "none", 0
+    values = {v.strip() for v in cl}
+    value = values.pop()
+    if values or not re.fullmatch(r"[0-9]{1,15}", value):
+        raise framing_error("Content-Length must be one non-negative decimal number")
+    return ("length", int(value)) if int(value) else ("none", 0)
+
+
+class HttpHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 plumbing, knowing nothing of the APIs: deadlines for a
+    request's line, headers and body, unambiguous framing, bodies read or
+    dropped, JSON answers, chunked event streams, and noticing a client that
+    has left.  A subclass names the `methods` it serves and `dispatch`es."""
 
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"   # no HTTP/0.9: even junk gets a status line
     server_version = f"codex-openai-proxy/{__version__}"
     error_content_type = "application/json"
     timeout = REQUEST_READ_SECONDS
+    methods = ()
 
-    # -- plumbing ----------------------------------------------------------
     def setup(self):
         super().setup()
         self.request_id = None
@@ -3331,14 +4320,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """One request, with a short deadline for its line and headers and a
         longer idle wait between kept-alive requests; idle connections are
         the first to go when connections run short."""
+        connections = self.server.connections
         self.connection.settimeout(KEEPALIVE_IDLE_SECONDS if self._served
                                    else REQUEST_READ_SECONDS)
-        self.server.set_idle(self.connection, True)
+        connections.set_idle(self.connection, True)
         try:
             try:
                 self.raw_requestline = self.rfile.readline(65537)
             finally:
-                self.server.set_idle(self.connection, False)
+                connections.set_idle(self.connection, False)
             self.connection.settimeout(REQUEST_READ_SECONDS)
             self._served += 1
             self.headers = None
@@ -3351,20 +4341,33 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            method = getattr(self, "do_" + self.command, None)
-            if method is None:
+            if self.command not in self.methods:
                 self.send_error(501, f"unsupported method {self.command!r}")
                 return
-            method()
+            self.dispatch(self.command)
             self.wfile.flush()
         except (socket.timeout, OSError, ValueError):
             self.close_connection = True
 
+    def dispatch(self, method):
+        raise NotImplementedError
+
+    @property
+    def route(self):
+        path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
+        if path == "/v1" or path.startswith("/v1/"):
+            path = path[3:] or "/"
+        return path
+
+    @property
+    def query(self):
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+
+    # -- answers -------------------------------------------------------------
     def end_headers(self):
-        origin = self.headers.get("Origin") if self.headers is not None else None
-        if origin and (self.server.config.api_keys or origin_allowed(
-                origin, self.server.config.allow_origins)):
-            self.send_header("Access-Control-Allow-Origin", origin.strip())
+        origin = self.server.access.cors_origin(self.headers)
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
         if self.close_connection or self.server.stopping.is_set():
             self.send_header("Connection", "close")
@@ -3382,7 +4385,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def send_error_body(self, error):
-        """The one place an OpenAI error body is written."""
+        """The one place an error body is written."""
         self.send_json(error.status, error.body(), error.headers)
 
     def send_error(self, code, message=None, explain=None):
@@ -3429,18 +4432,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    @property
-    def route(self):
-        path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
-        if path == "/v1" or path.startswith("/v1/"):
-            path = path[3:] or "/"
-        return path
-
-    @property
-    def query(self):
-        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-
-    # -- request bodies ----------------------------------------------------
+    # -- request bodies ------------------------------------------------------
     def read_body(self):
         kind, length = self._framing
         self._framing = ("read", 0)
@@ -3453,6 +4445,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise self.too_large()
             return self._read_exact(length, deadline)
         return self._read_chunked(deadline)
+
+    def read_json_body(self):
+        return parse_json_body(self.read_body())
 
     def too_large(self):
         return ProxyError(413, f"request body over {self.server.config.max_body} bytes "
@@ -3510,33 +4505,117 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if kind in ("length", "chunked"):
             self.close_connection = True
 
-    def read_json_body(self):
-        return parse_json_body(self.read_body())
 
-    # -- entry points ------------------------------------------------------
-    def do_GET(self):
-        self.dispatch("GET")
+# -- endpoints: each takes the handler of one request ---------------------
 
-    def do_POST(self):
-        self.dispatch("POST")
+def endpoint_health(handler):
+    server = handler.server
+    launcher = server.launcher
+    _, version, logged_in = launcher.codex.snapshot()
+    body = {"status": "ok", "version": __version__, "codex_version": version,
+            "logged_in": logged_in, "engine": launcher.engine.name,
+            "engine_reason": launcher.engine_reason, "warm_spares": len(launcher.warm),
+            "parked_turns": len(server.turns.parked)}
+    if server.access.key_ok(handler.headers):
+        body["rate_limits"] = server.rate_limits.view()
+    handler.send_json(200, body)
 
-    def do_PUT(self):
-        self.dispatch("PUT")
 
-    def do_DELETE(self):
-        self.dispatch("DELETE")
+def endpoint_models(handler):
+    handler.send_json(200, {"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "codex-openai-proxy"}
+        for name in handler.server.launcher.model_names()]})
 
-    def do_PATCH(self):
-        self.dispatch("PATCH")
 
-    def do_HEAD(self):
-        self.dispatch("HEAD")
+def endpoint_logs(handler):
+    """The page for browsers (it asks for the key itself); the events as JSON
+    for everyone else, with the key."""
+    server = handler.server
+    html = server.logs_page()
+    wants_json = handler.query.get("format", [""])[0] == "json" or \
+        "text/html" not in (handler.headers.get("Accept") or "")
+    if html is not None and not wants_json:
+        data = html.encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html; charset=utf-8")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Content-Security-Policy", "default-src 'self'; "
+                            "script-src 'unsafe-inline'; style-src 'unsafe-inline'")
+        handler.end_headers()
+        handler.wfile.write(data)
+        return
+    server.access.require_key(handler.headers)
+    handler.send_json(200, {"events": server.logs.since(since_of(handler)),
+                            "instance": server.instance})
 
-    def do_OPTIONS(self):
-        self.dispatch("OPTIONS")
+
+def since_of(handler):
+    try:
+        return int(handler.query.get("since", ["0"])[0])
+    except ValueError:
+        raise bad_request("since must be an integer", "since")
+
+
+def endpoint_logs_stream(handler):
+    server = handler.server
+    seq = since_of(handler)
+    handler.start_event_stream()
+    handler.write_chunk(b": connected\n\n")
+    quiet_since = time.monotonic()
+    while not server.stopping.is_set():
+        events = server.logs.wait_since(seq, 1.0)
+        if events:
+            seq = events[-1]["seq"]
+            handler.write_chunk(b"".join(b"id: %d\n" % e["seq"] + sse(e) for e in events))
+            quiet_since = time.monotonic()
+        elif handler.client_gone():
+            raise ClientGone()
+        elif time.monotonic() - quiet_since >= server.config.keepalive:
+            handler.write_chunk(b": keepalive\n\n")
+            quiet_since = time.monotonic()
+    handler.end_chunks()
+
+
+def endpoint_chat(handler):
+    server = handler.server
+    body = handler.read_json_body()
+    server.turns.serve(handler, parse_chat_request(body, server.config.reasoning,
+                                                   server.turns.responses.get))
+
+
+def endpoint_responses(handler):
+    server = handler.server
+    body = handler.read_json_body()
+    server.turns.serve(handler, parse_responses_request(body, server.turns.responses.get))
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    methods: tuple
+    endpoint: object            # endpoint_...(handler)
+    key: str = "required"       # "required", "none" (open), or "endpoint" (it checks)
+
+
+ROUTES = {
+    "/chat/completions": Route(("POST",), endpoint_chat),
+    "/responses": Route(("POST",), endpoint_responses),
+    "/models": Route(("GET",), endpoint_models),
+    "/health": Route(("GET",), endpoint_health, key="none"),
+    "/logs": Route(("GET",), endpoint_logs, key="endpoint"),
+    "/logs/stream": Route(("GET",), endpoint_logs_stream),
+}
+
+
+class ProxyHandler(HttpHandler):
+    """Routing and errors: every request gets the framing and access checks,
+    then its route's endpoint; every error is answered and logged here."""
+
+    methods = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
     def dispatch(self, method):
         self.request_id = "req_" + secrets.token_hex(5)
+        server = self.server
         try:
             try:
                 self._framing = body_framing(self.headers)
@@ -3544,43 +4623,53 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 self._framing = ("read", 0)
                 raise
-            if self.server.stopping.is_set():   # a kept-alive connection outlived the server
+            if server.stopping.is_set():   # a kept-alive connection outlived the server
                 raise ProxyError(503, "the proxy is shutting down", "server_error",
                                  code="shutting_down")
-            self.server.check_access(self)
-            route = self.route
-            if route not in ROUTES:
-                raise ProxyError(404, f"no route {method} {route}; this proxy serves "
-                                 "/v1/chat/completions, /v1/responses and /v1/models",
-                                 code="not_found")
-            if method == "OPTIONS":
-                return self.preflight(route)
-            if method not in ROUTES[route]:
-                raise ProxyError(405, f"{route} takes {', '.join(ROUTES[route])}, "
-                                 f"not {method}", code="method_not_allowed",
-                                 headers={"Allow": ", ".join(ROUTES[route] + ("OPTIONS",))})
-            self.server.check_key(self, route)
-            getattr(self, "handle_" + route.strip("/").replace("/", "_"))()
+            server.access.check(self.headers)
+            route = self._route(method)
+            if route is None:
+                return self.preflight()
+            if route.key == "required":
+                server.access.require_key(self.headers)
+            route.endpoint(self)
         except ProxyError as error:
             self.reject(error)
         except DISCONNECT_ERRORS:
             self.close_connection = True
         except Exception as exc:   # never a traceback to the client
-            self.server.logs.add("internal_error", self.request_id,
-                                 error=f"{type(exc).__name__}: {exc}"[:500])
+            server.logs.add(LogEvent.INTERNAL_ERROR, self.request_id,
+                            error=f"{type(exc).__name__}: {exc}"[:500])
             self.reject(ProxyError(500, "internal proxy error; see the proxy's log",
                                    "server_error"), log=False)
         finally:
             self.settle_body()
-            if self.server.stopping.is_set():
+            if server.stopping.is_set():
                 self.close_connection = True
+
+    def _route(self, method):
+        """The Route for this path and method; None for a CORS preflight."""
+        path = self.route
+        route = ROUTES.get(path)
+        if route is None:
+            raise ProxyError(404, f"no route {method} {path}; this proxy serves "
+                             "/v1/chat/completions, /v1/responses and /v1/models",
+                             code="not_found")
+        if method == "OPTIONS":
+            return None
+        if method not in route.methods:
+            raise ProxyError(405, f"{path} takes {', '.join(route.methods)}, "
+                             f"not {method}", code="method_not_allowed",
+                             headers={"Allow": ", ".join(route.methods + ("OPTIONS",))})
+        return route
 
     def reject(self, error, log=True):
         """Answer with an error before any response started, and log it."""
         self.settle_body()
         if log:
             self.server.logs.add(
-                "auth_rejected" if error.code in ACCESS_CODES else "request_rejected",
+                LogEvent.AUTH_REJECTED if error.code in ACCESS_CODES
+                else LogEvent.REQUEST_REJECTED,
                 self.request_id, status=error.status, code=error.code,
                 method=self.command, route=self.route if self.headers is not None else None,
                 client=self.client_address[0], message=error.message[:300])
@@ -3589,149 +4678,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except DISCONNECT_ERRORS + (OSError,):
             self.close_connection = True
 
-    def preflight(self, route):
-        requested = (self.headers.get("Access-Control-Request-Headers") or "").split(",")
-        allowed = [h for h in (x.strip().lower() for x in requested)
-                   if h in CORS_HEADERS or h.startswith(CORS_HEADER_PREFIXES)]
+    def preflight(self):
         self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", ", ".join(ROUTES[route] + ("OPTIONS",)))
-        self.send_header("Access-Control-Allow-Headers",
-                         ", ".join(allowed or ("authorization", "content-type")))
+        self.send_header("Access-Control-Allow-Methods",
+                         ", ".join(ROUTES[self.route].methods + ("OPTIONS",)))
+        self.send_header("Access-Control-Allow-Headers", ", ".join(
+            AccessPolicy.preflight_headers(self.headers.get("Access-Control-Request-Headers"))))
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    # -- small endpoints ---------------------------------------------------
-    def handle_health(self):
-        server = self.server
-        _, version, logged_in = server.codex.snapshot()
-        body = {"status": "ok", "version": __version__, "codex_version": version,
-                "logged_in": logged_in, "engine": server.engine,
-                "engine_reason": server.engine_reason, "warm_spares": len(server.warm),
-                "parked_turns": len(server.parked)}
-        if server.key_ok(self.headers):
-            body["rate_limits"] = server.rate_limit_view()
-        self.send_json(200, body)
-
-    def handle_models(self):
-        self.send_json(200, {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "codex-openai-proxy"}
-            for name in self.server.model_names()]})
-
-    def handle_logs(self):
-        html = self.server.logs_page()
-        wants_json = self.query.get("format", [""])[0] == "json" or \
-            "text/html" not in (self.headers.get("Accept") or "")
-        if html is not None and not wants_json:
-            data = html.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Content-Security-Policy", "default-src 'self'; "
-                             "script-src 'unsafe-inline'; style-src 'unsafe-inline'")
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        self.server.require_key(self)
-        self.send_json(200, {"events": self.server.logs.since(self._since()),
-                             "instance": self.server.instance})
-
-    def _since(self):
-        try:
-            return int(self.query.get("since", ["0"])[0])
-        except ValueError:
-            raise bad_request("since must be an integer", "since")
-
-    def handle_logs_stream(self):
-        seq = self._since()
-        self.start_event_stream()
-        self.write_chunk(b": connected\n\n")
-        quiet_since = time.monotonic()
-        while not self.server.stopping.is_set():
-            events = self.server.logs.wait_since(seq, 1.0)
-            if events:
-                seq = events[-1]["seq"]
-                self.write_chunk(b"".join(b"id: %d\n" % e["seq"] + sse(e) for e in events))
-                quiet_since = time.monotonic()
-            elif self.client_gone():
-                raise ClientGone()
-            elif time.monotonic() - quiet_since >= self.server.config.keepalive:
-                self.write_chunk(b": keepalive\n\n")
-                quiet_since = time.monotonic()
-        self.end_chunks()
-
-    # -- the two APIs ------------------------------------------------------
-    def handle_chat_completions(self):
-        body = self.read_json_body()
-        self.serve(parse_chat_request(body, self.server.config.reasoning,
-                                      self.server.responses.get))
-
-    def handle_responses(self):
-        body = self.read_json_body()
-        self.serve(parse_responses_request(body, self.server.responses.get))
-
-    def serve(self, request):
-        server = self.server
-        self.log_incoming(request)
-        run = server.resume_run(request, self.request_id)
-        if run is None:     # only a fresh run needs the prompt rendered
-            run = server.start_run(request, server.run_spec(request),
-                                   self.request_id)             # counts as active
-        self.serve_turn(run, request)
-
-    def log_incoming(self, request):
-        fields = {"api": request.api, "model": request.model, "stream": request.stream,
-                  "messages": len(request.messages), "tools": len(request.tools),
-                  "client": self.client_address[0]}
-        if request.output_note:
-            fields["output_format"] = request.output_note
-        if self.server.config.log_bodies:
-            fields["prompt"] = render_prompt(request.messages)[-4000:]
-        self.server.logs.add("incoming_request", self.request_id, **fields)
-
-    def serve_turn(self, run, request):
-        """Relay one run to this response; keep it parked if it called tools."""
-        server, logs = self.server, self.server.logs
-        responder = ChatResponder if request.api == "chat" else ResponsesResponder
-        out = responder(self, request, server.config.reasoning)
-        started = time.monotonic()
-        outcome = "failed"
-        if request.api == "responses" and request.store:
-            out.on_finish = lambda done: server.responses.put(done.id, request.messages + [
-                Message("assistant", done.answer_text(), tool_calls=list(done.calls))])
-        try:
-            out.open()
-            outcome, usage, reason = TurnPump(server, run, out, self, request).run()
-            logs.add("cursor_response", self.request_id, turn=run.id, api=request.api,
-                     finish_reason=reason, duration_ms=int((time.monotonic() - started) * 1000),
-                     usage=openai_usage(usage) if outcome != "parked" else None,
-                     tool_calls=len(out.calls),
-                     **({"answer": out.answer_text()[-4000:]} if server.config.log_bodies
-                        else {}))
-        except ProxyError as error:
-            logs.add("stream_codex_error", self.request_id, turn=run.id,
-                     status=error.status, code=error.code, message=error.message[:500])
-            try:
-                out.fail(error)
-            except DISCONNECT_ERRORS:
-                self.close_connection = True
-        except DISCONNECT_ERRORS:
-            outcome = "disconnected"
-            logs.add("client_disconnected", self.request_id, turn=run.id,
-                     duration_ms=int((time.monotonic() - started) * 1000))
-            self.close_connection = True
-        finally:
-            server.leave_active(run, outcome)
-
-
 # ---------------------------------------------------------------------------
-# The server
+# The server: wiring and lifecycle
 # ---------------------------------------------------------------------------
+
 
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """Owns the shared state: config, log buffer, engine, runs, parked turns,
-    warm spares, stored responses, connections."""
+    """Wires the parts together and runs them: the log, access rules,
+    connections, rate limits, the Codex launcher and the turns.  Each part
+    owns its state and its lock; handlers reach them through `self.server`."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -3739,534 +4704,51 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config, log_stream=sys.stderr, clock=time.monotonic):
         self.config = config
-        self.clock = clock
         self.logs = LogBuffer(config.log_size, None if config.quiet else log_stream)
-        self.env = child_environment(os.environ, config.api_keys, config.codex_home)
-        self.codex = CodexInfo(config, self.env, on_refresh=self._codex_checked)
-        self.user_config = CodexConfigFile(config.codex_home_dir)
-        self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
-        self.responses = ResponseStore(clock=clock)
         self.stopping = threading.Event()
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
-        self.own_names = own_host_names()
-        self.max_connections = connection_budget(config)
-        self.catalog_path, self.catalog_models = None, []
-        self.engine = "exec" if config.engine == "exec" else "app-server"
-        self.engine_reason = "not checked yet"
-        self.warm = WarmPool(config.warm if config.engine != "exec" else 0,
-                             self.spawn_app_server, self.warm_key, clock=clock,
-                             on_error=self._warm_failed)
-        # _catalog_lock guards _catalog_version and the engine choice; the
-        # catalog build and the probe run under it, off the request path.
-        self._catalog_lock = threading.Lock()
-        self._catalog_version = None
-        # _lock guards _runs, _active, _connections, _rate_limits and _accept_logged.
-        self._lock = threading.Lock()
-        self._runs = {}
-        self._active = 0
-        self._connections = {}          # socket -> idle (waiting for a request line)
-        self._rate_limits, self._rate_limits_at = None, None
-        self._accept_logged = 0.0
+        self.access = AccessPolicy(config)
+        self.connections = ConnectionTable(connection_budget(config), self.logs)
+        self.rate_limits = RateLimits()
+        self.env = child_environment(os.environ, config.api_keys, config.codex_home)
+        self.runs = RunTable()
+        self.launcher = CodexLauncher(config, self.env, self.logs, self.rate_limits,
+                                      self.runs, self.stopping, clock)
+        self.turns = Turns(config, self.launcher, self.logs, self.runs, self.stopping, clock)
         self._logs_html = None
-        self._bridge_thread = None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         super().__init__((config.host, config.port), ProxyHandler)
-        self.bridge = BridgeListener(self)
 
-    # -- lifecycle ---------------------------------------------------------
     def start_background(self):
         """Check Codex, pick the engine, build the model catalog, start the
         helper threads and the warm spares."""
-        self.codex.refresh()        # builds the catalog and probes the engine too
-        self._bridge_thread = threading.Thread(
-            target=self.bridge.serve_forever, kwargs={"poll_interval": 0.2},
-            name="bridge-listener", daemon=True)
-        self._bridge_thread.start()
-        threading.Thread(target=self._reap_parked, name="parked-reaper",
-                         daemon=True).start()
-        self.warm.start()
-
-    def _codex_checked(self, argv, version):
-        """At start-up and whenever Codex's version changes: build the model
-        catalog and choose the engine again."""
-        with self._catalog_lock:        # one build per version, even when checks race
-            if argv is None or version == self._catalog_version:
-                if argv is None:
-                    self.engine_reason = "Codex not found"
-                return
-            self._catalog_version = version
-            state_dir = self.config.state_dir or default_state_dir()
-            try:
-                self.catalog_path, self.catalog_models = build_model_catalog(
-                    argv, self.env, state_dir, version)
-            except OSError as exc:
-                self.logs.add("codex_warning", message=f"model catalog not written: {exc}")
-            self._choose_engine(argv)
-        self.warm.refresh()
-
-    def _choose_engine(self, argv):
-        if self.config.engine == "exec":
-            self.engine, self.engine_reason = "exec", "chosen with --engine exec"
-            return
-        ok, why = self.probe_app_server(argv)
-        if ok:
-            self.engine, self.engine_reason = "app-server", why
-        elif self.config.engine == "app-server":
-            self.engine, self.engine_reason = "app-server", f"forced; its probe failed: {why}"
-        else:
-            self.engine, self.engine_reason = "exec", f"app-server probe failed: {why}"
-        self.logs.add("engine_selected", engine=self.engine, reason=self.engine_reason[:300])
-
-    def probe_app_server(self, argv):
-        """Handshake plus a thread with one dynamic tool -> (ok, reason)."""
-        try:
-            run = AppServerRun("probe_" + secrets.token_hex(4), self.env,
-                               tempfile.mkdtemp(prefix="codex-proxy-"),
-                               self.app_server_argv(argv), self._rate_limits_seen)
-        except OSError as exc:
-            return False, str(exc)
-        try:
-            run.launch().initialize(timeout=20)
-            probe_tool = ToolSpec("probe_tool", "probe", {"type": "object", "properties": {}})
-            result = run.call("thread/start", run.thread_params(
-                "probe", [probe_tool], self.thread_config()), 20)
-            if not (result.get("thread") or {}).get("id"):
-                return False, "thread/start gave no thread"
-            try:
-                limits = run.call("account/rateLimits/read", None, 10)
-                self._rate_limits_seen(limits.get("rateLimits"))
-            except (RpcError, ProxyError):
-                pass        # API-key and custom-provider logins have none
-            return True, "app-server answered the probe"
-        except (ProxyError, RpcError, OSError) as exc:
-            return False, self.redact(str(exc))[:300]
-        finally:
-            run.stop("probe")
+        self.launcher.open()
+        self.turns.start()
 
     def close(self):
         """Stop serving and end every Codex process: spares, parked, running."""
         self.stopping.set()
-        self.warm.close()
-        self._end_all(self.parked.take_all(), "parked_shutdown")
-        with self._lock:
-            runs = list(self._runs.values())
-        self._end_all(runs, "shutdown")
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:     # wakes handlers idling on kept-alive sockets
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._bridge_thread is not None:   # shutdown() waits for serve_forever
-            self.bridge.shutdown()
-        self.bridge.server_close()
+        self.launcher.warm.close()
+        self.turns.close()
+        self.connections.close_all()
+        self.launcher.close()
         self.server_close()
 
-    def _end_all(self, runs, reason):
-        """End runs side by side: each may wait a moment for its turn/interrupt."""
-        threads = [threading.Thread(target=self.end_run, args=(run, reason),
-                                    name=f"stop-{run.id}") for run in runs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    def _reap_parked(self):
-        while not self.stopping.wait(min(1.0, max(0.05, self.config.tool_result_timeout / 10))):
-            for run in self.parked.take_due():
-                self.expire(run, "tool_result_timeout")
-
-    def _warm_failed(self, exc):
-        self.logs.add("codex_warning", message=f"warm app-server failed to start: "
-                      f"{self.redact(str(exc))[:300]}")
-
-    # -- connections ---------------------------------------------------------
+    # -- socketserver hooks: connections ----------------------------------------
     def verify_request(self, request, client_address):
-        """Admit a connection; past --max-connections the oldest idle one
-        makes room, and with none idle the newcomer is refused politely."""
-        victim = refuse = None
-        with self._lock:
-            if len(self._connections) >= self.max_connections:
-                victim = next((c for c, idle in self._connections.items() if idle), None)
-                if victim is None:
-                    refuse = True
-                else:
-                    del self._connections[victim]
-            if not refuse:
-                self._connections[request] = False
-        if victim is not None:
-            try:
-                victim.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if refuse:
-            body = json.dumps(ProxyError(503, "too many open connections; retry shortly",
-                                         "server_error", "too_many_connections").body())
-            try:
-                request.settimeout(1.0)
-                request.sendall(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                                 f"application/json\r\nContent-Length: {len(body)}\r\n"
-                                 "Retry-After: 1\r\nConnection: close\r\n\r\n"
-                                 + body).encode())
-            except OSError:
-                pass
-            return False
-        return True
+        return self.connections.admit(request)
 
     def shutdown_request(self, request):
-        with self._lock:
-            self._connections.pop(request, None)
+        self.connections.remove(request)
         super().shutdown_request(request)
-
-    def set_idle(self, connection, idle):
-        with self._lock:
-            if connection in self._connections:
-                self._connections[connection] = idle
 
     def get_request(self):
         """accept(), which must never spin when descriptors run out."""
         try:
             return super().get_request()
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                with self._lock:
-                    victim = next((c for c, idle in self._connections.items() if idle), None)
-                    log = time.monotonic() - self._accept_logged > 10
-                    if log:
-                        self._accept_logged = time.monotonic()
-                if victim is not None:
-                    try:
-                        victim.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                if log:
-                    self.logs.add("codex_warning", message=f"accept failed: {exc.strerror}; "
-                                  "closing idle connections")
-                time.sleep(0.05)
+            self.connections.accept_failed(exc)
             raise
-
-    # -- access ------------------------------------------------------------
-    def check_access(self, handler):
-        """Without a key: no tunnels, only local pages and local Host names.
-        With a key, the key guards everything (check_key)."""
-        if self.config.api_keys:
-            return
-        headers = handler.headers
-        tunnel = tunnel_headers(headers)
-        if tunnel:
-            raise ProxyError(403, "this request came through a tunnel or proxy "
-                             f"({tunnel[0]} header) but the proxy has no API key: "
-                             "restart it with --api-key-file FILE (or CODEX_PROXY_API_KEY) "
-                             "and set the same key in your client",
-                             "permission_error", "api_key_required")
-        for origin in headers.get_all("Origin") or []:
-            if not origin_allowed(origin, self.config.allow_origins):
-                raise ProxyError(403, f"web pages from {origin.strip()[:100]!r} may not use "
-                                 "this proxy; allow the origin with --allow-origin, or set "
-                                 "an API key", "permission_error", "origin_not_allowed")
-        hosts = headers.get_all("Host") or []
-        if len(hosts) > 1 or not all(host_allowed(h, self.config.allow_hosts,
-                                                  self.own_names) for h in hosts):
-            raise ProxyError(403, "the Host header names neither this machine nor a local "
-                             "address (DNS rebinding?); allow it with --allow-host, or set "
-                             "an API key", "permission_error", "host_not_allowed")
-
-    def check_key(self, handler, route):
-        if route in OPEN_ROUTES or (route == "/logs" and self.logs_page() is not None):
-            return      # /logs checks the key itself before answering JSON
-        self.require_key(handler)
-
-    def key_ok(self, headers):
-        if not self.config.api_keys:
-            return True
-        offered = offered_key(headers)
-        return offered is not None and any(
-            hmac.compare_digest(offered.encode(), k.encode()) for k in self.config.api_keys)
-
-    def require_key(self, handler):
-        if not self.key_ok(handler.headers):
-            raise ProxyError(401, "invalid or missing API key: send Authorization: "
-                             "Bearer <key> with the key the proxy was started with",
-                             "authentication_error", "invalid_api_key")
-
-    def redact(self, text):
-        return redact_paths(text, (self.config.codex_home_dir, self.config.state_dir,
-                                   tempfile.gettempdir(), os.path.expanduser("~")))
-
-    # -- rate limits ---------------------------------------------------------
-    def _rate_limits_seen(self, snapshot):
-        """account/rateLimits (read or updated): merge the windows Codex knows."""
-        if not isinstance(snapshot, dict):
-            return
-        with self._lock:
-            merged = dict(self._rate_limits or {})
-            merged.update({k: v for k, v in snapshot.items() if v is not None})
-            self._rate_limits, self._rate_limits_at = merged, time.time()
-
-    def rate_limit_view(self):
-        """The plan's windows for /health and the log page, or None."""
-        with self._lock:
-            limits, at = self._rate_limits, self._rate_limits_at
-        if not limits or not (limits.get("primary") or limits.get("secondary")):
-            return None
-        now, windows = time.time(), []
-        for name in ("primary", "secondary"):
-            window = limits.get(name)
-            if not isinstance(window, dict) or window.get("usedPercent") is None:
-                continue
-            resets = window.get("resetsAt")
-            windows.append({"name": name, "used_percent": window.get("usedPercent"),
-                            "window_minutes": window.get("windowDurationMins"),
-                            "resets_at": resets,
-                            "resets_in_seconds": max(0, int(resets - now))
-                            if isinstance(resets, (int, float)) else None})
-        return {"plan": limits.get("planType"), "windows": windows,
-                "reached": limits.get("rateLimitReachedType"), "updated_at": int(at)}
-
-    def reset_seconds(self):
-        """Seconds until the fullest window resets, when Codex told us."""
-        view = self.rate_limit_view()
-        windows = [w for w in (view or {}).get("windows", [])
-                   if w["resets_in_seconds"] is not None]
-        if not windows:
-            return None
-        return max(windows, key=lambda w: w["used_percent"] or 0)["resets_in_seconds"] or None
-
-    def codex_failure(self, payload):
-        """A failed turn (exec message or app-server TurnError) -> ProxyError."""
-        reset = self.reset_seconds()
-        error = classify_codex_error(payload, reset) if isinstance(payload, dict) else \
-            classify_failure(str(payload), reset)
-        error.message = self.redact(clean_codex_output(error.message) or error.message)
-        if error.status == 401:
-            self.codex.expire()
-        return error
-
-    # -- runs --------------------------------------------------------------
-    def run_spec(self, request):
-        """What Codex gets for a request; a prompt Codex would refuse is refused here."""
-        model, effort = resolve_model(request.model, self.config.aliases)
-        tools = request.tools if request.tool_choice != "none" else []
-        spec = RunSpec(model=model, effort=request.reasoning_effort or effort,
-                       summary=request.reasoning_summary,
-                       instructions=request_instructions(request, tools),
-                       prompt=render_prompt(request.messages), images=request.images(),
-                       tools=tools, output_schema=request.output_schema)
-        if len(spec.prompt) > MAX_INPUT_CHARS:
-            raise ProxyError(400, f"the conversation is {len(spec.prompt)} characters; Codex "
-                             f"takes at most {MAX_INPUT_CHARS}. Shorten it.",
-                             "invalid_request_error", "context_length_exceeded", "messages")
-        return spec
-
-    def thread_config(self):
-        config = dict(FORWARDER_THREAD_CONFIG)
-        if self.catalog_path:
-            config["model_catalog_json"] = self.catalog_path
-        return config
-
-    def app_server_argv(self, prefix):
-        argv = [*prefix, "app-server"]
-        for item in self.config.codex_config:
-            argv += ["-c", item]
-        return argv
-
-    def warm_key(self):
-        """What a spare depends on; None when no spare should be kept."""
-        argv, version = self.codex.current()
-        if argv is None or self.engine != "app-server":
-            return None
-        auth = os.path.join(self.config.codex_home_dir, "auth.json")
-        try:
-            auth_stamp = os.stat(auth).st_mtime_ns
-        except OSError:
-            auth_stamp = None
-        return (tuple(argv), version, self.catalog_path, self.user_config.stamp(),
-                auth_stamp, tuple(self.config.codex_config))
-
-    def spawn_app_server(self):
-        """A new app-server process, initialized (a spare, or for a request)."""
-        argv, _ = self.codex.current()
-        if argv is None:
-            raise ProxyError(503, "the Codex CLI was not found", "server_error",
-                             "codex_not_found")
-        run = AppServerRun("turn_" + secrets.token_hex(5), self.env,
-                           tempfile.mkdtemp(prefix="codex-proxy-"),
-                           self.app_server_argv(argv), self._rate_limits_seen)
-        try:
-            run.launch().initialize()
-        except OSError as exc:
-            run.stop("failed to start")
-            raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
-                             "server_error", "codex_not_found")
-        except BaseException:
-            run.stop("failed to start")
-            raise
-        return run
-
-    def check_ready(self):
-        argv, _, logged_in = self.codex.snapshot()
-        if argv is None:
-            raise ProxyError(503, f"the Codex CLI was not found; install it with "
-                             f"`{INSTALL_HINT}` (or point --codex-bin at it), then run "
-                             "`codex login`", "server_error", "codex_not_found")
-        user_config = self.user_config.read()
-        if not logged_in and not uses_custom_provider(user_config, self.config.codex_config):
-            raise ProxyError(401, "Codex is not logged in: run `codex login` on the "
-                             "proxy's machine (with your ChatGPT account), then retry",
-                             "authentication_error", "codex_not_logged_in")
-        return argv, user_config
-
-    def start_run(self, request, spec, request_id):
-        """Admit the request (the concurrency check first, then readiness from
-        the cached checks) and start a Codex for it."""
-        with self._lock:
-            if self._active >= self.config.max_concurrent:
-                raise ProxyError(429, f"{self._active} Codex runs are busy "
-                                 "(--max-concurrent); retry shortly", "rate_limit_error",
-                                 "too_many_concurrent_requests", headers={"Retry-After": "2"})
-            self._active += 1
-        try:
-            argv, user_config = self.check_ready()
-            results = trailing_tool_results(request.messages)
-            if results:
-                self.logs.add("fallback_transcript", request_id, results=len(results))
-            if self.engine == "app-server":
-                return self._start_app_server(request, spec)
-            return self._start_exec(request, spec, argv, user_config)
-        except BaseException:
-            with self._lock:
-                self._active -= 1
-            raise
-
-    def _register(self, run, request, spec):
-        run.set_tools(spec.tools, request.history_ids())
-        run.fingerprint = request.fingerprint()
-        run.model = spec.model or self.user_config.read().get("model")
-        run.effort = spec.effort
-        with self._lock:
-            self._runs[run.id] = run
-
-    def _start_app_server(self, request, spec):
-        run = self.warm.take()
-        if run is not None:
-            run.warm = True
-        while True:
-            if run is None:
-                run = self.spawn_app_server()
-            self._register(run, request, spec)
-            try:
-                run.start(spec, self.thread_config())
-                return run
-            except ProxyError:
-                self.end_run(run, "spawn_failed")
-                if not run.warm or run.thread_id is not None:
-                    raise
-                run = None      # a spare that died before its thread started: go fresh
-            except BaseException:
-                self.end_run(run, "spawn_failed")
-                raise
-
-    def _start_exec(self, request, spec, argv_prefix, user_config):
-        run = ExecRun("turn_" + secrets.token_hex(5), self.env,
-                      tempfile.mkdtemp(prefix="codex-proxy-"))
-        self._register(run, request, spec)
-        try:
-            instructions, images, schema = write_run_files(
-                run, spec.instructions, spec.images, spec.output_schema)
-            bridge_path = self._write_bridge_config(run, spec.tools) if spec.tools else None
-            argv = codex_argv(
-                argv_prefix, model=spec.model, effort=spec.effort, user_config=user_config,
-                extra_config=self.config.codex_config, workdir=run.workdir,
-                instructions_path=instructions, images=images, bridge_config=bridge_path,
-                catalog=self.catalog_path, bridge_timeout=self.config.tool_result_timeout,
-                output_schema=schema, summary=spec.summary)
-            run.start(argv, spec.prompt)
-        except OSError as exc:
-            self.end_run(run, "spawn_failed")
-            raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
-                             "server_error", "codex_not_found")
-        except BaseException:
-            self.end_run(run, "spawn_failed")
-            raise
-        return run
-
-    def _write_bridge_config(self, run, tools):
-        path = os.path.join(run.tempdir, "bridge.json")
-        host, port = self.bridge.server_address[:2]
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"relay": f"{host}:{port}", "run": run.id, "secret": run.secret,
-                       "tools": mcp_tool_list(tools)}, f)
-        return path
-
-    def resume_run(self, request, request_id):
-        """The parked run these tool results answer, with the results
-        delivered; None when no parked turn of this conversation matches."""
-        results = trailing_tool_results(request.messages)
-        history_ids = request.history_ids()
-        run = self.parked.claim(r.tool_call_id for r in results) if results else None
-        for stale in self.parked.take_mentioning(history_ids):
-            self.expire(stale, "history_changed")
-        if run is None:
-            return None
-        if run.fingerprint != request.fingerprint():     # e.g. a handoff to another agent
-            self.expire(run, "conversation_changed")
-            return None
-        run.remember_ids(history_ids)
-        answered = 0
-        for result in results:
-            if run.answer(result.tool_call_id, result.text):
-                answered += 1
-                self.logs.add("tool_result_received", request_id, turn=run.id,
-                              call_id=result.tool_call_id, result_chars=len(result.text))
-        for missing in run.open_call_ids():
-            run.answer(missing, "The client sent no result for this call.", True)
-        self.logs.add("turn_resumed", request_id, turn=run.id, results=answered)
-        with self._lock:
-            self._active += 1
-        return run
-
-    def leave_active(self, run, outcome):
-        with self._lock:
-            self._active -= 1
-        if outcome != "parked":
-            self.end_run(run, outcome)
-
-    def park(self, run):
-        for evicted in self.parked.park(run):
-            self.expire(evicted, "max_parked")
-
-    def expire(self, run, reason):
-        self.logs.add("parked_expired", None, turn=run.id, reason=reason,
-                      pending=sorted(run.open_call_ids(sent_only=False)))
-        self.end_run(run, reason)
-
-    def end_run(self, run, reason):
-        with self._lock:
-            self._runs.pop(run.id, None)
-        if reason == "done":    # Codex ends by itself; reap it off the request path
-            threading.Thread(target=run.stop, kwargs={"grace": KILL_GRACE_SECONDS},
-                             name=f"reap-{run.id}", daemon=True).start()
-        else:
-            run.stop(f"The tool call was abandoned ({reason}).")
-
-    def find_run(self, run_id):
-        with self._lock:
-            return self._runs.get(run_id)
-
-    # -- content -----------------------------------------------------------
-    def model_names(self):
-        user_config = self.user_config.read()
-        names = []
-        base = [user_config.get("model")] + list(self.config.aliases) + \
-            list(self.config.aliases.values()) + list(self.catalog_models)
-        for name in base:
-            if not isinstance(name, str) or not name:
-                continue
-            for candidate in (name, name[::-1]):
-                if candidate not in names:
-                    names.append(candidate)
-        return names
 
     def logs_page(self):
         if self._logs_html is None and self.config.logs_html:
@@ -4443,7 +4925,8 @@ def raise_descriptor_limit():
 
 
 def banner(server):
-    cfg, codex = server.config, server.codex
+    cfg, launcher = server.config, server.launcher
+    codex = launcher.codex
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{host}:{server.server_address[1]}"
     if codex.argv is None:
@@ -4454,18 +4937,19 @@ def banner(server):
         codex_line = f"{' '.join(codex.argv)} ({codex.version or 'version unknown'}), {login}"
     key = "required" if cfg.api_keys else \
         "none (only local pages and local Host names; tunnels are refused)"
-    warm = f", {server.warm.size} warm spare(s)" if server.engine == "app-server" and \
-        server.warm.size else ""
+    warm = f", {launcher.warm.size} warm spare(s)" if launcher.engine.warms and \
+        launcher.warm.size else ""
     lines = [f"codex-openai-proxy {__version__} listening on {base}",
              f"  base URL for Cursor / OpenAI clients: {base}/v1",
              f"  codex: {codex_line}",
              f"  API key: {key}",
-             f"  engine: {server.engine} ({server.engine_reason}){warm}",
+             f"  engine: {launcher.engine.name} ({launcher.engine_reason}){warm}",
              f"  logs: {base}/logs"]
-    server.user_config.read()
-    if server.user_config.error:
-        lines.append(f"  note: {server.user_config.path} could not be read "
-                     f"({server.user_config.error}); its model settings are ignored")
+    user_config = launcher.user_config
+    user_config.read()
+    if user_config.error:
+        lines.append(f"  note: {user_config.path} could not be read "
+                     f"({user_config.error}); its model settings are ignored")
     agents = global_agents_file(cfg.codex_home_dir)
     if agents:
         lines.append(f"  note: Codex sends {agents} to the model with every request; "

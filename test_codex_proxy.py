@@ -956,7 +956,10 @@ def test_translate_codex_event_table():
                                                   "text": "hi"}}) == [("text", ("i", "hi"))]
     assert t({"type": "item.updated", "item": {"type": "agent_message", "text": "h"}}) == []
     assert t({"type": "error", "message": "Reconnecting... 1/5"}) == [("warning", "Reconnecting... 1/5")]
-    assert t({"type": "turn.failed", "error": {"message": "boom"}}) == [("failed", "boom")]
+    assert t({"type": "turn.failed", "error": {"message": "boom"}}) == \
+        [("failed", {"message": "boom"})]
+    assert t({"type": "item.completed", "item": {"id": "r", "type": "reasoning",
+                                                  "text": "hm"}}) == [("reasoning", ("r", 0, "hm"))]
     assert t({"type": "turn.completed", "usage": {"input_tokens": 1}}) == \
         [("usage", {"input_tokens": 1}), ("completed", None)]
     assert t({"type": "item.completed", "item": {"type": "command_execution"}}) == \
@@ -1595,14 +1598,14 @@ def test_http_servers_own_errors_are_json(proxy):
 def test_a_new_codex_version_gets_its_own_catalog(proxy, fake_codex, tmp_path):
     assert (tmp_path / "state" / "model-catalog-codex-cli-0.0.0-fake.json").exists()
     (fake_codex.dir / "version").write_text("codex-cli 9.9.9")
-    proxy.server.codex.expire()
+    proxy.server.launcher.codex.expire()
     post_chat(proxy.base, chat_body())
     catalog = tmp_path / "state" / "model-catalog-codex-cli-9.9.9.json"
     assert wait_until(catalog.exists, 10)
     models = json.loads(catalog.read_text())["models"]
     assert all(m["supports_search_tool"] is False and m["apply_patch_tool_type"] is None
                for m in models)
-    assert wait_until(lambda: proxy.server.catalog_path == str(catalog), 10)
+    assert wait_until(lambda: proxy.server.launcher.catalog_path == str(catalog), 10)
     post_chat(proxy.base, chat_body())
     assert fake_codex.wait_records(2)[-1]["thread"]["config"]["model_catalog_json"] == str(catalog)
 
@@ -1834,7 +1837,7 @@ def test_not_logged_in_gives_401_and_custom_provider_skips_the_check(make_proxy,
     assert "codex login" in error["message"]
     fake_codex.set_logged_out(False)
     assert post_chat(proxy.base, chat_body())[0] == 401      # cached for 30 s
-    proxy.server.codex.expire()
+    proxy.server.launcher.codex.expire()
     assert post_chat(proxy.base, chat_body())[0] == 200      # a stale "no" is rechecked at once
     fake_codex.set_logged_out()
     (tmp_path / "home" / "config.toml").write_text('model_provider = "mock"\n')
@@ -1879,7 +1882,7 @@ def test_a_burst_with_a_stale_login_check_is_answered_without_waiting_for_it(
     (fake_codex.dir / "release_login").unlink()
     (fake_codex.dir / "login_check_started").unlink()
     fake_codex.scenario([{"wait_file": "go"}, {"thread": True}, {"text": "x"}, {"complete": {}}])
-    proxy.server.codex.expire()
+    proxy.server.launcher.codex.expire()
     results = []
     threads = [threading.Thread(target=lambda: results.append(post_chat(proxy.base, chat_body())))
                for _ in range(30)]
@@ -2082,7 +2085,7 @@ def test_a_foreign_page_cannot_resume_another_clients_parked_turn(proxy, fake_co
     stolen = messages + [message, *results_for(message, "EVIL")]
     status, _, _ = post_chat(proxy.base, {"model": "m", "messages": stolen, "tools": TOOLS},
                              {"Origin": "https://evil.example", "Content-Type": "text/plain"})
-    assert status == 403 and len(proxy.server.parked) == 1
+    assert status == 403 and len(proxy.server.turns.parked) == 1
     assert fake_codex.records()[0]["results"] == []
 
 
@@ -2326,8 +2329,8 @@ def test_the_bridge_relay_checks_the_secret_before_reading_more(make_proxy, fake
     thread = threading.Thread(target=lambda: tool_round(proxy, [{"role": "user", "content": "x"}]))
     thread.start()
     fake_codex.wait_records(1)
-    run_id = wait_until(lambda: next(iter(proxy.server._runs), None))
-    relay = proxy.server.bridge.server_address[:2]
+    run_id = wait_until(lambda: next((r.id for r in proxy.server.runs.all()), None))
+    relay = proxy.server.launcher.engines["exec"].bridge.server_address[:2]
     with socket.create_connection(relay, timeout=5) as sock:
         sock.sendall(json.dumps({"run": run_id, "secret": "guess"}).encode() + b"\n")
         answer = json.loads(sock.makefile("rb").readline())
@@ -2561,12 +2564,12 @@ def test_engine_exec_is_chosen_without_a_probe(make_proxy, fake_codex):
 
 def test_a_warm_spare_answers_the_next_request_and_is_replaced(make_proxy, fake_codex):
     proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
     spare_pid = [r["pid"] for r in fake_codex.all_records() if "thread" not in r][0]
     assert post_chat(proxy.base, chat_body())[0] == 200
     forward = proxy.wait_event("codex_forward")[0]
     assert forward["warm"] is True and forward["pid"] == spare_pid
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)      # a replacement
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)      # a replacement
     assert post_chat(proxy.base, chat_body())[0] == 200
     first, second = [e["pid"] for e in proxy.wait_event("codex_forward", 2)]
     assert first != second                  # a process serves one request, never more
@@ -2575,33 +2578,33 @@ def test_a_warm_spare_answers_the_next_request_and_is_replaced(make_proxy, fake_
 
 def test_spares_do_not_count_against_max_concurrent(make_proxy, fake_codex):
     proxy = make_proxy(warm=2, max_concurrent=1)
-    assert wait_until(lambda: len(proxy.server.warm) == 2, 10)
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 2, 10)
     assert post_chat(proxy.base, chat_body())[0] == 200
 
 
 def test_spares_are_recycled_when_the_config_changes_or_they_sit_too_long(make_proxy,
                                                                          fake_codex, tmp_path):
     proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
     old = [r["pid"] for r in fake_codex.all_records() if "thread" not in r]
     (tmp_path / "home" / "config.toml").write_text('model = "gpt-5.4"\n')
-    proxy.server.warm.refresh()
+    proxy.server.launcher.warm.refresh()
     assert wait_until(lambda: not any(pid_alive(p) for p in old), 10)
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
     newer = [r["pid"] for r in fake_codex.all_records()
              if "thread" not in r and r["pid"] not in old]
-    proxy.server.warm._max_idle = 0.0
-    proxy.server.warm.refresh()
+    proxy.server.launcher.warm._max_idle = 0.0
+    proxy.server.launcher.warm.refresh()
     assert wait_until(lambda: not any(pid_alive(p) for p in newer), 10)
 
 
 def test_a_spare_that_died_is_not_used(make_proxy, fake_codex):
     proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
     spare = [r["pid"] for r in fake_codex.all_records() if "thread" not in r][0]
     os.kill(spare, signal.SIGKILL)
-    assert wait_until(lambda: proxy.server.warm._spares and
-                      proxy.server.warm._spares[0][0].exited.is_set(), 10)
+    assert wait_until(lambda: proxy.server.launcher.warm._spares and
+                      proxy.server.launcher.warm._spares[0][0].exited.is_set(), 10)
     assert post_chat(proxy.base, chat_body())[0] == 200
     assert proxy.wait_event("codex_forward")[0]["pid"] != spare
 
@@ -2609,12 +2612,12 @@ def test_a_spare_that_died_is_not_used(make_proxy, fake_codex):
 def test_a_spare_that_dies_as_it_is_taken_is_replaced_by_a_fresh_process(make_proxy,
                                                                          fake_codex):
     proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 10)
-    spare = proxy.server.warm.take()
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
+    spare = proxy.server.launcher.warm.take()
     os.kill(spare.proc.pid, signal.SIGKILL)
     assert spare.exited.wait(10)
     handed_out = iter([spare])              # it dies just as a request takes it
-    proxy.server.warm.take = lambda: next(handed_out, None)
+    proxy.server.launcher.warm.take = lambda: next(handed_out, None)
     assert post_chat(proxy.base, chat_body())[0] == 200
     forward = proxy.wait_event("codex_forward")[0]
     assert forward["warm"] is False and forward["pid"] != spare.proc.pid
@@ -2626,21 +2629,18 @@ def test_an_app_server_that_exits_mid_turn_is_a_502(proxy, fake_codex):
     assert status == 502 and "exited" in json.loads(raw)["error"]["message"]
 
 
-def test_codex_asks_for_approval_it_is_declined(proxy, fake_codex):
+def test_codex_asks_for_approval_it_is_declined():
     """approvalPolicy is never, but an approval request must not hang a turn."""
-    run = cp.AppServerRun("t", {}, str(fake_codex.dir / "approval"), ["true"])
-    sent = []
-    run.send = sent.append
-    run._server_request(7, "item/commandExecution/requestApproval", {})
-    run._server_request(8, "item/fileChange/requestApproval", {})
-    run._server_request(9, "something/new", {})
-    run._server_request(10, "item/tool/call", {"tool": "not_declared", "callId": "c"})
-    assert sent[0] == {"id": 7, "result": {"decision": "decline"}}
-    assert sent[1] == {"id": 8, "result": {"decision": "decline"}}
-    assert sent[2]["error"]["code"] == -32601
-    assert sent[3]["result"]["success"] is False
-    assert run.events.get_nowait() == ("unexpected", "item/commandExecution/requestApproval")
-    shutil.rmtree(run.tempdir)
+    events = cp.AppServerEvents(tools={"read_file": None})
+    assert events.request("item/commandExecution/requestApproval", {}) == \
+        ({"result": {"decision": "decline"}}, [("unexpected", "item/commandExecution/requestApproval")])
+    assert events.request("item/fileChange/requestApproval", {})[0] == \
+        {"result": {"decision": "decline"}}
+    assert events.request("applyPatchApproval", {})[0] == {"result": {"decision": "denied"}}
+    assert events.request("something/new", {})[0]["error"]["code"] == -32601
+    reply, _ = events.request("item/tool/call", {"tool": "not_declared", "callId": "c"})
+    assert reply["result"]["success"] is False and "not_declared" in json.dumps(reply)
+    assert events.request("item/tool/call", {"tool": "read_file", "callId": "c"}) == (None, [])
 
 
 # ---------------------------------------------------------------------------
@@ -2726,7 +2726,7 @@ def test_tool_call_parks_the_turn_and_the_result_resumes_it(both, fake_codex, st
     assert message["content"] == "Let me look."
     assert message["tool_calls"] == [{"id": "call_m1", "type": "function", "function": {
         "name": "read_file", "arguments": '{"path": "a.py"}'}}]
-    assert len(both.server.parked) == 1        # parked before the client saw the calls
+    assert len(both.server.turns.parked) == 1        # parked before the client saw the calls
     record = fake_codex.wait_records(1)[0]
     assert pid_alive(record["pid"]) and not record["ended"]       # parked, not ended
     messages += [message, *results_for(message)]
@@ -2893,7 +2893,7 @@ def test_two_parked_turns_are_each_resumed_by_their_own_call_ids(proxy, fake_cod
     beta = [{"role": "user", "content": "beta"}]
     _, alpha_call, _, _ = tool_round(proxy, alpha)
     _, beta_call, _, _ = tool_round(proxy, beta)
-    assert len(proxy.server.parked) == 2
+    assert len(proxy.server.turns.parked) == 2
     _, beta_final, _, _ = tool_round(proxy, beta + [beta_call, *results_for(beta_call, "B")])
     _, alpha_final, _, _ = tool_round(proxy, alpha + [alpha_call, *results_for(alpha_call, "A")])
     assert beta_final["content"] == 'beta got B:read_file:{"path": "beta"}'
@@ -2935,7 +2935,7 @@ def test_abandoned_parked_turn_expires(make_proxy, fake_codex):
     expired = proxy.wait_event("parked_expired")
     assert expired[0]["reason"] == "tool_result_timeout" and expired[0]["pending"] == ["call_m1"]
     assert wait_until(lambda: not pid_alive(record["pid"]), 8)
-    assert len(proxy.server.parked) == 0
+    assert len(proxy.server.turns.parked) == 0
 
 
 def test_max_parked_expires_the_oldest(make_proxy, fake_codex):
@@ -2946,7 +2946,7 @@ def test_max_parked_expires_the_oldest(make_proxy, fake_codex):
     first, second = fake_codex.wait_records(2)
     assert proxy.wait_event("parked_expired")[0]["reason"] == "max_parked"
     assert wait_until(lambda: not pid_alive(first["pid"]), 8)
-    assert pid_alive(second["pid"]) and len(proxy.server.parked) == 1
+    assert pid_alive(second["pid"]) and len(proxy.server.turns.parked) == 1
 
 
 def test_parked_turns_do_not_count_against_max_concurrent(make_proxy, fake_codex):
@@ -3447,7 +3447,7 @@ MCP_RESOURCE_TOOLS = {"list_mcp_resources", "list_mcp_resource_templates", "read
 def test_e2e_sdk_answers_streamed_and_not_on_both_routes(e2e, openai_sdk):
     e2e.responder = lambda body, index: [reasoning_item("Pondering."), message_item("Hello from upstream")]
     proxy = e2e.proxy()
-    assert wait_until(lambda: len(proxy.server.warm) == 1, 20)      # as users meet it
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)      # as users meet it
     for base in (proxy.base + "/v1", proxy.base):
         client = sdk_client(openai_sdk, base)
         reply = client.chat.completions.create(model="5.5-tpg", messages=[
@@ -3485,7 +3485,7 @@ def test_e2e_answers_stream_token_by_token_three_at_once(e2e):
     gate = threading.Event()
     e2e.responder = lambda body, index: ("drip", 0.01, WORDS, "Thinking it over.", (20, gate))
     proxy = e2e.proxy(warm=3)
-    assert wait_until(lambda: len(proxy.server.warm) == 3, 20)
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 3, 20)
     socks = [open_raw_stream(proxy, chat_body(stream=True, model="5.5-tpg")) for _ in range(3)]
     seen = [b""] * 3
 
@@ -4244,17 +4244,17 @@ def bench_real_codex(folder, runs=20):
     try:
         proxy = env.proxy(tool_result_timeout=120)
         exec_proxy = env.proxy(tool_result_timeout=120, engine="exec")
-        argv_prefix, user_config = proxy.server.check_ready()
+        argv_prefix, user_config = proxy.server.launcher.check_ready()
         run = cp.ExecRun("bench", proxy.server.env, str(folder / "direct-run"))
         instructions, _, _ = cp.write_run_files(run, cp.render_instructions([], [], "auto"), [],
                                                 None)
         argv = cp.codex_argv(argv_prefix, model="gpt-5.5", effort=None, user_config=user_config,
                              extra_config=[], workdir=run.workdir,
-                             instructions_path=instructions, catalog=proxy.server.catalog_path)
+                             instructions_path=instructions, catalog=proxy.server.launcher.catalog_path)
         env.responder = lambda body, index: [message_item("ok")]
         via, direct = [], []
         for _ in range(runs):       # interleaved, so both see the same machine load
-            assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
+            assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
             via += timed_requests(proxy.base, chat_body(model="5.5-tpg"), 1, 1)
             direct += direct_runs(argv, dict(proxy.server.env), "hello", 1)
         print(f"plain request, real codex: through the proxy (app-server, warm) {p50_p99(via)}; "
@@ -4263,7 +4263,7 @@ def bench_real_codex(folder, runs=20):
         env.responder = lambda body, index: ("drip", 0.05, WORDS, "Thinking.")
         firsts, lasts = [], []
         for _ in range(3):
-            assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
+            assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
             first, last = stream_times(proxy, chat_body(model="5.5-tpg", stream=True))
             firsts.append(first)
             lasts.append(last)
@@ -4285,7 +4285,7 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
         to_call, to_token = [], []
         for n in range(runs):
             if name == "app-server":
-                assert wait_until(lambda: len(target.server.warm) == 1, 20)
+                assert wait_until(lambda: len(target.server.launcher.warm) == 1, 20)
             messages = [{"role": "user", "content": f"read f{n}.py"}]
             start = time.perf_counter()
             _, message, finish, _ = tool_round(target, messages)
@@ -4306,7 +4306,7 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
     env.responder = lambda body, index: [call_for(body, "read_file", {"path": "x"}, f"c{index}")]
     before = len(proxy.events("codex_forward"))
     for n in range(5):
-        assert wait_until(lambda: len(proxy.server.warm) == 1, 20)
+        assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
         assert tool_round(proxy, [{"role": "user", "content": f"park {n}"}])[2] == "tool_calls"
     pids = [e["pid"] for e in proxy.events("codex_forward")[before:]]
     print(f"memory per parked turn (app-server process tree): RSS "
@@ -4368,7 +4368,7 @@ def stress_burst(folder, count=30):
     try:
         (fake.dir / "release_login").unlink()
         fake.scenario([{"wait_file": "go"}, {"thread": True}, {"text": "x"}, {"complete": {}}])
-        proxy.server.codex.expire()
+        proxy.server.launcher.codex.expire()
         times, lock = [], threading.Lock()
 
         def one():
