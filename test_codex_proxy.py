@@ -11,10 +11,13 @@ benchmarks and the stress run: `python3 test_codex_proxy.py --bench` and
 """
 
 import base64
+import functools
 import http.client
 import http.server
+import inspect
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -70,17 +73,54 @@ def port_of(base):
     return int(base.rsplit(":", 1)[1].split("/")[0])
 
 
-def http_request(base, method, path, body=None, headers=None, timeout=30):
-    """-> (status, headers dict lower-cased, raw body bytes)."""
+class Deadline:
+    """Shut a socket down when `seconds` have passed, so that no read on it
+    outlives the deadline, however the peer trickles (keepalives included)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.expired = False
+        self._timer = None
+
+    def watch(self, sock):
+        def expire():
+            self.expired = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._timer = threading.Timer(self.seconds, expire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def cancel(self):
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def http_request(base, method, path, body=None, headers=None, timeout=30, head_only=False):
+    """-> (status, headers dict lower-cased, raw body bytes); the whole
+    exchange must be over within `timeout` seconds.  `head_only` reads the
+    status and headers, not the body (an endless stream's)."""
     conn = http.client.HTTPConnection("127.0.0.1", port_of(base), timeout=timeout)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     hdrs = {"Content-Type": "application/json"} if data is not None else {}
     hdrs.update(headers or {})
+    deadline = Deadline(timeout)
     try:
+        conn.connect()
+        deadline.watch(conn.sock)
         conn.request(method, path, body=data, headers=hdrs)
         resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        raw = b"" if head_only else resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, raw
+    except (OSError, http.client.HTTPException):
+        if deadline.expired:
+            pytest.fail(f"{method} {path}: no whole answer within {timeout} s")
+        raise
     finally:
+        deadline.cancel()
         conn.close()
 
 
@@ -113,6 +153,7 @@ def recv_response(sock, timeout=10.0):
             match = re.search(rb"(?i)content-length: *(\d+)", head)
             if match and len(rest) >= int(match.group(1)):
                 return seen
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             data = sock.recv(65536)
         except socket.timeout:
@@ -294,113 +335,105 @@ def function_call_item(name, arguments, call_id, namespace=None):
 # Fake codex: both engines, scripted by the test, recording what it was given
 # ---------------------------------------------------------------------------
 
-FAKE_CODEX = r'''
-import json, os, signal, subprocess, sys, threading, time
+# The fake `codex` is the code below, run as its own small program: FakeCodex
+# writes the source of FAKE_CODEX_PARTS into an executable file, so the
+# program needs nothing but the standard library (and, for exec's -c values,
+# codex_proxy's TOML reader).  Its folder holds the scenario it plays
+# (scenario.json) and the records of what each process was given.
 
-STATE = os.environ["FAKE_CODEX_DIR"]
+FAKE_USAGE = {"input_tokens": 11, "cached_input_tokens": 3, "output_tokens": 7,
+              "reasoning_output_tokens": 2}
 
-args = sys.argv[1:]
-if args[:1] == ["--version"]:
-    version_file = os.path.join(STATE, "version")
-    print(open(version_file).read() if os.path.exists(version_file) else "codex-cli 0.0.0-fake")
-    sys.exit(0)
-if args[:2] == ["login", "status"]:
-    if os.path.exists(os.path.join(STATE, "logged_out")):
-        print("Not logged in", file=sys.stderr)
-        sys.exit(1)
-    print("Logged in using ChatGPT")
-    sys.exit(0)
-if args[:2] == ["debug", "models"]:
-    print(json.dumps({"models": [
-        {"slug": "gpt-5.5", "visibility": "list", "supports_search_tool": True,
-         "apply_patch_tool_type": "freeform"},
-        {"slug": "secret-model", "visibility": "hide"}]}))
-    sys.exit(0)
-ENGINE = args[0]
-assert ENGINE in ("exec", "app-server"), args
-if ENGINE == "app-server" and os.path.exists(os.path.join(STATE, "no_app_server")):
-    print("error: unrecognized subcommand 'app-server'", file=sys.stderr)
-    sys.exit(2)
 
-out_lock = threading.Lock()
-def emit(event):
-    with out_lock:
-        sys.stdout.write(json.dumps(event) + "\n")
-        sys.stdout.flush()
+class FakeProcess:
+    """One fake codex process: its arguments, its scenario, its record."""
 
-def toml(value):
-    sys.path.insert(0, os.environ["FAKE_CODEX_PROXY_DIR"])
-    import codex_proxy                  # its TOML reader (this may be Python 3.9); exec only
-    return codex_proxy.read_toml("v = " + value)["v"]
+    def __init__(self, state, args):
+        self.state, self.engine = state, args[0]
+        self.out_lock = threading.Lock()
+        self.conf, self.model, self.images = {}, None, []
+        i = 1
+        while i < len(args):
+            a = args[i]
+            if a == "-c":
+                key, _, value = args[i + 1].partition("=")
+                self.conf[key] = value
+                i += 2
+            elif a.startswith("--model="):
+                self.model = a.split("=", 1)[1]
+                i += 1
+            elif a in ("-i", "-s", "-C", "--disable", "--output-schema"):
+                if a == "-i":
+                    self.images.append(args[i + 1])
+                if a == "--output-schema":
+                    with open(args[i + 1]) as f:
+                        self.conf["output_schema"] = json.dumps(json.load(f))
+                i += 2
+            else:
+                i += 1
+        cwd = os.getcwd()
+        self.record = {"engine": self.engine, "argv": args, "conf": self.conf,
+                       "model": self.model, "pid": os.getpid(), "cwd": cwd,
+                       "cwd_files": os.listdir(cwd), "env_keys": sorted(os.environ),
+                       "env_values": list(os.environ.values()), "tools": None,
+                       "results": [], "ended": False, "interrupted": False}
 
-conf, model, images, i = {}, None, [], 1
-while i < len(args):
-    a = args[i]
-    if a == "-c":
-        key, _, value = args[i + 1].partition("=")
-        conf[key] = value
-        i += 2
-    elif a.startswith("--model="):
-        model = a.split("=", 1)[1]
-        i += 1
-    elif a in ("-i", "-s", "-C", "--disable", "--output-schema"):
-        if a == "-i":
-            images.append(args[i + 1])
-        if a == "--output-schema":
-            conf["output_schema"] = json.dumps(json.load(open(args[i + 1])))
-        i += 2
-    else:
-        i += 1
+    def path(self, name):
+        return os.path.join(self.state, name)
 
-record = {"engine": ENGINE, "argv": args, "conf": conf, "model": model, "pid": os.getpid(),
-          "cwd": os.getcwd(), "cwd_files": os.listdir(os.getcwd()), "env_keys": sorted(os.environ),
-          "env_values": list(os.environ.values()), "tools": None, "results": [],
-          "ended": False, "interrupted": False}
+    def emit(self, event):
+        with self.out_lock:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
 
-def save():
-    path = os.path.join(STATE, "records", f"{os.getpid()}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    def save(self):
+        path = self.path(os.path.join("records", f"{os.getpid()}.json"))
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.record, f)
+        os.replace(path + ".tmp", path)
 
-def scenario(prompt):
-    steps = [{"thread": True}, {"text": "fake answer"}, {"complete": {}}]
-    path = os.path.join(STATE, "scenario.json")
-    if os.path.exists(path):
-        for rule in json.load(open(path)):
+    def read_json(self, name, default=None):
+        if not os.path.exists(self.path(name)):
+            return default
+        with open(self.path(name)) as f:
+            return json.load(f)
+
+    def scenario(self, prompt):
+        """The steps of the first rule whose `when` is in the prompt."""
+        for rule in self.read_json("scenario.json", []):
             if rule.get("when") is None or rule["when"] in prompt:
                 return rule["steps"]
-    return steps
+        return [{"thread": True}, {"text": "fake answer"}, {"complete": {}}]
 
-def fill(text):
-    results = [r["text"] for r in record["results"]]
-    return text.format(prompt=record.get("prompt", ""), results=" | ".join(results),
-                       model=record.get("model"))
+    def fill(self, text):
+        results = [r["text"] for r in self.record["results"]]
+        return text.format(prompt=self.record.get("prompt", ""), results=" | ".join(results),
+                           model=self.record.get("model"))
 
-USAGE = {"input_tokens": 11, "cached_input_tokens": 3, "output_tokens": 7,
-         "reasoning_output_tokens": 2}
+    def common_step(self, kind, value):
+        """Steps both engines play alike."""
+        if kind == "plain":
+            print(value, flush=True)
+        elif kind == "stderr":
+            print(value, file=sys.stderr, flush=True)
+        elif kind == "sleep":
+            time.sleep(value)
+        elif kind == "wait_file":
+            deadline = time.time() + 30
+            while not os.path.exists(self.path(value)) and time.time() < deadline:
+                time.sleep(0.01)
+        elif kind == "touch":
+            open(self.path(value), "w").close()
+        elif kind == "ignore_term" and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)    # app-server: see turn/start
+        elif kind == "exit":           # from any thread, at once
+            sys.stdout.flush()
+            os._exit(value)
 
-def common_step(kind, value):
-    if kind == "plain":
-        print(value, flush=True)
-    elif kind == "stderr":
-        print(value, file=sys.stderr, flush=True)
-    elif kind == "sleep":
-        time.sleep(value)
-    elif kind == "wait_file":
-        deadline = time.time() + 30
-        while not os.path.exists(os.path.join(STATE, value)) and time.time() < deadline:
-            time.sleep(0.01)
-    elif kind == "touch":
-        open(os.path.join(STATE, value), "w").close()
-    elif kind == "ignore_term" and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # app-server: see turn/start
-    elif kind == "exit":           # from any thread, at once
-        sys.stdout.flush()
-        os._exit(value)
 
-# -- exec --------------------------------------------------------------------
-class Mcp:
+class FakeMcpClient:
+    """The exec engine's side of the MCP bridge (codex_proxy.py --mcp-bridge)."""
+
     def __init__(self, command, argv):
         self.proc = subprocess.Popen([command] + argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
@@ -422,92 +455,127 @@ class Mcp:
             msg_id, slot = self.next_id, [threading.Event()]
             self.waiting[msg_id] = slot
         self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method,
-                                          "params": params}) + "\n").encode())
+                                           "params": params}) + "\n").encode())
         self.proc.stdin.flush()
         slot[0].wait()
         return slot[1]
 
-def exec_calls(mcp, calls):
-    answers = [None] * len(calls)
-    def one(n, call):
-        params = {"name": call["name"], "arguments": call.get("arguments", {})}
-        if call.get("id"):
-            params["_meta"] = {"callId": call["id"]}
-        emit({"type": "item.started", "item": {"id": f"item_c{n}", "type": "mcp_tool_call",
-              "server": "client", "tool": call["name"], "arguments": params["arguments"],
-              "status": "in_progress"}})
-        answers[n] = mcp.request("tools/call", params)["result"]
-    threads = [threading.Thread(target=one, args=(n, c)) for n, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for n, answer in enumerate(answers):
-        record["results"].append({"name": calls[n]["name"], "text": answer["content"][0]["text"],
-                                  "is_error": answer.get("isError", False)})
-    save()
+    def notify(self, method):
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "method": method}).encode() + b"\n")
+        self.proc.stdin.flush()
 
-def run_exec():
-    record["prompt"] = sys.stdin.read()
-    record["turn_order"] = time.time()
-    record["instructions"] = open(toml(conf["model_instructions_file"])).read()
-    record["images"] = [open(p, "rb").read().hex() for p in images]
-    record["image_paths"] = images
-    mcp = None
-    if "mcp_servers.client.command" in conf:
-        mcp = Mcp(toml(conf["mcp_servers.client.command"]), toml(conf["mcp_servers.client.args"]))
+
+class FakeExec:
+    """`codex exec --json`: the prompt on stdin, JSONL events on stdout."""
+
+    def __init__(self, fake):
+        self.fake = fake
+        self.mcp = None
+
+    @staticmethod
+    def toml(value):
+        sys.path.insert(0, os.environ["FAKE_CODEX_PROXY_DIR"])
+        import codex_proxy          # its TOML reader (this may be Python 3.9)
+        return codex_proxy.read_toml("v = " + value)["v"]
+
+    def run(self):
+        fake, record, conf = self.fake, self.fake.record, self.fake.conf
+        record["prompt"] = sys.stdin.read()
+        record["turn_order"] = time.time()
+        with open(self.toml(conf["model_instructions_file"])) as f:
+            record["instructions"] = f.read()
+        record["images"] = []
+        for path in fake.images:
+            with open(path, "rb") as f:
+                record["images"].append(f.read().hex())
+        record["image_paths"] = fake.images
+        if "mcp_servers.client.command" in conf:
+            self.start_bridge()
+        fake.save()
+        for n, step in enumerate(fake.scenario(record["prompt"])):
+            self.step(n, *next(iter(step.items())))
+        record["ended"] = True
+        fake.save()
+
+    def start_bridge(self):
+        conf, record = self.fake.conf, self.fake.record
+        mcp = self.mcp = FakeMcpClient(self.toml(conf["mcp_servers.client.command"]),
+                                       self.toml(conf["mcp_servers.client.args"]))
         mcp.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}})
-        mcp.proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
-        mcp.proc.stdin.flush()
+        mcp.notify("notifications/initialized")
         record["tools"] = mcp.request("tools/list", {})["result"]["tools"]
         record["bridge_pid"] = mcp.proc.pid
-    save()
-    item = 0
-    for step in scenario(record["prompt"]):
-        kind, value = next(iter(step.items()))
+
+    def step(self, n, kind, value):
+        emit, fill = self.fake.emit, self.fake.fill
         if kind == "thread":
             emit({"type": "thread.started", "thread_id": "thread-fake"})
             emit({"type": "turn.started"})
         elif kind in ("text", "reasoning", "deltas"):
-            item += 1
             text = "".join(value) if kind == "deltas" else value
-            emit({"type": "item.completed", "item": {"id": f"item_{item}",
-                  "type": "reasoning" if kind == "reasoning" else "agent_message",
-                  "text": fill(text)}})
+            emit({"type": "item.completed", "item": {
+                "id": f"item_{n}", "type": "reasoning" if kind == "reasoning" else
+                "agent_message", "text": fill(text)}})
         elif kind == "warning":
             emit({"type": "error", "message": value})
         elif kind == "item_error":
             emit({"type": "item.completed", "item": {"id": "item_e", "type": "error",
                                                      "message": value}})
         elif kind == "complete":
-            emit({"type": "turn.completed", "usage": dict(USAGE, **value)})
+            emit({"type": "turn.completed", "usage": dict(FAKE_USAGE, **value)})
         elif kind == "fail":
             emit({"type": "turn.failed", "error": {"message": value}})
         elif kind == "calls":
-            exec_calls(mcp, value)
+            self.calls(value)
         elif kind == "command":
             emit({"type": "item.completed", "item": {"id": "c", "type": "command_execution"}})
         else:
-            common_step(kind, value)
-    record["ended"] = True
-    save()
+            self.fake.common_step(kind, value)
 
-# -- app-server ----------------------------------------------------------------
-class AppServer:
-    def __init__(self):
+    def calls(self, calls):
+        """Each call through the bridge, side by side, as Codex makes them."""
+        answers = [None] * len(calls)
+
+        def one(n, call):
+            params = {"name": call["name"], "arguments": call.get("arguments", {})}
+            if call.get("id"):
+                params["_meta"] = {"callId": call["id"]}
+            self.fake.emit({"type": "item.started", "item": {
+                "id": f"item_c{n}", "type": "mcp_tool_call", "server": "client",
+                "tool": call["name"], "arguments": params["arguments"],
+                "status": "in_progress"}})
+            answers[n] = self.mcp.request("tools/call", params)["result"]
+        threads = [threading.Thread(target=one, args=(n, c)) for n, c in enumerate(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for n, answer in enumerate(answers):
+            self.fake.record["results"].append({
+                "name": calls[n]["name"], "text": answer["content"][0]["text"],
+                "is_error": answer.get("isError", False)})
+        self.fake.save()
+
+
+class FakeAppServer:
+    """`codex app-server`: JSON-RPC on stdin/stdout, one thread, its turns."""
+
+    def __init__(self, fake):
+        self.fake = fake
+        self.record = fake.record
         self.lock = threading.Lock()
         self.waiting, self.next_id = {}, 0
         self.interrupted = threading.Event()
         self.thread_id, self.turn_id = "thread-fake", "turn-fake"
 
     def notify(self, method, params):
-        emit({"method": method, "params": dict(params, threadId=self.thread_id)})
+        self.fake.emit({"method": method, "params": dict(params, threadId=self.thread_id)})
 
     def request(self, method, params):
         with self.lock:
             rid, self.next_id = self.next_id, self.next_id + 1
             slot = self.waiting[rid] = [threading.Event()]
-        emit({"id": rid, "method": method, "params": params})
+        self.fake.emit({"id": rid, "method": method, "params": params})
         return slot
 
     def answer_of(self, slot):
@@ -517,7 +585,7 @@ class AppServer:
         return slot[1]
 
     def raw(self, method, params):
-        if (record.get("thread") or {}).get("experimentalRawEvents"):
+        if (self.record.get("thread") or {}).get("experimentalRawEvents"):
             self.notify(method, params)
 
     def serve(self):
@@ -531,113 +599,134 @@ class AppServer:
                     slot.append(msg)
                     slot[0].set()
                 continue
-            record.setdefault("methods", []).append(method)
-            if method == "initialize":
-                record["initialize"] = params
-                save()
-                emit({"id": mid, "result": {"userAgent": "fake", "codexHome": "/x"}})
-            elif method == "config/read":
-                path = os.path.join(STATE, "effective_config.json")
-                emit({"id": mid, "result": {"config": json.load(open(path))
-                                            if os.path.exists(path) else {}}})
-            elif method == "account/rateLimits/read":
-                path = os.path.join(STATE, "rate_limits.json")
-                if os.path.exists(path):
-                    emit({"id": mid, "result": {"rateLimits": json.load(open(path))}})
-                else:
-                    emit({"id": mid, "error": {"code": -32600, "message": "no ChatGPT login"}})
-            elif method == "thread/start":
-                record["thread"] = params
-                record["conf"] = params.get("config") or {}
-                record["model"] = params.get("model")
-                record["instructions"] = params.get("baseInstructions")
-                record["tools"] = [{"name": t["name"], "description": t["description"],
-                                    "inputSchema": t["inputSchema"]}
-                                   for t in params.get("dynamicTools") or []] or None
-                save()
-                emit({"id": mid, "result": {"thread": {"id": self.thread_id}}})
-                self.notify("thread/started", {"thread": {"id": self.thread_id}})
-            elif method == "turn/start":
-                record["turn"] = params
-                texts = [i["text"] for i in params["input"] if i["type"] == "text"]
-                record["prompt"] = "\n".join(texts)
-                record["turn_order"] = time.time()
-                record["images"] = [i["url"] for i in params["input"] if i["type"] == "image"]
-                save()
-                if any("ignore_term" in step for step in scenario(record["prompt"])):
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # only the main thread may
-                emit({"id": mid, "result": {"turn": {"id": self.turn_id, "status": "inProgress"}}})
-                threading.Thread(target=self.play, daemon=True).start()
-            elif method == "turn/interrupt":
-                record["interrupted"] = True
-                save()
-                self.interrupted.set()
-                emit({"id": mid, "result": {}})
+            self.record.setdefault("methods", []).append(method)
+            handler = getattr(self, "on_" + method.replace("/", "_"), None)
+            if handler is None:
+                self.reply(mid, error={"code": -32601, "message": "unknown " + method})
             else:
-                emit({"id": mid, "error": {"code": -32601, "message": "unknown " + method}})
+                handler(mid, params)
+
+    def reply(self, mid, result=None, error=None):
+        self.fake.emit({"id": mid, "error": error} if error else {"id": mid, "result": result})
+
+    def on_initialize(self, mid, params):
+        self.record["initialize"] = params
+        self.fake.save()
+        self.reply(mid, {"userAgent": "fake", "codexHome": "/x"})
+
+    def on_initialized(self, mid, params):
+        pass
+
+    def on_config_read(self, mid, params):
+        self.reply(mid, {"config": self.fake.read_json("effective_config.json", {})})
+
+    def on_account_rateLimits_read(self, mid, params):
+        limits = self.fake.read_json("rate_limits.json")
+        if limits is None:
+            self.reply(mid, error={"code": -32600, "message": "no ChatGPT login"})
+        else:
+            self.reply(mid, {"rateLimits": limits})
+
+    def on_thread_start(self, mid, params):
+        record = self.record
+        record["thread"] = params
+        record["conf"] = params.get("config") or {}
+        record["model"] = params.get("model")
+        record["instructions"] = params.get("baseInstructions")
+        record["tools"] = [{"name": t["name"], "description": t["description"],
+                            "inputSchema": t["inputSchema"]}
+                           for t in params.get("dynamicTools") or []] or None
+        self.fake.save()
+        self.reply(mid, {"thread": {"id": self.thread_id}})
+        self.notify("thread/started", {"thread": {"id": self.thread_id}})
+
+    def on_turn_start(self, mid, params):
+        record = self.record
+        record["turn"] = params
+        record["prompt"] = "\n".join(i["text"] for i in params["input"] if i["type"] == "text")
+        record["turn_order"] = time.time()
+        record["images"] = [i["url"] for i in params["input"] if i["type"] == "image"]
+        self.fake.save()
+        if any("ignore_term" in step for step in self.fake.scenario(record["prompt"])):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)    # only the main thread may
+        self.reply(mid, {"turn": {"id": self.turn_id, "status": "inProgress"}})
+        threading.Thread(target=self.play, daemon=True).start()
+
+    def on_turn_interrupt(self, mid, params):
+        self.record["interrupted"] = True
+        self.fake.save()
+        self.interrupted.set()
+        self.reply(mid, {})
 
     def play(self):
         self.notify("turn/started", {"turn": {"id": self.turn_id}})
-        item = 0
-        for step in scenario(record["prompt"]):
+        for n, step in enumerate(self.fake.scenario(self.record["prompt"])):
             if self.interrupted.is_set():
                 break
-            kind, value = next(iter(step.items()))
-            item += 1
-            if kind == "thread":
-                pass
-            elif kind in ("text", "deltas"):
-                deltas = [fill(value)] if kind == "text" else [fill(v) for v in value]
-                self.notify("item/started", {"item": {"type": "agentMessage", "id": f"m{item}",
-                                                      "text": ""}})
-                for delta in deltas:
-                    if self.interrupted.is_set():
-                        break
-                    self.notify("item/agentMessage/delta", {"itemId": f"m{item}",
-                                                            "delta": delta})
-                    if step.get("pause"):
-                        time.sleep(step["pause"])
-                self.notify("item/completed", {"item": {"type": "agentMessage",
-                            "id": f"m{item}", "text": "".join(deltas)}})
-            elif kind == "whole_text":
-                self.notify("item/completed", {"item": {"type": "agentMessage",
-                            "id": f"m{item}", "text": fill(value)}})
-            elif kind == "reasoning":
-                self.notify("item/reasoning/summaryTextDelta", {"itemId": f"r{item}",
-                            "delta": fill(value), "summaryIndex": 0})
-                self.notify("item/completed", {"item": {"type": "reasoning", "id": f"r{item}",
-                            "summary": [fill(value)]}})
-            elif kind in ("warning", "item_error"):
-                self.notify("error", {"error": {"message": value}, "willRetry": True})
-            elif kind == "complete":
-                total = dict(USAGE, **value)
-                self.notify("thread/tokenUsage/updated", {"tokenUsage": {"total": {
-                    "inputTokens": total["input_tokens"],
-                    "cachedInputTokens": total["cached_input_tokens"],
-                    "outputTokens": total["output_tokens"],
-                    "reasoningOutputTokens": total["reasoning_output_tokens"],
-                    "totalTokens": total["input_tokens"] + total["output_tokens"]}}})
-                self.notify("turn/completed", {"turn": {"id": self.turn_id,
-                                                        "status": "completed"}})
-            elif kind == "fail":
-                error = {"message": value, "codexErrorInfo": step.get("info"),
-                         "additionalDetails": None}
-                self.notify("error", {"error": error, "willRetry": False})
-                self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "failed",
-                                                        "error": error}})
-            elif kind == "calls":
-                self.calls(value, step.get("gap", 0), step.get("raw", True),
-                           step.get("gate"))
-            elif kind == "rate_limits":
-                emit({"method": "account/rateLimits/updated", "params": {"rateLimits": value}})
-            elif kind == "command":
-                self.notify("item/started", {"item": {"type": "commandExecution", "id": "c"}})
-            else:
-                common_step(kind, value)
+            self.step(n + 1, step, *next(iter(step.items())))
         if self.interrupted.is_set():
-            self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "interrupted"}})
-        record["ended"] = True
-        save()
+            self.notify("turn/completed", {"turn": {"id": self.turn_id,
+                                                    "status": "interrupted"}})
+        self.record["ended"] = True
+        self.fake.save()
+
+    def step(self, n, step, kind, value):
+        fill = self.fake.fill
+        if kind in ("text", "deltas"):
+            self.message(f"m{n}", [fill(value)] if kind == "text" else
+                         [fill(v) for v in value], step.get("pause"))
+        elif kind == "whole_text":
+            self.notify("item/completed", {"item": {"type": "agentMessage", "id": f"m{n}",
+                                                    "text": fill(value)}})
+        elif kind == "reasoning":
+            self.notify("item/reasoning/summaryTextDelta", {"itemId": f"r{n}",
+                        "delta": fill(value), "summaryIndex": 0})
+            self.notify("item/completed", {"item": {"type": "reasoning", "id": f"r{n}",
+                                                    "summary": [fill(value)]}})
+        elif kind in ("warning", "item_error"):
+            self.notify("error", {"error": {"message": value}, "willRetry": True})
+        elif kind == "complete":
+            self.complete(dict(FAKE_USAGE, **value))
+        elif kind == "fail":
+            error = {"message": value, "codexErrorInfo": step.get("info"),
+                     "additionalDetails": None}
+            self.notify("error", {"error": error, "willRetry": False})
+            self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "failed",
+                                                    "error": error}})
+        elif kind == "calls":
+            self.calls(value, step.get("gap", 0), step.get("raw", True), step.get("gate"))
+        elif kind == "rate_limits":
+            self.fake.emit({"method": "account/rateLimits/updated",
+                            "params": {"rateLimits": value}})
+        elif kind == "command":
+            self.notify("item/started", {"item": {"type": "commandExecution", "id": "c"}})
+        elif kind != "thread":
+            self.fake.common_step(kind, value)
+
+    def message(self, item_id, deltas, pause):
+        self.notify("item/started", {"item": {"type": "agentMessage", "id": item_id,
+                                              "text": ""}})
+        for delta in deltas:
+            if self.interrupted.is_set():
+                break
+            self.notify("item/agentMessage/delta", {"itemId": item_id, "delta": delta})
+            if pause:
+                time.sleep(pause)
+        self.notify("item/completed", {"item": {"type": "agentMessage", "id": item_id,
+                                                "text": "".join(deltas)}})
+
+    def complete(self, total):
+        """The thread's usage, then the end of the turn.  `last` (the model
+        call's own usage) differs from `total`: clients get the total."""
+        def counts(usage, scale):
+            return {"inputTokens": usage["input_tokens"] // scale,
+                    "cachedInputTokens": usage["cached_input_tokens"] // scale,
+                    "outputTokens": usage["output_tokens"] // scale,
+                    "reasoningOutputTokens": usage["reasoning_output_tokens"] // scale,
+                    "totalTokens": (usage["input_tokens"] + usage["output_tokens"]) // scale}
+        self.notify("thread/tokenUsage/updated", {"tokenUsage": {
+            "total": counts(total, 1), "last": counts(total, 2), "modelContextWindow": 1000}})
+        self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "completed"}})
 
     def calls(self, calls, gap, raw, gate=None):
         """Each call as Codex sends it: its raw item, then the request; the
@@ -648,36 +737,80 @@ class AppServer:
             if n and gap:
                 time.sleep(gap)
             if n and gate:
-                common_step("wait_file", gate)
+                self.fake.common_step("wait_file", gate)
             if raw:
                 self.raw("rawResponseItem/completed", {"item": {
                     "type": "function_call", "name": call["name"], "call_id": call.get("id"),
                     "arguments": json.dumps(call.get("arguments", {}))}})
-            self.notify("item/started", {"item": {"type": "dynamicToolCall", "id": call.get("id"),
-                                                  "tool": call["name"]}})
+            self.notify("item/started", {"item": {"type": "dynamicToolCall",
+                                                  "id": call.get("id"), "tool": call["name"]}})
             slots.append(self.request("item/tool/call", {
                 "threadId": self.thread_id, "turnId": self.turn_id, "callId": call.get("id"),
                 "namespace": None, "tool": call["name"], "arguments": call.get("arguments", {})}))
         if raw:
             self.raw("rawResponse/completed", {"responseId": "resp_fake"})
-        answers = [self.answer_of(slot) for slot in slots]
-        for n, answer in enumerate(answers):
+        for n, slot in enumerate(slots):
+            answer = self.answer_of(slot)
             if answer is None:
                 continue
             result = answer["result"]
-            record["results"].append({"name": calls[n]["name"],
-                                      "text": result["contentItems"][0]["text"],
-                                      "is_error": not result["success"]})
-        save()
+            self.record["results"].append({"name": calls[n]["name"],
+                                           "text": result["contentItems"][0]["text"],
+                                           "is_error": not result["success"]})
+        self.fake.save()
 
-if ENGINE == "exec":
-    run_exec()
-else:
-    save()
-    AppServer().serve()
-    record["stdin_closed"] = True
-    save()
-'''
+
+def fake_codex_main(args):
+    """The fake `codex` command line: --version, login status, debug models,
+    exec and app-server, as the proxy uses them."""
+    state = os.environ["FAKE_CODEX_DIR"]
+    if args[:1] == ["--version"]:
+        version_file = os.path.join(state, "version")
+        if os.path.exists(version_file):
+            with open(version_file) as f:
+                print(f.read())
+        else:
+            print("codex-cli 0.0.0-fake")
+        return 0
+    if args[:2] == ["login", "status"]:
+        if os.path.exists(os.path.join(state, "logged_out")):
+            print("Not logged in", file=sys.stderr)
+            return 1
+        print("Logged in using ChatGPT")
+        return 0
+    if args[:2] == ["debug", "models"]:
+        print(json.dumps({"models": [
+            {"slug": "gpt-5.5", "visibility": "list", "supports_search_tool": True,
+             "apply_patch_tool_type": "freeform"},
+            {"slug": "secret-model", "visibility": "hide"}]}))
+        return 0
+    if args[0] == "app-server" and os.path.exists(os.path.join(state, "no_app_server")):
+        print("error: unrecognized subcommand 'app-server'", file=sys.stderr)
+        return 2
+    fake = FakeProcess(state, args)
+    if fake.engine == "exec":
+        FakeExec(fake).run()
+        return 0
+    fake.save()
+    FakeAppServer(fake).serve()
+    fake.record["stdin_closed"] = True
+    fake.save()
+    return 0
+
+
+FAKE_CODEX_PARTS = (FAKE_USAGE, FakeProcess, FakeMcpClient, FakeExec, FakeAppServer,
+                    fake_codex_main)
+
+
+@functools.lru_cache(maxsize=None)
+def fake_codex_program():
+    """The fake codex's source: the parts above, then a call of its main
+    (built once: inspect parses the whole file to find a class)."""
+    parts = ["import json, os, signal, subprocess, sys, threading, time",
+             f"FAKE_USAGE = {FAKE_USAGE!r}"]
+    parts += [inspect.getsource(part) for part in FAKE_CODEX_PARTS[1:]]
+    parts.append("sys.exit(fake_codex_main(sys.argv[1:]))")
+    return "\n\n\n".join(parts) + "\n"
 
 
 class FakeCodex:
@@ -687,7 +820,7 @@ class FakeCodex:
         self.dir = folder
         (folder / "records").mkdir(parents=True)
         self.script = folder / "codex"
-        self.script.write_text(f"#!{sys.executable}\n{FAKE_CODEX}")
+        self.script.write_text(f"#!{sys.executable}\n{fake_codex_program()}")
         self.script.chmod(0o755)
         self.env = {"FAKE_CODEX_DIR": str(folder), "FAKE_CODEX_PROXY_DIR": HERE}
 
@@ -805,6 +938,29 @@ def start_proxy(config, extra_env=None):
                               name="test-proxy", daemon=True)
     thread.start()
     return Proxy(server, thread)
+
+
+TEST_DEADLINE_SECONDS = 240
+
+
+@pytest.fixture(autouse=True)
+def test_deadline():
+    """No test waits forever: past the deadline the main thread gets an
+    exception wherever it blocks (a read, a join, a wait), so a hang is a
+    failure with a traceback, not a suite that never ends."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"the test ran over {TEST_DEADLINE_SECONDS} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_DEADLINE_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -1284,10 +1440,291 @@ def test_response_store_is_bounded_and_forgets():
     assert store.get("b") is None and len(store) == 0
 
 
+def test_response_store_keeps_a_response_for_an_hour_by_default():
+    now = [0.0]
+    store = cp.ResponseStore(clock=lambda: now[0])
+    store.put("resp_a", [cp.Message("user", "x")])
+    now[0] = 3599.0
+    assert store.get("resp_a")[0].text == "x"
+    now[0] = 3601.0
+    assert store.get("resp_a") is None
+
+
 def test_child_environment_drops_the_keys():
     env = cp.child_environment({"PATH": "/bin", "CODEX_PROXY_API_KEY": "k1,k2",
                                 "OTHER": "k2", "HOME": "/h"}, ("k1", "k2"), "/codex")
     assert env == {"PATH": "/bin", "HOME": "/h", "CODEX_HOME": "/codex"}
+
+
+# ---------------------------------------------------------------------------
+# Responders, the pump and app-server's translation, fed by hand (no process)
+# ---------------------------------------------------------------------------
+
+class FakeHandler:
+    """What a responder and the pump need of an HTTP handler, recorded."""
+
+    def __init__(self, gone=False):
+        self.request_id = "req_test"
+        self.chunks, self.json, self.error = [], None, None
+        self.started = self.ended = False
+        self.gone = gone
+        self.close_connection = False
+
+    def start_event_stream(self):
+        self.started = True
+
+    def write_chunk(self, data):
+        assert self.started and not self.ended
+        self.chunks.append(data)
+
+    def end_chunks(self):
+        self.ended = True
+
+    def send_json(self, status, body, headers=None):
+        self.json = (status, body)
+
+    def send_error_body(self, error):
+        self.error = error
+
+    def client_gone(self):
+        return self.gone
+
+    def body(self):
+        return b"".join(self.chunks)
+
+
+def chat_request(**fields):
+    return cp.parse_chat_request(dict(chat_body(), **fields))
+
+
+def test_chat_responder_streams_role_text_reasoning_calls_then_usage_and_done():
+    handler = FakeHandler()
+    out = cp.ChatResponder(handler, chat_request(stream=True, stream_options={
+        "include_usage": True}), "content")
+    out.open()
+    out.reasoning("r1", 0, "Thinking.")
+    out.reasoning("r1", 1, "More.")
+    out.text("m1", "Hello")
+    out.text("m1", " there")
+    out.text("m2", "Second")
+    out.tool_calls([cp.ToolCall("call_1", "read_file", '{"path": "a"}')])
+    out.finish("tool_calls", {"input_tokens": 5, "output_tokens": 2})
+    events = sse_events(handler.body())
+    chunks = [e for e in events if e != "[DONE]"]
+    assert events[-1] == "[DONE]" and handler.ended
+    assert {c["id"] for c in chunks} == {out.id} and all(c["model"] == "xedoc-2.5-tpg"
+                                                          for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Thinking.\n\nMore."
+    assert "".join(d.get("content") or "" for d in deltas) == "Hello there\n\nSecond"
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert calls[0]["id"] == "call_1" and calls[0]["function"]["name"] == "read_file"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"path": "a"}'
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 7
+
+
+def test_chat_responder_without_a_stream_answers_one_completion():
+    handler = FakeHandler()
+    out = cp.ChatResponder(handler, chat_request(), "think")
+    out.open()
+    out.reasoning("r1", 0, "Hmm.")
+    out.text("m1", "Answer")
+    out.finish("stop", {"input_tokens": 1, "output_tokens": 1})
+    status, body = handler.json
+    message = body["choices"][0]["message"]
+    assert status == 200 and not handler.chunks and body["object"] == "chat.completion"
+    assert message["content"] == "<think>\nHmm.\n</think>\n\nAnswer"
+    assert out.answer_text() == "Answer" and "reasoning_content" not in message
+
+
+def test_responders_fail_in_their_own_shape():
+    error = cp.ProxyError(429, "limit", "rate_limit_error", "usage_limit_reached")
+    handler = FakeHandler()
+    cp.ChatResponder(handler, chat_request(), "content").fail(error)
+    assert handler.error is error and not handler.chunks
+    handler = FakeHandler()
+    out = cp.ChatResponder(handler, chat_request(stream=True), "content")
+    out.open()
+    out.fail(error)
+    events = sse_events(handler.body())
+    assert events[-2]["error"]["code"] == "usage_limit_reached" and events[-1] == "[DONE]"
+    handler = FakeHandler()
+    out = cp.ResponsesResponder(handler, cp.parse_responses_request(
+        {"input": "hi", "stream": True}), "content")
+    out.open()
+    out.text("m1", "partial")
+    out.fail(error)
+    events = sse_events(handler.body())
+    assert [e["type"] for e in events][-1] == "response.failed" and handler.ended
+    assert events[-1]["response"]["error"]["code"] == "usage_limit_reached"
+
+
+def test_responses_responder_writes_items_in_sequence():
+    handler = FakeHandler()
+    request = cp.parse_responses_request({"input": "hi", "stream": True, "model": "m"})
+    out = cp.ResponsesResponder(handler, request, "content")
+    finished = []
+    out.on_finish = finished.append
+    out.open()
+    out.reasoning("r1", 0, "a")
+    out.reasoning("r1", 1, "b")
+    out.text("m1", "Hel")
+    out.text("m1", "lo")
+    out.tool_calls([cp.ToolCall("call_1", "f", "{}"), cp.ToolCall("call_2", "P", "raw", True)])
+    out.finish("tool_calls", {"input_tokens": 3, "output_tokens": 4})
+    events = sse_events(handler.body())
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed" and finished == [out]
+    assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
+    output = events[-1]["response"]["output"]
+    assert [i["type"] for i in output] == ["reasoning", "message", "function_call",
+                                           "custom_tool_call"]
+    assert [p["text"] for p in output[0]["summary"]] == ["a", "b"]
+    assert output[1]["content"][0]["text"] == "Hello" and output[3]["input"] == "raw"
+    assert events[-1]["response"]["usage"]["total_tokens"] == 7
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == [0, 1, 2, 3]
+
+
+class FakeRun:
+    """A run whose events the test puts by hand."""
+
+    engine = "fake"
+    signals_responses = False
+
+    def __init__(self, events=()):
+        self.id, self.thread_id, self.proc, self.warm = "turn_x", None, None, False
+        self.model = self.effort = None
+        self.events = queue.Queue()
+        self.stderr_tail = []
+        self.answers = []
+        for event in events:
+            self.events.put(event)
+
+    def answer(self, call_id, text, is_error=False):
+        self.answers.append((call_id, text, is_error))
+
+
+class FakeTurns:
+    """What the pump needs of Turns: config, logs, failures and parking."""
+
+    def __init__(self, **config):
+        self.config = cp.Config(**dict({"keepalive": 30.0, "tool_quiet": 0.05}, **config))
+        self.logs = cp.LogBuffer(100)
+        self.launcher = types.SimpleNamespace(failure=lambda payload: cp.classify_codex_error(
+            payload))
+        self.parked_runs = []
+        self.parked = types.SimpleNamespace(discard=lambda run: True)
+
+    def park(self, run):
+        self.parked_runs.append(run)
+
+
+def pump(events, request=None, gone=False, **config):
+    turns, handler = FakeTurns(**config), FakeHandler(gone)
+    request = request or chat_request(stream=True)
+    out = cp.ChatResponder(handler, request, "content")
+    out.open()
+    run = FakeRun(events)
+    return cp.TurnPump(turns, run, out, handler, request), turns, handler, run
+
+
+def pending(call_id, name="read_file"):
+    return cp.PendingCall(cp.ToolCall(call_id, name, "{}"))
+
+
+def test_pump_relays_a_turn_to_its_end():
+    usage = {"input_tokens": 4, "output_tokens": 2}
+    p, turns, handler, _ = pump([("thread", "th"), ("reasoning", ("r", 0, "hm")),
+                                 ("text", ("m", "Hi")), ("warning", "Reconnecting... 1/5"),
+                                 ("usage", usage), ("completed", None)])
+    assert p.run() == ("done", usage, "stop")
+    assert assemble_stream(sse_events(handler.body()))["content"] == "Hi"
+    kinds = [e["type"] for e in turns.logs.since(0)]
+    assert kinds == ["codex_forward", "codex_warning", "reasoning_detected"]
+
+
+def test_pump_parks_when_the_model_has_finished_its_calls():
+    calls = [pending("c1"), pending("c2")]
+    p, turns, handler, run = pump([("tool_call", calls[0]), ("tool_call", calls[1]),
+                                   ("response_done", frozenset({"c1", "c2"}))])
+    run.signals_responses = True
+    assert p.run() == ("parked", {}, "tool_calls")
+    assert turns.parked_runs == [run] and all(c.sent for c in calls)
+    sent = assemble_stream(sse_events(handler.body()))["tool_calls"]
+    assert [c["id"] for c in sent] == ["c1", "c2"]
+
+
+def test_pump_sends_one_call_when_the_client_takes_one_at_a_time():
+    calls = [pending("c1"), pending("c2")]
+    request = chat_request(stream=True, parallel_tool_calls=False)
+    p, _, handler, run = pump([("tool_call", calls[0]), ("tool_call", calls[1])], request)
+    assert p.run()[0] == "parked"
+    assert [c["id"] for c in assemble_stream(sse_events(handler.body()))["tool_calls"]] == ["c1"]
+    assert run.answers == [("c2", cp.TurnPump.NOT_RUN, True)]
+
+
+def test_pump_turns_failures_exits_and_silence_into_errors():
+    p, *_ = pump([("failed", {"message": "limit", "codexErrorInfo": "usageLimitExceeded"})])
+    with pytest.raises(cp.ProxyError) as failure:
+        p.run()
+    assert failure.value.status == 429
+    p, *_ = pump([("text", ("m", "x")), ("exit", (-9, ""))])
+    with pytest.raises(cp.ProxyError) as failure:
+        p.run()
+    assert failure.value.status == 502 and "code -9" in failure.value.message
+    p, *_ = pump([], idle_timeout=0.2)
+    with pytest.raises(cp.ProxyError) as failure:
+        p.run()
+    assert failure.value.code == "codex_idle_timeout"
+    p, *_ = pump([], gone=True)
+    with pytest.raises(cp.ClientGone):
+        p.run()
+
+
+def test_pump_cuts_at_a_stop_sequence_split_across_deltas():
+    request = chat_request(stream=True, stop=["END"])
+    p, _, handler, _ = pump([("text", ("m", "one E")), ("text", ("m", "ND two"))], request)
+    assert p.run()[0] == "stopped"
+    assert assemble_stream(sse_events(handler.body()))["content"] == "one "
+
+
+def test_app_server_notifications_become_the_runs_events():
+    events = cp.AppServerEvents(tools={"read_file": None})
+    n = events.notification
+    assert n("item/agentMessage/delta", {"itemId": "m1", "delta": "Hi"}) == [("text", ("m1", "Hi"))]
+    assert n("item/completed", {"item": {"type": "agentMessage", "id": "m1", "text": "Hi"}}) == []
+    assert n("item/completed", {"item": {"type": "agentMessage", "id": "m2", "text": "Yo"}}) == \
+        [("text", ("m2", "Yo"))]                     # no deltas came: the whole text
+    assert n("item/reasoning/summaryTextDelta", {"itemId": "r", "delta": "a",
+                                                  "summaryIndex": 1}) == [("reasoning", ("r", 1, "a"))]
+    assert n("item/completed", {"item": {"type": "reasoning", "id": "r2",
+                                         "summary": ["x", "", "y"]}}) == \
+        [("reasoning", ("r2", 0, "x")), ("reasoning", ("r2", 2, "y"))]
+    assert n("thread/tokenUsage/updated", {"tokenUsage": {
+        "total": {"inputTokens": 9, "outputTokens": 3}, "last": {"inputTokens": 1}}}) == \
+        [("usage", {"input_tokens": 9, "cached_input_tokens": 0, "output_tokens": 3,
+                    "reasoning_output_tokens": 0})]
+    assert not events.signals_responses
+    assert n("rawResponseItem/completed", {"item": {"type": "function_call", "name": "read_file",
+                                                    "call_id": "c1"}}) == []
+    assert n("rawResponseItem/completed", {"item": {"type": "function_call", "name": "other",
+                                                    "call_id": "c2"}}) == []
+    assert n("rawResponse/completed", {}) == [("response_done", frozenset({"c1"}))]
+    assert n("rawResponse/completed", {}) == [] and events.signals_responses
+    assert n("turn/completed", {"turn": {"status": "completed"}}) == [("completed", None)]
+    assert n("turn/completed", {"turn": {"status": "interrupted"}}) == [("interrupted", None)]
+    assert n("turn/completed", {"turn": {"status": "failed", "error": {"message": "x"}}}) == \
+        [("failed", {"message": "x"})]
+    assert n("error", {"error": {"message": "slow"}, "willRetry": True}) == \
+        [("warning", "retrying: slow")]
+    assert n("error", {"error": {"message": "dead"}, "willRetry": False}) == []
+    assert n("item/started", {"item": {"type": "commandExecution"}}) == \
+        [("unexpected", "commandExecution")]
+    assert n("something/new", {}) == []
 
 
 # ---------------------------------------------------------------------------
@@ -1616,11 +2053,18 @@ def test_remote_image_error_says_why(proxy):
     assert "data:" in json.loads(raw)["error"]["message"]
 
 
-def test_unknown_fields_are_ignored(proxy):
-    status, _, _ = post_chat(proxy.base, chat_body(
+def test_unknown_fields_are_ignored(proxy, fake_codex):
+    status, _, raw = post_chat(proxy.base, chat_body(
         temperature=0.2, max_tokens=5, user="u", metadata={"a": "b"}, top_p=1,
-        stream_options={"include_usage": False}, presence_penalty=0, seed=1))
+        stream_options={"include_usage": False}, presence_penalty=0, seed=1,
+        logit_bias={"1": 2}, some_future_field={"x": [1]}))
     assert status == 200
+    body = json.loads(raw)
+    assert body["choices"][0]["message"]["content"] == "fake answer"
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["total_tokens"] == 18
+    record = fake_codex.wait_records(1)[0]
+    assert record["prompt"] == "hello"                  # none of them reached Codex
+    assert "some_future_field" not in json.dumps(record) and "temperature" not in json.dumps(record)
 
 
 def test_unknown_path_404_wrong_method_405_and_head(proxy):
@@ -1708,9 +2152,17 @@ def open_raw_stream(proxy, body, path="/v1/chat/completions"):
 
 
 def recv_until(sock, marker, limit=10.0):
+    """What the socket says up to `marker`, the peer closing or `limit` s."""
     seen, deadline = b"", time.monotonic() + limit
-    while marker not in seen and time.monotonic() < deadline:
-        data = sock.recv(65536)
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            break
         if not data:
             break
         seen += data
@@ -1753,6 +2205,8 @@ def test_keepalive_comments_while_codex_is_silent(make_proxy, fake_codex):
             if seen.count(b": keepalive\n\n") >= 2:
                 break
             seen += recv_until(sock, b": keepalive")
+        assert seen.count(b": keepalive\n\n") >= 2, seen
+        assert b"done" not in seen           # keepalives came while Codex said nothing
         (fake_codex.dir / "go").write_text("")
         seen += recv_until(sock, b"0\r\n\r\n")
     finally:
@@ -1941,12 +2395,15 @@ KEY = "test-key-1234"
 ])
 def test_key_required_on_every_route_but_health(make_proxy, method, path):
     proxy = make_proxy(api_keys=(KEY, "second-key"))
-    body = chat_body() if method == "POST" else None
+    body = None if method == "GET" else {"input": "hello"} if "responses" in path else chat_body()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
                     {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Bearer {KEY}x"},
                     {"Authorization": f"Basic {KEY}"}, {"x-api-key": KEY.upper()}):
-        status, _, raw = http_request(proxy.base, method, path, body, headers)
+        status, _, raw = http_request(proxy.base, method, path, body, headers, timeout=10)
         assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", headers
+    status, head, _ = http_request(proxy.base, method, path, body, {"x-api-key": KEY},
+                                   timeout=10, head_only=True)     # a stream never ends
+    assert status == 200, path
     assert http_request(proxy.base, "GET", "/health")[0] == 200
     assert http_request(proxy.base, "OPTIONS", path.split("?")[0],
                         headers={"Origin": "https://anywhere.example"})[0] == 204
@@ -2432,6 +2889,17 @@ def test_readme_documents_every_flag_and_variable():
         assert action.option_strings[-1] in readme
         for variable in re.findall(r"env ([A-Z_]+)", action.help):
             assert variable in readme, variable
+
+
+def test_readme_lists_every_log_event():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    paragraph = readme[readme.index("Event types:"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    reasons = re.findall(r"\(with the reason: ([^)]*)\)", paragraph)[0]
+    listed = set(re.findall(r"`([a-z_]+)`", paragraph)) - set(re.findall(r"`([a-z_]+)`", reasons))
+    assert listed == set(cp.LOG_EVENTS)
+    html = open(os.path.join(HERE, "logs.html")).read()
+    assert [name for name in cp.LOG_EVENTS if name not in html] == []
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -2925,6 +3393,22 @@ def test_a_handoff_to_another_agent_is_not_resumed_as_the_first(proxy, fake_code
     assert "You are agent B." in fresh["instructions"] and "agent A" not in fresh["instructions"]
     assert tool_names_of(fresh) == {"refund"}
     assert proxy.wait_event("parked_expired")[0]["reason"] == "conversation_changed"
+
+
+def test_other_tools_alone_expire_the_parked_turn(proxy, fake_codex):
+    """The same system text with other tools is another conversation too."""
+    fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "answered fresh"},
+                                          {"complete": {}}]), TOOL_TURN)
+    messages = [{"role": "system", "content": "Same system text."},
+                {"role": "user", "content": "read a.py"}]
+    _, message, finish, _ = tool_round(proxy, messages)
+    assert finish == "tool_calls"
+    other_tools = [t for t in TOOLS if (t.get("function") or t).get("name") != "list_dir"]
+    _, final, _, _ = tool_round(proxy, messages + [message, *results_for(message)],
+                                tools=other_tools)
+    assert final["content"] == "answered fresh"
+    assert proxy.wait_event("parked_expired")[0]["reason"] == "conversation_changed"
+    assert tool_names_of(fake_codex.records()[-1]) == {"read_file", "ApplyPatch"}
 
 
 def test_abandoned_parked_turn_expires(make_proxy, fake_codex):
