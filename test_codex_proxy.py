@@ -144,24 +144,30 @@ def raw_exchange(base, data, timeout=10.0):
         sock.close()
 
 
+def recv_some(sock, deadline):
+    """One read that ends by the deadline -> bytes; b"" at the end or the deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return b""
+    sock.settimeout(left)
+    try:
+        return sock.recv(65536)
+    except socket.timeout:
+        return b""
+
+
 def recv_response(sock, timeout=10.0):
     """One HTTP response with a Content-Length body (or up to close)."""
     seen, deadline = b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         head, sep, rest = seen.partition(b"\r\n\r\n")
-        if sep:
-            match = re.search(rb"(?i)content-length: *(\d+)", head)
-            if match and len(rest) >= int(match.group(1)):
-                return seen
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            data = sock.recv(65536)
-        except socket.timeout:
-            break
+        match = re.search(rb"(?i)content-length: *(\d+)", head) if sep else None
+        if match and len(rest) >= int(match.group(1)):
+            return seen
+        data = recv_some(sock, deadline)
         if not data:
-            break
+            return seen
         seen += data
-    return seen
 
 
 def sse_events(raw):
@@ -2155,14 +2161,7 @@ def recv_until(sock, marker, limit=10.0):
     """What the socket says up to `marker`, the peer closing or `limit` s."""
     seen, deadline = b"", time.monotonic() + limit
     while marker not in seen:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        sock.settimeout(left)
-        try:
-            data = sock.recv(65536)
-        except socket.timeout:
-            break
+        data = recv_some(sock, deadline)
         if not data:
             break
         seen += data
