@@ -74,6 +74,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -164,6 +165,8 @@ DEFAULT_KEEPALIVE = 15.0
 DEFAULT_LOG_SIZE = 2000
 DEFAULT_TOOL_RESULT_TIMEOUT = 600.0
 DEFAULT_MAX_PARKED = 16
+DEFAULT_KEEP_CONVERSATIONS = 4     # threads kept alive between a conversation's turns
+DEFAULT_CONVERSATION_TTL = 1800.0  # seconds an unused kept thread lives
 DEFAULT_TOOL_QUIET = 0.15          # seconds to wait for sibling tool calls
 LOGIN_CACHE_SECONDS = 30.0
 KILL_GRACE_SECONDS = 2.0
@@ -301,6 +304,9 @@ class Message:
     tool_call_id: str | None = None
     name: str | None = None
     images: list = dataclasses.field(default_factory=list)   # data: URLs
+    # assistant: reasoning items a Responses client sent back, each with the
+    # encrypted_content that gives the model its own reasoning again
+    reasoning: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -614,8 +620,13 @@ def parse_input_items(items):
             images = []
             text = content_to_text(item.get("content"), images if role == "user" else None,
                                    where)
-            messages.append(Message("system" if role == "developer" else role, text,
-                                    images=images))
+            last = messages[-1] if messages else None
+            if role == "assistant" and last is not None and last.role == "assistant" and \
+                    last.reasoning and not last.text and not last.tool_calls:
+                last.text = text            # the message its reasoning item led to
+            else:
+                messages.append(Message("system" if role == "developer" else role, text,
+                                        images=images))
         elif kind in ("function_call", "custom_tool_call"):
             call_id = field(item, "call_id", (str,), f"{where}.call_id") or \
                 field(item, "id", (str,), f"{where}.id", "")
@@ -640,8 +651,29 @@ def parse_input_items(items):
         elif kind == "item_reference":
             raise bad_request("item_reference input items are not supported; send the "
                               "items themselves or use previous_response_id", "input")
-        # reasoning and hosted-tool items carry nothing the model needs again
+        elif kind == "reasoning":
+            reasoning = reasoning_item(item, where)
+            if reasoning is not None:
+                last = messages[-1] if messages else None
+                if last is None or last.role != "assistant" or last.text or last.tool_calls:
+                    messages.append(Message("assistant"))
+                messages[-1].reasoning.append(reasoning)
+        # hosted-tool items carry nothing the model needs again
     return messages
+
+
+def reasoning_item(item, where):
+    """A reasoning input item -> the item for Codex's history, or None when it
+    carries no encrypted_content (then it holds nothing the model can use)."""
+    encrypted = field(item, "encrypted_content", (str,), f"{where}.encrypted_content")
+    if not encrypted:
+        return None
+    summary = field(item, "summary", (list,), f"{where}.summary", [])
+    texts = [part.get("text") for part in summary if isinstance(part, dict)]
+    if not all(isinstance(t, str) for t in texts):
+        raise bad_request(f"{where}.summary must be a list of summary_text parts", "input")
+    return {"type": "reasoning", "summary": [{"type": "summary_text", "text": t} for t in texts],
+            "encrypted_content": encrypted}
 
 
 def parse_text_format(fmt, param):
@@ -928,6 +960,107 @@ def render_prompt(messages):
 
 
 # ---------------------------------------------------------------------------
+# Native history and conversation keys (pure): what a Codex thread holds
+# ---------------------------------------------------------------------------
+
+def split_turn(messages):
+    """A conversation -> (history, input): the turn's input is the last
+    message when it is the user's; when the conversation ends otherwise (in
+    tool results, say) the input is None and everything is history.  System
+    messages are neither: they are the thread's instructions."""
+    convo = [m for m in messages if m.role != "system"]
+    if convo and convo[-1].role == "user":
+        return convo[:-1], convo[-1]
+    return convo, None
+
+
+def history_items(messages):
+    """Messages -> the raw Responses items a thread's history holds
+    (thread/inject_items): messages with roles, the client's calls and
+    results with the client's call ids, and reasoning sent back."""
+    custom = {c.id for m in messages for c in m.tool_calls if c.custom}
+    items = []
+    for m in messages:
+        if m.role == "user":
+            items.append({"type": "message", "role": "user", "content": user_parts(m)})
+        elif m.role == "assistant":
+            items += m.reasoning
+            if m.text:
+                items.append({"type": "message", "role": "assistant",
+                              "content": [{"type": "output_text", "text": m.text}]})
+            items += [call_item(c) for c in m.tool_calls]
+        elif m.role == "tool":
+            kind = "custom_tool_call_output" if m.tool_call_id in custom else \
+                "function_call_output"
+            items.append({"type": kind, "call_id": m.tool_call_id, "output": m.text})
+    return items
+
+
+def user_parts(message):
+    parts = [{"type": "input_text", "text": message.text}] if message.text else []
+    return parts + [{"type": "input_image", "image_url": url} for url in message.images]
+
+
+def call_item(call):
+    if call.custom:
+        return {"type": "custom_tool_call", "call_id": call.id, "name": call.name,
+                "input": call.arguments}
+    return {"type": "function_call", "call_id": call.id, "name": call.name,
+            "arguments": call.arguments}
+
+
+def message_chars(messages):
+    return sum(len(m.text) + sum(len(c.arguments) for c in m.tool_calls) for m in messages)
+
+
+def canonical_arguments(text):
+    """Tool-call arguments compared as JSON when they are JSON."""
+    try:
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        return text
+
+
+def conversation_key(messages):
+    """What a conversation holds, normalized so that a client's faithful echo
+    of it matches -> (key, ends): one digest per entry, and for each entry
+    the index in `messages` just past it.
+
+    Consecutive assistant messages are one entry (an API may split an answer
+    into several); an assistant entry with calls is known by its calls (some
+    clients drop the text beside them), otherwise by its text without think
+    blocks; reasoning, empty versus null content and surrounding whitespace
+    do not count.  System messages are not part of it (they are the
+    instructions, compared as the request's fingerprint)."""
+    entries, ends = [], []
+    for index, m in enumerate(messages):
+        if m.role == "system":
+            continue
+        if m.role == "assistant":
+            text = THINK_BLOCK.sub("", m.text).strip()
+            calls = [(c.id, c.name, canonical_arguments(c.arguments)) for c in m.tool_calls]
+            if entries and entries[-1][0] == "assistant":
+                _, last_text, last_calls = entries.pop()
+                ends.pop()
+                text = "\n\n".join(t for t in (last_text, text) if t)
+                calls = last_calls + calls
+            entries.append(("assistant", text, calls))
+        elif m.role == "user":
+            entries.append(("user", m.text.strip(), [hashlib.sha256(url.encode()).hexdigest()
+                                                      for url in m.images]))
+        else:
+            entries.append(("tool", m.tool_call_id, m.text.strip()))
+        ends.append(index + 1)
+    key = []
+    for kind, first, second in entries:
+        if kind == "assistant":
+            first, second = ("", second) if second else (first, [])
+        data = json.dumps([kind, first, second], ensure_ascii=False)
+        key.append(hashlib.sha256(data.encode("utf-8", "surrogatepass")).digest()[:16])
+    return tuple(key), ends
+
+
+# ---------------------------------------------------------------------------
 # Configuration: flags, TOML, $CODEX_HOME/config.toml, the child environment
 # ---------------------------------------------------------------------------
 
@@ -958,6 +1091,8 @@ class Config:
     quiet: bool = False
     tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
     max_parked: int = DEFAULT_MAX_PARKED
+    keep_conversations: int = DEFAULT_KEEP_CONVERSATIONS
+    conversation_ttl: float = DEFAULT_CONVERSATION_TTL
     tool_quiet: float = DEFAULT_TOOL_QUIET
     state_dir: str | None = None
     logs_html: str | None = None
@@ -1301,6 +1436,9 @@ class LogEvent:
     TURN_RESUMED = "turn_resumed"
     PARKED_EXPIRED = "parked_expired"
     FALLBACK_TRANSCRIPT = "fallback_transcript"     # results no parked turn took
+    CONVERSATION_STARTED = "conversation_started"   # a new thread, and why no kept one fit
+    CONVERSATION_CONTINUED = "conversation_continued"   # a kept thread's next turn
+    CONVERSATION_EXPIRED = "conversation_expired"   # a kept thread let go
     INTERNAL_ERROR = "internal_error"               # a bug: a 500 was answered
 
 
@@ -1736,26 +1874,38 @@ class RunSpec:
     effort: str | None
     summary: str | None
     instructions: str
-    prompt: str
-    images: list                    # data: URLs
+    messages: list                  # the conversation (no system messages); each
+                                    # engine renders it its own way
     tools: list                     # [ToolSpec]
     output_schema: dict | None
 
+    def settings(self):
+        """What a kept thread must share with a request that continues it,
+        beside the request's fingerprint."""
+        return (self.model, self.effort, self.summary)
 
-def run_spec(request, aliases):
-    """What Codex gets for a request; a prompt Codex would refuse is refused here."""
+
+def run_spec(request, aliases, messages=None):
+    """What Codex gets for a request (or, with `messages`, for what it adds
+    to a kept thread); a conversation Codex would refuse is refused here,
+    before any Codex starts."""
     model, effort = resolve_model(request.model, aliases)
     tools = request.tools if request.tool_choice != "none" else []
+    if messages is None:
+        messages = [m for m in request.messages if m.role != "system"]
     spec = RunSpec(model=model, effort=request.reasoning_effort or effort,
                    summary=request.reasoning_summary,
-                   instructions=request_instructions(request, tools),
-                   prompt=render_prompt(request.messages), images=request.images(),
+                   instructions=request_instructions(request, tools), messages=messages,
                    tools=tools, output_schema=request.output_schema)
-    if len(spec.prompt) > MAX_INPUT_CHARS:
-        raise ProxyError(400, f"the conversation is {len(spec.prompt)} characters; Codex "
-                         f"takes at most {MAX_INPUT_CHARS}. Shorten it.",
-                         "invalid_request_error", "context_length_exceeded", "messages")
+    check_input_size(message_chars(messages))
     return spec
+
+
+def check_input_size(chars):
+    if chars > MAX_INPUT_CHARS:
+        raise ProxyError(400, f"the conversation is {chars} characters; Codex takes at "
+                         f"most {MAX_INPUT_CHARS}. Shorten it.", "invalid_request_error",
+                         "context_length_exceeded", "messages")
 
 
 class CodexRun:
@@ -1787,6 +1937,7 @@ class CodexRun:
 
     engine = None                   # the name of the adapter that runs it
     signals_responses = False       # sends response_done, so calls need no quiet wait
+    can_continue = False            # takes a conversation's next turn (continue_turn)
 
     def __init__(self, run_id, env, tempdir):
         self.id = run_id
@@ -1802,7 +1953,9 @@ class CodexRun:
         self.effort = None
         self.warm = False           # started ahead of its request
         self.fingerprint = None     # ProxyRequest.fingerprint() of its conversation
+        self.match = None           # ... and its settings: what a continuation shares
         self.tools = {}
+        self.id_taken = lambda call_id: False   # is this call id open in another run?
         self.exited = threading.Event()
         # _lock guards _calls and _used_ids; reader threads and handlers share them.
         self._lock = threading.Lock()
@@ -1838,8 +1991,10 @@ class CodexRun:
             arguments = text if isinstance(text, str) else json.dumps(arguments)
         else:
             arguments = call_arguments(arguments)
+        if not isinstance(call_id, str) or not call_id or self.id_taken(call_id):
+            call_id = None      # ids are unique across runs: a result finds one turn
         with self._lock:
-            if not isinstance(call_id, str) or not call_id or call_id in self._used_ids:
+            if call_id is None or call_id in self._used_ids:
                 call_id = "call_" + secrets.token_hex(12)
             self._used_ids.add(call_id)
             pending = PendingCall(ToolCall(call_id, name, arguments, custom), rpc_id=rpc_id)
@@ -2113,11 +2268,14 @@ class ExecEngine(Engine):
 
     def start(self, spec, prepare):
         launcher = self.launcher
+        prompt = render_prompt(spec.messages)
+        check_input_size(len(prompt))       # the transcript is what Codex counts
         run = ExecRun(new_run_id(), launcher.env, tempfile.mkdtemp(prefix="codex-proxy-"))
         prepare(run)
         try:
             instructions, images, schema = write_run_files(
-                run, spec.instructions, spec.images, spec.output_schema)
+                run, spec.instructions, [url for m in spec.messages for url in m.images],
+                spec.output_schema)
             bridge_path = self._write_bridge_config(run, spec.tools) if spec.tools else None
             argv = codex_argv(
                 launcher.codex.current()[0], model=spec.model, effort=spec.effort,
@@ -2127,7 +2285,7 @@ class ExecEngine(Engine):
                 catalog=launcher.catalog_path,
                 bridge_timeout=launcher.config.tool_result_timeout,
                 output_schema=schema, summary=spec.summary)
-            run.start(argv, spec.prompt)
+            run.start(argv, prompt)
         except OSError as exc:
             launcher.discard(run)
             raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
@@ -2417,7 +2575,9 @@ class AppServerEvents:
     `notification(method, params)` -> [(kind, payload)].
     `request(method, params)` -> (reply, events): the reply to send at once,
     or None for a call of a client tool, which the run answers when the
-    client's result arrives."""
+    client's result arrives.
+    `begin_turn()` before each turn/start: usage is the thread's running
+    total, and a turn's usage is what it added."""
 
     # Codex runs with approvals off; should it ask anyway, the answer is no.
     DECLINE = {"item/commandExecution/requestApproval": {"decision": "decline"},
@@ -2435,6 +2595,11 @@ class AppServerEvents:
         self.signals_responses = False  # Codex tells when the model ends a response
         self._deltas = set()            # items whose text arrived as deltas
         self._response_calls = set()    # client calls of the response being written
+        self._total = usage_from_app_server({})     # the thread's usage so far
+        self._base = self._total                    # ... when this turn began
+
+    def begin_turn(self):
+        self._base = self._total
 
     def request(self, method, params):
         if method == "item/tool/call":
@@ -2465,8 +2630,8 @@ class AppServerEvents:
         if method in ("rawResponseItem/completed", "rawResponse/completed"):
             return self._raw(method, params)
         if method == "thread/tokenUsage/updated":
-            return [("usage", usage_from_app_server(
-                (params.get("tokenUsage") or {}).get("total")))]
+            self._total = usage_from_app_server((params.get("tokenUsage") or {}).get("total"))
+            return [("usage", {k: v - self._base.get(k, 0) for k, v in self._total.items()})]
         if method == "turn/completed":
             return self._turn_completed(params.get("turn") or {})
         if method == "error":
@@ -2512,16 +2677,41 @@ class AppServerEvents:
         return []
 
 
+def turn_input(message):
+    """The user message a turn starts with, as app-server's UserInput; none
+    when the turn goes on from tool results."""
+    if message is None:
+        return []
+    parts = [{"type": "text", "text": message.text, "text_elements": []}] \
+        if message.text or not message.images else []
+    return parts + [{"type": "image", "url": url} for url in message.images]
+
+
+@contextlib.contextmanager
+def refused_by_codex():
+    """app-server's refusal of a thread or turn -> the ProxyError a client sees."""
+    try:
+        yield
+    except RpcError as exc:
+        if exc.data.get("input_error_code") == "input_too_large":
+            raise ProxyError(400, f"{exc} Shorten the conversation.",
+                             "invalid_request_error", "context_length_exceeded")
+        raise ProxyError(502, f"Codex refused the request: {exc}", "api_error",
+                         "codex_error")
+
+
 class AppServerRun(CodexRun):
-    """One `codex app-server` process answering one request's turn.
+    """One `codex app-server` process: one thread, one conversation.
 
     `launch` and `initialize` may run ahead of the request (a warm spare);
-    `start` then opens one thread with the request's settings and tools and
-    starts its one turn.  Notifications become events through
-    AppServerEvents; an `item/tool/call` request from Codex becomes a
-    PendingCall whose answer is the reply."""
+    `start` then opens the thread with the request's settings and tools,
+    gives it the conversation so far as native items and starts a turn; a
+    kept thread's next turn comes with `continue_turn`.  Notifications become
+    events through AppServerEvents; an `item/tool/call` request from Codex
+    becomes a PendingCall whose answer is the reply."""
 
     engine = "app-server"
+    can_continue = True
 
     def __init__(self, run_id, env, tempdir, argv, on_rate_limits=None):
         super().__init__(run_id, env, tempdir)
@@ -2584,26 +2774,41 @@ class AppServerRun(CodexRun):
         return params
 
     def start(self, spec, thread_config):
-        """Open the thread and start the turn -> the turn id."""
+        """Open the thread, give it the conversation so far as native items,
+        and start the turn."""
         params = self.thread_params(spec.instructions, spec.tools, thread_config, spec.model)
-        try:
+        with refused_by_codex():
             thread = self.call("thread/start", params).get("thread") or {}
             self.thread_id = thread.get("id")
-            self.events.put(("thread", self.thread_id))
-            turn = {"threadId": self.thread_id, "input": [
-                {"type": "text", "text": spec.prompt, "text_elements": []}] +
-                [{"type": "image", "url": url} for url in spec.images]}
-            for key, value in (("effort", spec.effort), ("summary", spec.summary),
-                               ("outputSchema", spec.output_schema)):
+        self.events.put(("thread", self.thread_id))
+        self._turn(spec)
+
+    def continue_turn(self, spec):
+        """The next turn of a kept thread: what the conversation added since
+        (spec.messages) goes in, and the turn starts."""
+        while True:             # what the last turn left behind (notices)
+            try:
+                self.events.get_nowait()
+            except queue.Empty:
+                break
+        self.turn_done.clear()
+        self.turn_id = None
+        self.events.put(("thread", self.thread_id))
+        self._turn(spec)
+
+    def _turn(self, spec):
+        history, message = split_turn(spec.messages)
+        with refused_by_codex():
+            items = history_items(history)
+            if items:
+                self.call("thread/inject_items", {"threadId": self.thread_id, "items": items})
+            turn = {"threadId": self.thread_id, "input": turn_input(message)}
+            for key, value in (("model", spec.model), ("effort", spec.effort),
+                               ("summary", spec.summary), ("outputSchema", spec.output_schema)):
                 if value is not None:
                     turn[key] = value
+            self.protocol.begin_turn()
             result = self.call("turn/start", turn)
-        except RpcError as exc:
-            if exc.data.get("input_error_code") == "input_too_large":
-                raise ProxyError(400, f"{exc} Shorten the conversation.",
-                                 "invalid_request_error", "context_length_exceeded")
-            raise ProxyError(502, f"Codex refused the request: {exc}", "api_error",
-                             "codex_error")
         self.turn_id = self.turn_id or (result.get("turn") or {}).get("id")
         return self.turn_id
 
@@ -2919,6 +3124,11 @@ class RunTable:
         with self._lock:
             return list(self._runs.values())
 
+    def call_open(self, call_id):
+        """Is `call_id` a call some run is waiting on?  (No run's lock is held
+        here, so this may be asked while a run holds its own.)"""
+        return any(call_id in run.open_call_ids(sent_only=False) for run in self.all())
+
 
 class CodexLauncher:
     """Everything about starting Codex: where it is and whether it is logged
@@ -3124,8 +3334,79 @@ class ParkedTurns:
         return runs
 
 
-def message_chars(messages):
-    return sum(len(m.text) + sum(len(c.arguments) for c in m.tool_calls) for m in messages)
+@dataclasses.dataclass
+class Kept:
+    """A kept conversation: a run whose thread has answered a turn."""
+    run: object                     # the CodexRun, idle, its thread alive
+    match: tuple                    # fingerprint and settings a continuation shares
+    key: tuple                      # conversation_key() of all the thread has seen
+    at: float                       # when it was kept or last used
+
+
+class KeptConversations:
+    """Threads kept alive between a conversation's turns, so that the next
+    turn continues the thread: the model keeps its own items and reasoning,
+    and the prompt cache (keyed by the thread) stays warm.  At most `size`,
+    the least recently used let go first, each for at most `ttl` seconds."""
+
+    def __init__(self, size, ttl, clock=time.monotonic):
+        self.size, self.ttl, self._clock = size, ttl, clock
+        # _lock guards _kept (run id -> Kept), least recently used first.
+        self._lock = threading.Lock()
+        self._kept = collections.OrderedDict()
+
+    def __len__(self):
+        with self._lock:
+            return len(self._kept)
+
+    def keep(self, run, match, key):
+        """Keep a run; -> the runs let go to make room."""
+        with self._lock:
+            self._kept[run.id] = Kept(run, match, key, self._clock())
+            self._kept.move_to_end(run.id)
+            evicted = []
+            while len(self._kept) > self.size:
+                evicted.append(self._kept.popitem(last=False)[1].run)
+        return evicted
+
+    def claim(self, match, key):
+        """Take out the kept thread this conversation continues -> (Kept or
+        None, why none fits).  A continuation holds all the thread has seen,
+        then something new, with the same instructions, tools and settings."""
+        why = "a new conversation" if len(key) <= 1 else \
+            "no kept thread (new, expired, or the proxy restarted)"
+        best = None
+        with self._lock:
+            for kept in self._kept.values():
+                size = len(kept.key)
+                if key[:size] != kept.key:
+                    if key[:1] == kept.key[:1] and kept.match == match:
+                        why = "the history was edited or cut"
+                elif size == len(key):
+                    why = "nothing new since the kept thread's last turn"
+                elif kept.match != match:
+                    why = "other instructions, tools or model than the kept thread"
+                elif kept.run.exited.is_set():
+                    why = "the kept thread's Codex has exited"
+                elif best is None or size > len(best.key):
+                    best = kept
+            if best is not None:
+                del self._kept[best.run.id]
+        return best, why
+
+    def take_due(self):
+        """Take out the threads kept longer than the ttl, or whose Codex died."""
+        now = self._clock()
+        with self._lock:
+            due = [rid for rid, kept in self._kept.items()
+                   if now - kept.at >= self.ttl or kept.run.exited.is_set()]
+            return [self._kept.pop(rid).run for rid in due]
+
+    def take_all(self):
+        with self._lock:
+            runs = [kept.run for kept in self._kept.values()]
+            self._kept.clear()
+        return runs
 
 
 class ResponseStore:
@@ -3227,6 +3508,11 @@ class Responder:
     def answer_text(self):
         """The answer as the conversation's history should hold it."""
         return "".join(self.content)
+
+    def history_messages(self):
+        """What this response adds to the conversation, as the client will
+        send it back."""
+        return [Message("assistant", self.answer_text(), tool_calls=list(self.calls))]
 
     def _finishing(self):
         if self.on_finish is not None:
@@ -3641,6 +3927,7 @@ class TurnPump:
         self.reasoning_chars = 0
         self.expected = None        # the calls of a response the model has finished
         self.stop = StopFilter(request.stop) if request.stop else None
+        self.on_complete = None     # called with the responder when the turn completes
         self._text_key = None
 
     def run(self):
@@ -3757,6 +4044,8 @@ class TurnPump:
                 self.out.text(self._text_key, held)
 
     def finish(self, outcome, reason):
+        if outcome == "done" and self.on_complete is not None:
+            self.on_complete(self.out)      # before the client can ask for what follows
         if self.reasoning_chars:
             self.logs.add(LogEvent.REASONING_DETECTED, self.handler.request_id,
                           turn=self.run_.id, summary_chars=self.reasoning_chars)
@@ -3792,10 +4081,12 @@ class TurnPump:
 
 class Turns:
     """The turns being answered.  A request comes in parsed; Turns finds the
-    parked turn its tool results resume, or admits it (--max-concurrent) and
-    starts a run through the launcher, then pumps the run's events into the
-    API's responder.  A run that calls tools is parked until the results
-    come, expired when they do not, and ended otherwise."""
+    parked turn its tool results resume, or the kept thread its conversation
+    continues, or admits it (--max-concurrent) and starts a run through the
+    launcher; then it pumps the run's events into the API's responder.  A
+    run that calls tools is parked until the results come and expired when
+    they do not; a run whose turn completes is kept for the conversation's
+    next turn (when its engine can) or ended."""
 
     def __init__(self, config, launcher, logs, runs, stopping, clock=time.monotonic):
         self.config = config
@@ -3804,24 +4095,27 @@ class Turns:
         self.runs = runs
         self.stopping = stopping
         self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
+        self.kept = KeptConversations(config.keep_conversations, config.conversation_ttl,
+                                      clock)
         self.responses = ResponseStore(clock=clock)
         # _lock guards _active, the runs answering a request right now.
         self._lock = threading.Lock()
         self._active = 0
 
     def start(self):
-        threading.Thread(target=self._reap_parked, name="parked-reaper", daemon=True).start()
+        threading.Thread(target=self._reap, name="turns-reaper", daemon=True).start()
 
     def close(self):
-        """End every run: parked ones, then those still answering."""
+        """End every run: parked ones, kept ones, then those still answering."""
         self._end_all(self.parked.take_all(), "parked_shutdown")
+        self._end_all(self.kept.take_all(), "shutdown")
         self._end_all(self.runs.all(), "shutdown")
 
     # -- one request, start to end ------------------------------------------
     def serve(self, handler, request):
         self._log_incoming(handler, request)
         run = self.resume(request, handler.request_id)
-        if run is None:     # only a fresh run needs the prompt rendered
+        if run is None:
             run = self.start_run(request, handler.request_id)     # counts as active
         self._respond(handler, run, request)
 
@@ -3836,17 +4130,22 @@ class Turns:
         self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **fields)
 
     def _respond(self, handler, run, request):
-        """Relay one run to this response; keep it parked if it called tools."""
+        """Relay one run to this response; park it if it called tools, keep
+        it if its turn completed and its engine can go on."""
         logs, request_id = self.logs, handler.request_id
         out = RESPONDERS[request.api](handler, request, self.config.reasoning)
+        pump = TurnPump(self, run, out, handler, request)
         started = time.monotonic()
         outcome = "failed"
+        kept = []
         if request.api == "responses" and request.store:
-            out.on_finish = lambda done: self.responses.put(done.id, request.messages + [
-                Message("assistant", done.answer_text(), tool_calls=list(done.calls))])
+            out.on_finish = lambda done: self.responses.put(
+                done.id, request.messages + done.history_messages())
+        if run.can_continue and self.kept.size:
+            pump.on_complete = lambda done: kept.append(self._keep(run, request, done))
         try:
             out.open()
-            outcome, usage, reason = TurnPump(self, run, out, handler, request).run()
+            outcome, usage, reason = pump.run()
             logs.add(LogEvent.CURSOR_RESPONSE, request_id, turn=run.id, api=request.api,
                      finish_reason=reason, duration_ms=int((time.monotonic() - started) * 1000),
                      usage=openai_usage(usage) if outcome != "parked" else None,
@@ -3866,12 +4165,13 @@ class Turns:
                      duration_ms=int((time.monotonic() - started) * 1000))
             handler.close_connection = True
         finally:
-            self._leave(run, outcome)
+            self._leave(run, "kept" if kept else outcome)
 
-    # -- starting and resuming -----------------------------------------------
+    # -- starting, continuing and resuming -------------------------------------
     def start_run(self, request, request_id):
         """Admit the request (the concurrency check first, then readiness from
-        the cached checks) and start a Codex for it."""
+        the cached checks), then continue the kept thread of its conversation
+        or start a Codex for it."""
         spec = run_spec(request, self.config.aliases)
         with self._lock:
             if self._active >= self.config.max_concurrent:
@@ -3880,11 +4180,18 @@ class Turns:
                                  "too_many_concurrent_requests", headers={"Retry-After": "2"})
             self._active += 1
         try:
-            results = trailing_tool_results(request.messages)
             self.launcher.check_ready()
+            run, why = self._continue(request, spec, request_id)
+            if run is not None:
+                return run
+            results = trailing_tool_results(request.messages)
             if results:
                 self.logs.add(LogEvent.FALLBACK_TRANSCRIPT, request_id, results=len(results))
-            return self.launcher.start(spec, lambda run: self._prepare(run, request, spec))
+            run = self.launcher.start(spec, lambda run: self._prepare(run, request, spec))
+            if run.can_continue:
+                self.logs.add(LogEvent.CONVERSATION_STARTED, request_id, turn=run.id,
+                              reason=why, history_messages=len(spec.messages) - 1)
+            return run
         except BaseException:
             with self._lock:
                 self._active -= 1
@@ -3892,10 +4199,42 @@ class Turns:
 
     def _prepare(self, run, request, spec):
         run.set_tools(spec.tools, request.history_ids())
+        run.id_taken = self.runs.call_open
         run.fingerprint = request.fingerprint()
+        run.match = (run.fingerprint,) + spec.settings()
         run.model = spec.model or self.launcher.default_model()
         run.effort = spec.effort
         self.runs.add(run)
+
+    def _continue(self, request, spec, request_id):
+        """The kept thread this conversation continues, given what is new and
+        started on its next turn -> (run, None); or (None, why not)."""
+        if not self.kept.size:
+            return None, "conversations are not kept (--keep-conversations 0)"
+        key, ends = conversation_key(request.messages)
+        kept, why = self.kept.claim((request.fingerprint(),) + spec.settings(), key)
+        if kept is None:
+            return None, why
+        run = kept.run
+        added = [m for m in request.messages[ends[len(kept.key) - 1]:] if m.role != "system"]
+        run.remember_ids(request.history_ids())
+        try:
+            run.continue_turn(dataclasses.replace(spec, messages=added))
+        except ProxyError as error:
+            self.end_run(run, "continue_failed")
+            return None, f"the kept thread failed: {error.message[:200]}"
+        self.logs.add(LogEvent.CONVERSATION_CONTINUED, request_id, turn=run.id,
+                      thread_id=run.thread_id, new_messages=len(added))
+        return run, None
+
+    def _keep(self, run, request, out):
+        """A completed turn: keep its thread for the conversation's next turn,
+        before the answer's last bytes go out (a client that asks at once
+        finds it)."""
+        key, _ = conversation_key(request.messages + out.history_messages())
+        for evicted in self.kept.keep(run, run.match, key):
+            self._let_go(evicted, "max_kept")
+        return run
 
     def resume(self, request, request_id):
         """The parked run these tool results answer, with the results
@@ -3924,11 +4263,11 @@ class Turns:
             self._active += 1
         return run
 
-    # -- parking and ending ----------------------------------------------------
+    # -- parking, keeping and ending ---------------------------------------------
     def _leave(self, run, outcome):
         with self._lock:
             self._active -= 1
-        if outcome != "parked":
+        if outcome not in ("parked", "kept"):
             self.end_run(run, outcome)
 
     def park(self, run):
@@ -3940,9 +4279,14 @@ class Turns:
                       pending=sorted(run.open_call_ids(sent_only=False)))
         self.end_run(run, reason)
 
+    def _let_go(self, run, reason):
+        self.logs.add(LogEvent.CONVERSATION_EXPIRED, None, turn=run.id, reason=reason,
+                      thread_id=run.thread_id)
+        self.end_run(run, reason)
+
     def end_run(self, run, reason):
         self.runs.pop(run)
-        if reason == "done":    # Codex ends by itself; reap it off the request path
+        if reason in ("done", "max_kept", "ttl"):   # Codex ends by itself; off the request path
             threading.Thread(target=run.stop, kwargs={"grace": KILL_GRACE_SECONDS},
                              name=f"reap-{run.id}", daemon=True).start()
         else:
@@ -3957,10 +4301,16 @@ class Turns:
         for thread in threads:
             thread.join()
 
-    def _reap_parked(self):
-        while not self.stopping.wait(min(1.0, max(0.05, self.config.tool_result_timeout / 10))):
+    def _reap(self):
+        """Expire parked turns nobody answers and kept threads nobody uses."""
+        period = min(1.0, max(0.05, min(self.config.tool_result_timeout,
+                                        self.config.conversation_ttl) / 10))
+        while not self.stopping.wait(period):
             for run in self.parked.take_due():
                 self.expire(run, "tool_result_timeout")
+            for run in self.kept.take_due():
+                self._let_go(run, "exited" if run.exited.is_set() else "ttl")
+
 
 # ---------------------------------------------------------------------------
 # Access, connections and rate limits
@@ -4117,7 +4467,8 @@ def connection_budget(config, soft_limit=None):
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft_limit == resource.RLIM_INFINITY:
             return config.max_connections
-    reserve = 32 + 4 * (config.max_concurrent + config.max_parked + config.warm)
+    reserve = 32 + 4 * (config.max_concurrent + config.max_parked + config.warm +
+                        config.keep_conversations)
     return min(config.max_connections, max(8, soft_limit - reserve))
 
 
@@ -4515,7 +4866,8 @@ def endpoint_health(handler):
     body = {"status": "ok", "version": __version__, "codex_version": version,
             "logged_in": logged_in, "engine": launcher.engine.name,
             "engine_reason": launcher.engine_reason, "warm_spares": len(launcher.warm),
-            "parked_turns": len(server.turns.parked)}
+            "parked_turns": len(server.turns.parked),
+            "conversations": len(server.turns.kept)}
     if server.access.key_ok(handler.headers):
         body["rate_limits"] = server.rate_limits.view()
     handler.send_json(200, body)
@@ -4855,6 +5207,15 @@ def build_parser():
     p.add_argument("--tool-result-timeout", type=float,
                    default=e("CODEX_PROXY_TOOL_RESULT_TIMEOUT", str(DEFAULT_TOOL_RESULT_TIMEOUT)),
                    help=f"seconds a turn waits for the client's tool results (env CODEX_PROXY_TOOL_RESULT_TIMEOUT; default {DEFAULT_TOOL_RESULT_TIMEOUT:g})")
+    p.add_argument("--keep-conversations", type=int,
+                   default=e("CODEX_PROXY_KEEP_CONVERSATIONS", str(DEFAULT_KEEP_CONVERSATIONS)),
+                   help=f"app-server threads kept alive between a conversation's turns, so the "
+                        f"next turn continues them (warm prompt cache); 0 turns it off "
+                        f"(env CODEX_PROXY_KEEP_CONVERSATIONS; default {DEFAULT_KEEP_CONVERSATIONS})")
+    p.add_argument("--conversation-ttl", type=float,
+                   default=e("CODEX_PROXY_CONVERSATION_TTL", str(DEFAULT_CONVERSATION_TTL)),
+                   help=f"seconds an unused kept conversation lives (env CODEX_PROXY_CONVERSATION_TTL; "
+                        f"default {DEFAULT_CONVERSATION_TTL:g})")
     p.add_argument("--max-parked", type=int, default=e("CODEX_PROXY_MAX_PARKED", str(DEFAULT_MAX_PARKED)),
                    help=f"turns waiting on tool results at once; past it the oldest ends (env CODEX_PROXY_MAX_PARKED; default {DEFAULT_MAX_PARKED})")
     p.add_argument("--tool-quiet-ms", type=int, default=e("CODEX_PROXY_TOOL_QUIET_MS", str(int(DEFAULT_TOOL_QUIET * 1000))),
@@ -4898,6 +5259,8 @@ def config_from_args(args):
         reasoning=args.reasoning, aliases=dict(aliases), codex_config=list(extra),
         log_size=args.log_size, log_bodies=args.log_bodies, quiet=args.quiet,
         tool_result_timeout=args.tool_result_timeout, max_parked=max(1, args.max_parked),
+        keep_conversations=max(0, args.keep_conversations),
+        conversation_ttl=max(1.0, args.conversation_ttl),
         tool_quiet=max(0, args.tool_quiet_ms) / 1000.0, state_dir=args.state_dir,
         logs_html=html if os.path.isfile(html) else None)
 

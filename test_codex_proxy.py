@@ -356,7 +356,8 @@ class FakeProcess:
 
     def __init__(self, state, args):
         self.state, self.engine = state, args[0]
-        self.out_lock = threading.Lock()
+        self.out_lock = threading.Lock()       # one JSON line at a time on stdout
+        self.save_lock = threading.Lock()      # one writer of the record at a time
         self.conf, self.model, self.images = {}, None, []
         i = 1
         while i < len(args):
@@ -393,10 +394,20 @@ class FakeProcess:
             sys.stdout.flush()
 
     def save(self):
-        path = self.path(os.path.join("records", f"{os.getpid()}.json"))
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.record, f)
-        os.replace(path + ".tmp", path)
+        """One record per turn (a kept thread has several), then per process.
+        Threads save one at a time: two writers of one file leave a torn one."""
+        with self.save_lock:
+            turn = len(self.record.get("turns", []))
+            path = self.path(os.path.join("records", f"{os.getpid()}-{turn}.json"))
+            for _ in range(100):        # another thread may add a key meanwhile
+                try:
+                    data = json.dumps(self.record)
+                    break
+                except RuntimeError:
+                    time.sleep(0.001)
+            with open(path + ".tmp", "w") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
 
     def read_json(self, name, default=None):
         if not os.path.exists(self.path(name)):
@@ -414,7 +425,8 @@ class FakeProcess:
     def fill(self, text):
         results = [r["text"] for r in self.record["results"]]
         return text.format(prompt=self.record.get("prompt", ""), results=" | ".join(results),
-                           model=self.record.get("model"))
+                           model=self.record.get("model"),
+                           seen=self.record.get("seen", self.record.get("prompt", "")))
 
     def common_step(self, kind, value):
         """Steps both engines play alike."""
@@ -571,7 +583,7 @@ class FakeAppServer:
         self.record = fake.record
         self.lock = threading.Lock()
         self.waiting, self.next_id = {}, 0
-        self.interrupted = threading.Event()
+        self.interrupted = threading.Event()        # the current turn's
         self.thread_id, self.turn_id = "thread-fake", "turn-fake"
 
     def notify(self, method, params):
@@ -646,17 +658,34 @@ class FakeAppServer:
         self.reply(mid, {"thread": {"id": self.thread_id}})
         self.notify("thread/started", {"thread": {"id": self.thread_id}})
 
+    def on_thread_inject_items(self, mid, params):
+        self.record.setdefault("injected", []).extend(params["items"])
+        self.fake.save()
+        self.reply(mid, {})
+
     def on_turn_start(self, mid, params):
         record = self.record
         record["turn"] = params
         record["prompt"] = "\n".join(i["text"] for i in params["input"] if i["type"] == "text")
         record["turn_order"] = time.time()
         record["images"] = [i["url"] for i in params["input"] if i["type"] == "image"]
+        record["results"], record["ended"] = [], False
+        record.setdefault("turns", []).append({"prompt": record["prompt"],
+                                               "injected": len(record.get("injected", []))})
+        self.turn_id = f"turn-fake-{len(record['turns'])}"
+        self.interrupted = threading.Event()
+        record["seen"] = self.seen()
         self.fake.save()
-        if any("ignore_term" in step for step in self.fake.scenario(record["prompt"])):
+        steps = self.fake.scenario(record["seen"])
+        if any("ignore_term" in step for step in steps):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)    # only the main thread may
         self.reply(mid, {"turn": {"id": self.turn_id, "status": "inProgress"}})
-        threading.Thread(target=self.play, daemon=True).start()
+        threading.Thread(target=self.play, args=(steps, self.interrupted), daemon=True).start()
+
+    def seen(self):
+        """What the model sees this turn, for choosing the scenario: the
+        history injected so far, then the turn's input."""
+        return json.dumps(self.record.get("injected", [])) + "\n" + self.record["prompt"]
 
     def on_turn_interrupt(self, mid, params):
         self.record["interrupted"] = True
@@ -664,13 +693,13 @@ class FakeAppServer:
         self.interrupted.set()
         self.reply(mid, {})
 
-    def play(self):
+    def play(self, steps, interrupted):
         self.notify("turn/started", {"turn": {"id": self.turn_id}})
-        for n, step in enumerate(self.fake.scenario(self.record["prompt"])):
-            if self.interrupted.is_set():
+        for n, step in enumerate(steps):
+            if interrupted.is_set():
                 break
             self.step(n + 1, step, *next(iter(step.items())))
-        if self.interrupted.is_set():
+        if interrupted.is_set():
             self.notify("turn/completed", {"turn": {"id": self.turn_id,
                                                     "status": "interrupted"}})
         self.record["ended"] = True
@@ -721,17 +750,22 @@ class FakeAppServer:
         self.notify("item/completed", {"item": {"type": "agentMessage", "id": item_id,
                                                 "text": "".join(deltas)}})
 
-    def complete(self, total):
-        """The thread's usage, then the end of the turn.  `last` (the model
-        call's own usage) differs from `total`: clients get the total."""
-        def counts(usage, scale):
-            return {"inputTokens": usage["input_tokens"] // scale,
-                    "cachedInputTokens": usage["cached_input_tokens"] // scale,
-                    "outputTokens": usage["output_tokens"] // scale,
-                    "reasoningOutputTokens": usage["reasoning_output_tokens"] // scale,
-                    "totalTokens": (usage["input_tokens"] + usage["output_tokens"]) // scale}
+    def complete(self, usage):
+        """The thread's usage, then the end of the turn.  `total` is the
+        thread's running sum and `last` the model call's own: a turn's usage
+        is what it added to the total."""
+        def counts(usage):
+            return {"inputTokens": usage["input_tokens"],
+                    "cachedInputTokens": usage["cached_input_tokens"],
+                    "outputTokens": usage["output_tokens"],
+                    "reasoningOutputTokens": usage["reasoning_output_tokens"],
+                    "totalTokens": usage["input_tokens"] + usage["output_tokens"]}
+        total = self.record.setdefault("usage_total", {k: 0 for k in usage})
+        for key, value in usage.items():
+            total[key] += value
         self.notify("thread/tokenUsage/updated", {"tokenUsage": {
-            "total": counts(total, 1), "last": counts(total, 2), "modelContextWindow": 1000}})
+            "total": counts(total), "last": counts({k: v // 2 for k, v in usage.items()}),
+            "modelContextWindow": 1000}})
         self.notify("turn/completed", {"turn": {"id": self.turn_id, "status": "completed"}})
 
     def calls(self, calls, gap, raw, gate=None):
@@ -858,7 +892,8 @@ class FakeCodex:
         return self.records()
 
     def pids(self):
-        return [r[k] for r in self.all_records() for k in ("pid", "bridge_pid") if r.get(k)]
+        return sorted({r[k] for r in self.all_records() for k in ("pid", "bridge_pid")
+                       if r.get(k)})
 
     def set_logged_out(self, value=True):
         flag = self.dir / "logged_out"
@@ -874,6 +909,12 @@ def conf_value(record, key):
     if record["engine"] == "exec" and value is not None:
         return cp.read_toml("v = " + value)["v"]
     return value
+
+
+def seen_by_model(record):
+    """All the conversation a fake codex was given: exec's transcript, or
+    app-server's injected history items and the turn's input."""
+    return json.dumps(record.get("injected", [])) + "\n" + record["prompt"]
 
 
 def tool_names_of(record):
@@ -2111,7 +2152,10 @@ def test_legacy_function_role_and_null_content_are_accepted(proxy, fake_codex):
         {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
         {"role": "function", "name": "f", "content": "RESULT-F"}]})
     assert status == 200
-    assert "RESULT-F" in fake_codex.wait_records(1)[0]["prompt"]
+    record = fake_codex.wait_records(1)[0]
+    assert record["prompt"] == "" and record["turn"]["input"] == []     # goes on from the result
+    assert {"type": "function_call_output", "call_id": "f", "output": "RESULT-F"} in \
+        record["injected"]
 
 
 def test_think_mode_puts_reasoning_in_content_and_strips_it_from_history(make_proxy, fake_codex,
@@ -2126,8 +2170,8 @@ def test_think_mode_puts_reasoning_in_content_and_strips_it_from_history(make_pr
     post_chat(proxy.base, {"messages": [{"role": "user", "content": "q"},
                                         {"role": "assistant", "content": content},
                                         {"role": "user", "content": "q2"}]})
-    prompt = fake_codex.wait_records(2)[-1]["prompt"]
-    assert "R1" not in prompt and "A1" in prompt
+    seen = seen_by_model(fake_codex.wait_records(2)[-1])
+    assert "R1" not in seen and "A1" in seen
 
 
 def test_reasoning_none_hides_the_summary(make_proxy, fake_codex):
@@ -2771,9 +2815,10 @@ def test_running_out_of_descriptors_closes_idle_connections_instead_of_failing(f
 
 
 def test_connections_leave_descriptors_for_codex():
-    config = cp.Config(max_connections=1000, max_concurrent=4, max_parked=16, warm=1)
+    config = cp.Config(max_connections=1000, max_concurrent=4, max_parked=16, warm=1,
+                       keep_conversations=4)
     assert cp.connection_budget(config, soft_limit=20000) == 1000
-    assert cp.connection_budget(config, soft_limit=1024) == 1024 - 32 - 4 * 21
+    assert cp.connection_budget(config, soft_limit=1024) == 1024 - 32 - 4 * 25
     assert cp.connection_budget(config, soft_limit=96) == 8
 
 
@@ -2894,7 +2939,7 @@ def test_readme_lists_every_log_event():
     readme = open(os.path.join(HERE, "README.md")).read()
     paragraph = readme[readme.index("Event types:"):]
     paragraph = paragraph[:paragraph.index("\n\n")]
-    reasons = re.findall(r"\(with the reason: ([^)]*)\)", paragraph)[0]
+    reasons = " ".join(re.findall(r"\(with the reason: ([^)]*)\)", paragraph))
     listed = set(re.findall(r"`([a-z_]+)`", paragraph)) - set(re.findall(r"`([a-z_]+)`", reasons))
     assert listed == set(cp.LOG_EVENTS)
     html = open(os.path.join(HERE, "logs.html")).read()
@@ -3037,10 +3082,10 @@ def test_a_warm_spare_answers_the_next_request_and_is_replaced(make_proxy, fake_
     forward = proxy.wait_event("codex_forward")[0]
     assert forward["warm"] is True and forward["pid"] == spare_pid
     assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)      # a replacement
-    assert post_chat(proxy.base, chat_body())[0] == 200
+    assert post_chat(proxy.base, chat_body("another conversation"))[0] == 200
     first, second = [e["pid"] for e in proxy.wait_event("codex_forward", 2)]
-    assert first != second                  # a process serves one request, never more
-    assert wait_until(lambda: not pid_alive(first), 8)
+    assert first != second                  # a process serves one conversation, never more
+    assert pid_alive(first) and len(proxy.server.turns.kept) == 2      # each kept for its next turn
 
 
 def test_spares_do_not_count_against_max_concurrent(make_proxy, fake_codex):
@@ -3329,8 +3374,8 @@ def test_tool_choice_required_and_named_become_instructions(proxy, fake_codex):
 
 
 def test_fallback_after_a_restart_replays_the_whole_conversation(make_proxy, fake_codex, engine):
-    fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "fallback saw: {prompt}"},
-                                          {"complete": {}}]), TOOL_TURN)
+    fake_codex.scenario(("RESULT:", [{"thread": True}, {"text": "fallback saw: {seen}"},
+                                     {"complete": {}}]), TOOL_TURN)
     proxy = make_proxy(engine=engine)
     messages = [{"role": "user", "content": "read a.py"}]
     _, message, _, _ = tool_round(proxy, messages)
@@ -3341,9 +3386,22 @@ def test_fallback_after_a_restart_replays_the_whole_conversation(make_proxy, fak
     messages += [message, *results_for(message)]
     status, final, finish, _ = tool_round(proxy, messages)
     assert status == 200 and finish == "stop"
-    prompt = fake_codex.wait_records(2)[-1]["prompt"]
-    assert '<tool_call id="call_m1" name="read_file">{"path": "a.py"}</tool_call>' in prompt
-    assert 'RESULT:read_file:{"path": "a.py"}' in prompt and "read a.py" in prompt
+    record = fake_codex.wait_records(2)[-1]
+    if engine == "exec":                         # the whole conversation as a transcript
+        prompt = record["prompt"]
+        assert '<tool_call id="call_m1" name="read_file">{"path": "a.py"}</tool_call>' in prompt
+        assert 'RESULT:read_file:{"path": "a.py"}' in prompt and "read a.py" in prompt
+    else:                                        # ... or as the thread's own items
+        assert record["injected"] == [
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "read a.py"}]},
+            {"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": "Let me look."}]},
+            {"type": "function_call", "call_id": "call_m1", "name": "read_file",
+             "arguments": '{"path": "a.py"}'},
+            {"type": "function_call_output", "call_id": "call_m1",
+             "output": 'RESULT:read_file:{"path": "a.py"}'}]
+        assert record["turn"]["input"] == []     # the model goes on from the result
     assert fake_codex.records()[-1]["tools"]               # tools offered again
     assert "RESULT:read_file" in final["content"]
     assert proxy.events("fallback_transcript")
@@ -3371,8 +3429,8 @@ def test_two_parked_turns_are_each_resumed_by_their_own_call_ids(proxy, fake_cod
 def test_a_handoff_to_another_agent_is_not_resumed_as_the_first(proxy, fake_codex):
     """Agents SDK handoffs: agent B answers A's tool call with its own tools and
     instructions; A's parked turn must not continue as B."""
-    fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "B speaking"},
-                                          {"complete": {}}]),
+    fake_codex.scenario(("assistant", [{"thread": True}, {"text": "B speaking"},
+                                       {"complete": {}}]),
                         [{"thread": True}, {"calls": [{"name": "transfer_to_b",
                                                        "arguments": {}, "id": "call_h"}]},
                          {"text": "A continued"}, {"complete": {}}])
@@ -3396,8 +3454,8 @@ def test_a_handoff_to_another_agent_is_not_resumed_as_the_first(proxy, fake_code
 
 def test_other_tools_alone_expire_the_parked_turn(proxy, fake_codex):
     """The same system text with other tools is another conversation too."""
-    fake_codex.scenario(("<tool_result", [{"thread": True}, {"text": "answered fresh"},
-                                          {"complete": {}}]), TOOL_TURN)
+    fake_codex.scenario(("RESULT:", [{"thread": True}, {"text": "answered fresh"},
+                                     {"complete": {}}]), TOOL_TURN)
     messages = [{"role": "system", "content": "Same system text."},
                 {"role": "user", "content": "read a.py"}]
     _, message, finish, _ = tool_round(proxy, messages)
@@ -3632,7 +3690,7 @@ def test_responses_tool_calls_park_and_resume_statelessly_or_by_previous_id(both
         {"type": "function_call", "call_id": "call_zz", "name": "read_file",
          "arguments": '{"path": "a.py"}'},
         {"type": "function_call_output", "call_id": "call_zz", "output": "CONTENT-B"}]}
-    fake_codex.scenario([{"thread": True}, {"text": "fresh saw {prompt}"}, {"complete": {}}])
+    fake_codex.scenario([{"thread": True}, {"text": "fresh saw {seen}"}, {"complete": {}}])
     third = json.loads(post_responses(both.base, stateless)[2])
     assert "CONTENT-B" in third["output"][-1]["content"][0]["text"]
 
@@ -3690,13 +3748,14 @@ def test_instructions_do_not_carry_over_but_input_developer_messages_do(proxy, f
 
 
 def test_previous_response_id_continues_the_conversation(proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"text": "answer to: {prompt}"}, {"complete": {}}])
+    fake_codex.scenario([{"thread": True}, {"text": "answer to: {seen}"}, {"complete": {}}])
     first = json.loads(post_responses(proxy.base, {"model": "m", "input": "my name is Ada"})[2])
     second = json.loads(post_responses(proxy.base, {"model": "m", "input": "what is my name?",
                                                     "previous_response_id": first["id"]})[2])
-    prompt = fake_codex.wait_records(2)[-1]["prompt"]
-    assert "my name is Ada" in prompt and "answer to: my name is Ada" in prompt
-    assert "what is my name?" in prompt and second["status"] == "completed"
+    one, two = fake_codex.wait_records(2)
+    assert one["pid"] == two["pid"] and second["status"] == "completed"   # the same thread
+    assert two["prompt"] == "what is my name?" and not two.get("injected")
+    assert proxy.events("conversation_continued")
     not_kept = json.loads(post_responses(proxy.base, {"model": "m", "input": "x",
                                                       "store": False})[2])
     assert post_responses(proxy.base, {"model": "m", "input": "y", "previous_response_id":
@@ -4204,8 +4263,11 @@ def test_e2e_restart_between_call_and_result_falls_back(e2e, openai_sdk):
         model="5.5-tpg", messages=messages, tools=TOOLS)
     assert final.choices[0].message.content == "fallback answer with CONTENT-alpha"
     assert proxy.events("fallback_transcript")
-    last = json.dumps(e2e.upstream.bodies()[-1]["input"])
-    assert "read alpha.py" in last and "tool_result" in last
+    items = e2e.upstream.bodies()[-1]["input"]          # the history as items, no transcript
+    assert [i.get("role") or i["type"] for i in items] == [
+        "developer", "user", "function_call", "function_call_output"]
+    assert items[1]["content"][0]["text"] == "read alpha.py" and "tool_result" not in json.dumps(items)
+    assert items[3]["call_id"] == "call_r1" and items[3]["output"] == "CONTENT-alpha"
 
 
 def test_e2e_abandoned_parked_turn_is_gone_after_the_timeout(e2e, openai_sdk):
@@ -4529,7 +4591,8 @@ def test_logs_page_shows_a_turns_rounds_together(make_proxy, fake_codex, browser
     for row in rows:                       # each request's rows keep their own order;
         by_request.setdefault(row["cells"][2], []).append(row["cells"][1])   # the two
     assert sorted(by_request.values()) == sorted([        # requests' rows may interleave
-        ["codex_forward", "tool_call_forwarded", "cursor_response"],          # round 1
+        ["conversation_started", "codex_forward", "tool_call_forwarded",      # round 1
+         "cursor_response"],
         ["tool_result_received", "turn_resumed", "cursor_response"]])         # round 2
     call_row = next(r for r in rows if r["cells"][1] == "tool_call_forwarded")
     assert "read_file (call_m1)" in call_row["cells"][4] and call_row["cls"] == "tool"
