@@ -1955,7 +1955,7 @@ class CodexRun:
         self.fingerprint = None     # ProxyRequest.fingerprint() of its conversation
         self.match = None           # ... and its settings: what a continuation shares
         self.tools = {}
-        self.id_taken = lambda call_id: False   # is this call id open in another run?
+        self.id_taken = lambda call_id: False   # does another run know this call id?
         self.exited = threading.Event()
         # _lock guards _calls and _used_ids; reader threads and handlers share them.
         self._lock = threading.Lock()
@@ -2005,6 +2005,10 @@ class CodexRun:
     def remember_ids(self, ids):
         with self._lock:
             self._used_ids.update(ids)
+
+    def knows_call(self, call_id):
+        with self._lock:
+            return call_id in self._used_ids
 
     def open_call_ids(self, sent_only=True):
         with self._lock:
@@ -3124,10 +3128,11 @@ class RunTable:
         with self._lock:
             return list(self._runs.values())
 
-    def call_open(self, call_id):
-        """Is `call_id` a call some run is waiting on?  (No run's lock is held
-        here, so this may be asked while a run holds its own.)"""
-        return any(call_id in run.open_call_ids(sent_only=False) for run in self.all())
+    def call_known(self, call_id):
+        """Does some live run know `call_id` (its conversation's history or
+        its own calls)?  A new call gets a fresh id then, so that a result
+        finds one turn only."""
+        return any(run.knows_call(call_id) for run in self.all())
 
 
 class CodexLauncher:
@@ -3373,26 +3378,26 @@ class KeptConversations:
         """Take out the kept thread this conversation continues -> (Kept or
         None, why none fits).  A continuation holds all the thread has seen,
         then something new, with the same instructions, tools and settings."""
-        why = "a new conversation" if len(key) <= 1 else \
-            "no kept thread (new, expired, or the proxy restarted)"
+        why = (0, "a new conversation" if len(key) <= 1 else
+               "no kept thread holds this history (edited, expired, or the proxy restarted)")
         best = None
         with self._lock:
             for kept in self._kept.values():
                 size = len(kept.key)
                 if key[:size] != kept.key:
                     if key[:1] == kept.key[:1] and kept.match == match:
-                        why = "the history was edited or cut"
+                        why = max(why, (1, "the history was edited or cut"))
                 elif size == len(key):
-                    why = "nothing new since the kept thread's last turn"
+                    why = max(why, (2, "nothing new since the kept thread's last turn"))
                 elif kept.match != match:
-                    why = "other instructions, tools or model than the kept thread"
+                    why = max(why, (2, "other instructions, tools or model than the kept thread"))
                 elif kept.run.exited.is_set():
-                    why = "the kept thread's Codex has exited"
+                    why = max(why, (2, "the kept thread's Codex has exited"))
                 elif best is None or size > len(best.key):
                     best = kept
             if best is not None:
                 del self._kept[best.run.id]
-        return best, why
+        return best, why[1]
 
     def take_due(self):
         """Take out the threads kept longer than the ttl, or whose Codex died."""
@@ -4199,7 +4204,7 @@ class Turns:
 
     def _prepare(self, run, request, spec):
         run.set_tools(spec.tools, request.history_ids())
-        run.id_taken = self.runs.call_open
+        run.id_taken = self.runs.call_known
         run.fingerprint = request.fingerprint()
         run.match = (run.fingerprint,) + spec.settings()
         run.model = spec.model or self.launcher.default_model()

@@ -1775,6 +1775,267 @@ def test_app_server_notifications_become_the_runs_events():
 
 
 # ---------------------------------------------------------------------------
+# Conversations: native history, kept threads (pure parts, then the fake codex)
+# ---------------------------------------------------------------------------
+
+def chat_messages(*messages):
+    return [cp.parse_message(m, n, "think") for n, m in enumerate(messages)]
+
+
+def test_history_goes_to_codex_as_the_items_a_thread_holds():
+    png = "data:image/png;base64," + base64.b64encode(tiny_png()).decode()
+    messages = chat_messages(
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                     {"type": "image_url", "image_url": {"url": png}}]},
+        {"role": "assistant", "content": "On it.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "file text"},
+        {"role": "user", "content": "and now?"})
+    history, last = cp.split_turn(messages)
+    assert last.text == "and now?" and [m.role for m in history] == ["user", "assistant", "tool"]
+    assert cp.history_items(history) == [
+        {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "look\n[image #1]"},
+            {"type": "input_image", "image_url": png}]},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "On it."}]},
+        {"type": "function_call", "call_id": "c1", "name": "read", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "file text"}]
+    assert cp.split_turn(messages[:-1]) == (messages[1:-1], None)     # ends in results
+    assert cp.turn_input(None) == []
+    assert cp.turn_input(last) == [{"type": "text", "text": "and now?", "text_elements": []}]
+
+
+def test_responses_items_keep_custom_calls_and_encrypted_reasoning():
+    request = cp.parse_responses_request({"input": [
+        {"role": "user", "content": "patch it"},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hm"}],
+         "encrypted_content": "ENC-1"},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Patching."}]},
+        {"type": "custom_tool_call", "call_id": "p1", "name": "ApplyPatch", "input": "*** x"},
+        {"type": "custom_tool_call_output", "call_id": "p1", "output": "done"},
+        {"type": "reasoning", "id": "rs_2", "summary": []}]})      # no encrypted_content: dropped
+    history, last = cp.split_turn(request.messages)
+    assert last is None
+    assert cp.history_items(history) == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "patch it"}]},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "hm"}],
+         "encrypted_content": "ENC-1"},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Patching."}]},
+        {"type": "custom_tool_call", "call_id": "p1", "name": "ApplyPatch", "input": "*** x"},
+        {"type": "custom_tool_call_output", "call_id": "p1", "output": "done"}]
+
+
+def test_a_faithful_echo_has_the_same_conversation_key():
+    sent = chat_messages(
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r"},
+        {"role": "assistant", "content": "<think>\nhm\n</think>\n\nDone."})
+    echo = chat_messages(
+        {"role": "system", "content": "ignored here"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [], "tool_calls": [           # Cursor drops the text
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"b":2,"a":1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r "},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "next"})
+    key, _ = cp.conversation_key(sent)
+    longer, ends = cp.conversation_key(echo)
+    assert longer[:len(key)] == key and len(longer) == len(key) + 1
+    assert echo[ends[len(key) - 1]:][0].text == "next"
+    split = chat_messages({"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"},
+                          {"role": "assistant", "content": "B"})
+    joined = chat_messages({"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "A\n\nB"})
+    assert cp.conversation_key(split)[0] == cp.conversation_key(joined)[0]
+    edited = chat_messages({"role": "user", "content": "hi!"})
+    assert cp.conversation_key(edited)[0][0] != key[0]
+
+
+def kept_run(run_id, exited=False):
+    run = types.SimpleNamespace(id=run_id, exited=threading.Event())
+    if exited:
+        run.exited.set()
+    return run
+
+
+def test_kept_threads_match_by_history_and_settings_and_say_why_not():
+    now = [0.0]
+    kept = cp.KeptConversations(2, ttl=100, clock=lambda: now[0])
+    a, b, c = kept_run("a"), kept_run("b"), kept_run("c")
+    assert kept.keep(a, ("fp", None), (b"1", b"2")) == []
+    assert kept.keep(b, ("fp", None), (b"1", b"2", b"3", b"4")) == []
+    assert kept.claim(("fp", None), (b"1", b"2"))[1].startswith("nothing new")
+    assert kept.claim(("other", None), (b"1", b"2", b"9"))[1].startswith("other instructions")
+    assert kept.claim(("fp", None), (b"1", b"8", b"9"))[1] == "the history was edited or cut"
+    assert kept.claim(("fp", None), (b"7",))[1] == "a new conversation"
+    found, _ = kept.claim(("fp", None), (b"1", b"2", b"3", b"4", b"5"))
+    assert found.run is b and len(kept) == 1                  # the longest match, taken out
+    assert kept.claim(("fp", None), (b"1", b"2", b"3", b"4", b"5"))[0].run is a
+    assert kept.claim(("fp", None), (b"1", b"2"))[1].startswith("no kept thread")
+    assert kept.keep(b, ("fp", None), (b"x",)) == []
+    assert kept.keep(a, ("fp", None), (b"w",)) == []
+    assert kept.keep(c, ("fp", None), (b"y",)) == [b]         # past the size, the oldest goes
+    now[0] = 101
+    assert kept.take_due() == [a, c] and len(kept) == 0
+    dead = kept_run("d", exited=True)
+    kept.keep(dead, ("fp", None), (b"z",))
+    assert kept.claim(("fp", None), (b"z", b"w"))[0] is None and kept.take_due() == [dead]
+
+
+CHAT_TURN = [{"thread": True}, {"text": "answer to: {prompt}"}, {"complete": {}}]
+
+
+def converse(proxy, messages, **extra):
+    status, _, raw = post_chat(proxy.base, {"model": "5.5-tpg", "messages": messages, **extra})
+    assert status == 200, raw
+    body = json.loads(raw)
+    return body["choices"][0]["message"], body["usage"]
+
+
+def test_the_next_turn_of_a_conversation_continues_its_kept_thread(proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"}]
+    answer, first_usage = converse(proxy, messages)
+    messages += [answer, {"role": "user", "content": "two"}]
+    answer, usage = converse(proxy, messages)
+    assert answer["content"] == "answer to: two"
+    first, second = fake_codex.wait_records(2)
+    assert first["pid"] == second["pid"] and not second.get("injected")
+    assert second["prompt"] == "two" and len(second["turns"]) == 2
+    assert usage == first_usage                  # each turn's own usage, not the thread's sum
+    continued = proxy.wait_event("conversation_continued")[0]
+    assert continued["new_messages"] == 1 and continued["turn"] == proxy.events(
+        "conversation_started")[0]["turn"]
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 1
+
+
+def test_a_conversation_with_tool_rounds_stays_on_one_thread(proxy, fake_codex):
+    fake_codex.scenario(TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    for round_ in range(3):
+        _, call, finish, _ = tool_round(proxy, messages)
+        assert finish == "tool_calls"
+        messages += [call, *results_for(call)]
+        _, answer, finish, _ = tool_round(proxy, messages)
+        assert finish == "stop" and answer["content"].startswith("The file says RESULT")
+        messages += [answer, {"role": "user", "content": f"read it again ({round_})"}]
+    assert len({r["pid"] for r in fake_codex.records()}) == 1
+    assert len(proxy.events("conversation_continued")) == 2
+    assert len(proxy.events("turn_resumed")) == 3
+
+
+def test_an_edited_history_starts_a_new_thread_that_sees_the_edit(proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    messages = [{"role": "user", "content": "one"}]
+    answer, _ = converse(proxy, messages)
+    messages += [answer, {"role": "user", "content": "two"}]
+    answer, _ = converse(proxy, messages)
+    messages[1] = {"role": "assistant", "content": "an edited answer"}
+    converse(proxy, messages + [answer, {"role": "user", "content": "three"}])
+    records = fake_codex.wait_records(3)
+    assert records[0]["pid"] == records[1]["pid"] != records[2]["pid"]
+    assert records[2]["prompt"] == "three"
+    assert records[2]["injected"][1]["content"][0]["text"] == "an edited answer"
+    assert proxy.wait_event("conversation_started", 2)[1]["reason"] == \
+        "the history was edited or cut"
+
+
+def test_only_the_newest_conversations_are_kept(make_proxy, fake_codex):
+    proxy = make_proxy(keep_conversations=1)
+    fake_codex.scenario(CHAT_TURN)
+    converse(proxy, [{"role": "user", "content": "first conversation"}])
+    first_pid = fake_codex.wait_records(1)[0]["pid"]
+    converse(proxy, [{"role": "user", "content": "second conversation"}])
+    expired = proxy.wait_event("conversation_expired")[0]
+    assert expired["reason"] == "max_kept" and wait_until(lambda: not pid_alive(first_pid), 8)
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 1
+
+
+def test_an_idle_kept_conversation_ends_after_its_ttl(make_proxy, fake_codex):
+    proxy = make_proxy(conversation_ttl=1.0)
+    fake_codex.scenario(CHAT_TURN)
+    converse(proxy, [{"role": "user", "content": "hello"}])
+    pid = fake_codex.wait_records(1)[0]["pid"]
+    assert proxy.wait_event("conversation_expired")[0]["reason"] == "ttl"
+    assert wait_until(lambda: not pid_alive(pid), 8) and len(proxy.server.turns.kept) == 0
+
+
+def test_without_kept_conversations_every_turn_is_a_new_thread(make_proxy, fake_codex):
+    proxy = make_proxy(keep_conversations=0)
+    fake_codex.scenario(CHAT_TURN)
+    answer, _ = converse(proxy, [{"role": "user", "content": "one"}])
+    converse(proxy, [{"role": "user", "content": "one"}, answer, {"role": "user", "content": "two"}])
+    first, second = fake_codex.wait_records(2)
+    assert first["pid"] != second["pid"] and [i["role"] for i in second["injected"]] == \
+        ["user", "assistant"]
+    assert wait_until(lambda: not any(pid_alive(p) for p in fake_codex.pids()), 8)
+
+
+def test_two_requests_for_one_kept_conversation_at_once_get_two_threads(proxy, fake_codex):
+    fake_codex.scenario(("two", [{"thread": True}, {"touch": "started"}, {"wait_file": "go"},
+                                 {"text": "answer to: {prompt}"}, {"complete": {}}]), CHAT_TURN)
+    answer, _ = converse(proxy, [{"role": "user", "content": "one"}])
+    messages = [{"role": "user", "content": "one"}, answer, {"role": "user", "content": "two"}]
+    replies = []
+    first = threading.Thread(target=lambda: replies.append(converse(proxy, messages)))
+    first.start()
+    assert wait_until(lambda: (fake_codex.dir / "started").exists(), 10)
+    (fake_codex.dir / "started").unlink()
+    second = threading.Thread(target=lambda: replies.append(converse(proxy, messages)))
+    second.start()
+    assert wait_until(lambda: (fake_codex.dir / "started").exists(), 10)   # both running
+    (fake_codex.dir / "go").write_text("")
+    first.join(20)
+    second.join(20)
+    assert [r[0]["content"] for r in replies] == ["answer to: two"] * 2
+    assert len({r["pid"] for r in fake_codex.records()}) == 2
+    assert len(proxy.events("conversation_continued")) == 1
+
+
+def test_the_same_call_ids_in_two_conversations_never_cross(proxy, fake_codex):
+    fake_codex.scenario(("alpha", [{"thread": True}, {"calls": [
+        {"name": "read_file", "arguments": {"path": "alpha"}, "id": "call_same"}]},
+        {"text": "alpha got {results}"}, {"complete": {}}]),
+        ("beta", [{"thread": True}, {"calls": [
+            {"name": "read_file", "arguments": {"path": "beta"}, "id": "call_same"}]},
+            {"text": "beta got {results}"}, {"complete": {}}]))
+    alpha = [{"role": "user", "content": "alpha"}]
+    beta = [{"role": "user", "content": "beta"}]
+    _, alpha_call, _, _ = tool_round(proxy, alpha)
+    _, beta_call, _, _ = tool_round(proxy, beta)
+    assert alpha_call["tool_calls"][0]["id"] != beta_call["tool_calls"][0]["id"]
+    _, beta_final, _, _ = tool_round(proxy, beta + [beta_call, *results_for(beta_call, "B")])
+    _, alpha_final, _, _ = tool_round(proxy, alpha + [alpha_call, *results_for(alpha_call, "A")])
+    assert beta_final["content"] == 'beta got B:read_file:{"path": "beta"}'
+    assert alpha_final["content"] == 'alpha got A:read_file:{"path": "alpha"}'
+
+
+def test_a_think_mode_echo_continues_the_thread(make_proxy, fake_codex):
+    proxy = make_proxy(reasoning="think")
+    fake_codex.scenario([{"thread": True}, {"reasoning": "Hm."}, {"text": "A1"}, {"complete": {}}])
+    answer, _ = converse(proxy, [{"role": "user", "content": "q"}])
+    assert answer["content"].startswith("<think>")
+    converse(proxy, [{"role": "user", "content": "q"}, answer, {"role": "user", "content": "q2"}])
+    assert proxy.wait_event("conversation_continued")
+
+
+def test_the_responses_api_continues_a_thread_from_echoed_items(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"reasoning": "Hm."}, {"text": "A1"}, {"complete": {}}])
+    first = json.loads(post_responses(proxy.base, {"model": "m", "input": "q", "store": False})[2])
+    echoed = [{"role": "user", "content": "q"}] + first["output"] + [
+        {"role": "user", "content": "q2"}]
+    assert post_responses(proxy.base, {"model": "m", "input": echoed, "store": False})[0] == 200
+    assert proxy.wait_event("conversation_continued")
+    assert fake_codex.wait_records(2)[-1]["prompt"] == "q2"
+
+
+# ---------------------------------------------------------------------------
 # Chat completions against the fake codex
 # ---------------------------------------------------------------------------
 
@@ -4454,6 +4715,200 @@ def test_e2e_an_image_reaches_the_model(e2e, openai_sdk):
     parts = [p for item in e2e.upstream.bodies()[0]["input"] if item.get("role") == "user"
              for p in item["content"]]
     assert any(p["type"] == "input_image" for p in parts), parts
+
+
+def upstream_message(text, index):
+    return {"type": "message", "role": "assistant", "id": f"msg_{index}",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def encrypted_reasoning(index):
+    return {"type": "reasoning", "id": f"rs_{index}", "encrypted_content": f"ENC-{index}",
+            "summary": [{"type": "summary_text", "text": f"thinking {index}"}]}
+
+
+def session_responder(body, index):
+    """The model: read the file the user's last message names, then answer
+    with what the tool gave; every response starts with encrypted reasoning."""
+    last = body["input"][-1]
+    if last.get("type") == "function_call_output":
+        return [encrypted_reasoning(index),
+                upstream_message(f"answer {index}: {last['output']}", index)]
+    name = re.findall(r"read (\S+)", json.dumps(last))[-1].rstrip('"')
+    return [encrypted_reasoning(index),
+            call_for(body, "read_file", {"path": name}, f"call_{index}")]
+
+
+def without_ids(items):
+    return [{k: v for k, v in item.items() if k != "id"} for item in items]
+
+
+def chat_session(client, messages, names, model="5.5-tpg"):
+    """Each name: a user turn, one tool round, the answer; -> the answers."""
+    answers = []
+    for name in names:
+        messages.append({"role": "user", "content": f"read {name}"})
+        choice = client.chat.completions.create(model=model, messages=messages,
+                                                tools=TOOLS).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        messages.append(choice.message.model_dump(exclude_none=True))
+        messages.append({"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                         "content": f"CONTENT-{name}"})
+        final = client.chat.completions.create(model=model, messages=messages,
+                                               tools=TOOLS).choices[0]
+        messages.append(final.message.model_dump(exclude_none=True))
+        answers.append(final.message.content)
+    return answers
+
+
+def test_e2e_a_session_is_one_thread_of_native_items_with_one_cache_key(e2e, openai_sdk):
+    e2e.responder = session_responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages = [{"role": "system", "content": "You read files."}]
+    answers = chat_session(client, messages, ["a.py", "b.py", "c.py"])
+    assert [a.split(": ")[1] for a in answers] == ["CONTENT-a.py", "CONTENT-b.py", "CONTENT-c.py"]
+    bodies = e2e.upstream.bodies()
+    assert len(bodies) == 6 and len({b["prompt_cache_key"] for b in bodies}) == 1
+    for earlier, later in zip(bodies, bodies[1:]):           # each input a prefix of the next
+        assert without_ids(later["input"][:len(earlier["input"])]) == without_ids(earlier["input"])
+    third = bodies[4]["input"]
+    assert [i.get("role") or i["type"] for i in third] == [
+        "developer", "user", "reasoning", "function_call", "function_call_output",
+        "reasoning", "assistant", "user", "reasoning", "function_call", "function_call_output",
+        "reasoning", "assistant", "user"]
+    assert [i["content"][0]["text"] for i in third if i.get("role") == "user"] == \
+        ["read a.py", "read b.py", "read c.py"]
+    assert [i["output"] for i in third if i["type"] == "function_call_output"] == \
+        ["CONTENT-a.py", "CONTENT-b.py"]
+    assert [i["encrypted_content"] for i in third if i["type"] == "reasoning"] == \
+        ["ENC-0", "ENC-1", "ENC-2", "ENC-3"]                # the earlier reasoning, kept
+    assert "<transcript" not in json.dumps(bodies) and "tool_result" not in json.dumps(bodies)
+    assert len(proxy.events("conversation_continued")) == 2
+
+
+def test_e2e_an_edited_history_gets_a_new_thread_that_sees_the_edit(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(
+        "echo: " + json.dumps([i["content"][0]["text"] for i in body["input"]
+                               if i.get("role") == "user"]), index)]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages = [{"role": "user", "content": "my name is Ada"}]
+    first = client.chat.completions.create(model="5.5-tpg", messages=messages).choices[0]
+    messages += [first.message.model_dump(exclude_none=True), {"role": "user", "content": "go on"}]
+    client.chat.completions.create(model="5.5-tpg", messages=messages)
+    messages[0]["content"] = "my name is Grace"
+    edited = client.chat.completions.create(model="5.5-tpg", messages=messages).choices[0]
+    assert "my name is Grace" in edited.message.content
+    keys = [b["prompt_cache_key"] for b in e2e.upstream.bodies()]
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_e2e_interleaved_conversations_keep_their_own_threads(e2e, openai_sdk):
+    def responder(body, index):             # the same call id in every conversation
+        last = body["input"][-1]
+        if last.get("type") == "function_call_output":
+            return [upstream_message(f"got {last['output']}", index)]
+        name = re.findall(r"read (\S+)", json.dumps(last))[-1].rstrip('"')
+        return [call_for(body, "read_file", {"path": name}, "call_same")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    conversations = {"x": [], "y": []}
+    pending = {}
+    for name in ("one", "two"):
+        for who, messages in conversations.items():     # both ask before either answers
+            messages.append({"role": "user", "content": f"read {who}-{name}"})
+            choice = client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                                    tools=TOOLS).choices[0]
+            messages.append(choice.message.model_dump(exclude_none=True))
+            pending[who] = choice.message.tool_calls[0].id
+        for who, messages in conversations.items():
+            messages.append({"role": "tool", "tool_call_id": pending[who],
+                             "content": f"CONTENT-{who}-{name}"})
+            final = client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                                   tools=TOOLS).choices[0]
+            assert final.message.content == f"got CONTENT-{who}-{name}"
+            messages.append(final.message.model_dump(exclude_none=True))
+    by_key = {}
+    for body in e2e.upstream.bodies():
+        by_key.setdefault(body["prompt_cache_key"], []).append(json.dumps(body["input"]))
+    assert len(by_key) == 2                                 # one thread each
+    for inputs in by_key.values():
+        who = "x" if "x-one" in inputs[0] else "y"
+        other = "y" if who == "x" else "x"
+        assert len(inputs) == 4 and not any(f"{other}-" in text for text in inputs)
+
+
+def test_e2e_a_previous_response_id_chain_stays_on_one_thread(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(
+        "you said " + body["input"][-1]["content"][0]["text"], index)]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    previous = None
+    for text in ("first words", "second words", "third words"):
+        response = client.responses.create(model="5.5-tpg", input=text,
+                                           previous_response_id=previous)
+        previous = response.id
+    assert response.output_text == "you said third words"
+    bodies = e2e.upstream.bodies()
+    assert len(bodies) == 3 and len({b["prompt_cache_key"] for b in bodies}) == 1
+    assert [i.get("role") for i in bodies[2]["input"]] == [
+        "developer", "user", "assistant", "user", "assistant", "user"]
+
+
+def test_e2e_a_clients_encrypted_reasoning_reaches_the_model(e2e, openai_sdk):
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    client.responses.create(model="5.5-tpg", store=False, input=[
+        {"role": "user", "content": "think about it"},
+        {"type": "reasoning", "id": "rs_client", "encrypted_content": "CLIENT-ENC",
+         "summary": [{"type": "summary_text", "text": "I thought."}]},
+        {"role": "assistant", "content": "Done thinking."},
+        {"role": "user", "content": "and?"}])
+    items = e2e.upstream.bodies()[0]["input"]
+    assert [i.get("role") or i["type"] for i in items] == [
+        "developer", "user", "reasoning", "assistant", "user"]
+    assert items[2]["encrypted_content"] == "CLIENT-ENC"
+
+
+def test_e2e_after_a_restart_the_history_goes_up_as_items(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(f"answer {index}", index)]
+    url = "data:image/png;base64," + base64.b64encode(tiny_png()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                             {"type": "image_url", "image_url": {"url": url}}]},
+                {"role": "assistant", "content": "A picture."}]
+    for n in range(200):                    # a long conversation: 401 messages in all
+        messages += [{"role": "user", "content": f"question {n}"},
+                     {"role": "assistant", "content": f"answer {n}"}]
+    messages.append({"role": "user", "content": "last question"})
+    assert len(messages) == 403
+    proxy = e2e.proxy()                     # nothing kept: as after a restart
+    reply = sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+        model="5.5-tpg", messages=messages)
+    assert reply.choices[0].message.content == "answer 0"
+    items = e2e.upstream.bodies()[0]["input"]
+    assert len(items) >= 400 and items[-1]["content"][0]["text"] == "last question"
+    assert {"type": "input_image", "image_url": url, "detail": "original"} in items[1]["content"] \
+        or any(p.get("type") == "input_image" for p in items[1]["content"])
+    assert "<transcript" not in json.dumps(items)
+    assert proxy.events("conversation_started")[0]["history_messages"] == 402
+
+
+def test_e2e_kept_conversations_are_bounded_and_expire(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(f"answer {index}", index)]
+    proxy = e2e.proxy(keep_conversations=1, conversation_ttl=2.0)
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    for text in ("first conversation", "second conversation"):
+        client.chat.completions.create(model="5.5-tpg", messages=[{"role": "user", "content": text}])
+        health = json.loads(http_request(proxy.base, "GET", "/health")[2])
+        assert health["conversations"] <= 1
+    first_pid = proxy.events("codex_forward")[0]["pid"]
+    assert proxy.wait_event("conversation_expired")[0]["reason"] == "max_kept"
+    assert wait_until(lambda: not pid_alive(first_pid), 8)
+    expired = proxy.wait_event("conversation_expired", 2, timeout=15)[1]
+    assert expired["reason"] == "ttl"
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 0
 
 
 # ---------------------------------------------------------------------------
