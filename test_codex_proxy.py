@@ -5272,6 +5272,7 @@ def bench_real_codex(folder, runs=20):
               f"last content {ms(percentile(lasts, 50))} -> first/last "
               f"{percentile(firsts, 50) / percentile(lasts, 50):.3f} (target <= 0.2; p50 of 3)")
         bench_tools(env, proxy, exec_proxy, runs, percentile(direct, 50))
+        bench_conversations(env)
     finally:
         env.close()
 
@@ -5313,6 +5314,57 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
     print(f"memory per parked turn (app-server process tree): RSS "
           f"{sum(rss_kib(p) for p in pids) / len(pids) / 1024:.1f} MiB, PSS "
           f"{sum(pss_kib(p) for p in pids) / len(pids) / 1024:.1f} MiB (5 parked)")
+
+
+def bench_conversations(env, sessions=3):
+    """Three-turn sessions with a tool round each, on kept threads and with
+    none kept: cache keys per session, whether each upstream input extends
+    the one before, turn 3's time to first token, and the memory of a kept
+    conversation as its history grows."""
+    import openai
+
+    def responder(body, index):
+        last = body["input"][-1]
+        if last.get("type") == "function_call_output":
+            return [encrypted_reasoning(index), upstream_message(f"read {index}", index)]
+        if "stream now" in json.dumps(last):
+            return ("drip", 0.02, ["w1 ", "w2 ", "w3"], None)
+        return session_responder(body, index)
+    env.responder = responder
+    for label, proxy in (("kept threads", env.proxy()),
+                         ("none kept", env.proxy(keep_conversations=0))):
+        keys, prefixes, firsts = [], [], []
+        for n in range(sessions):
+            before = len(env.upstream.bodies())
+            client = sdk_client(openai, proxy.base + "/v1")
+            messages = [{"role": "system", "content": "You read files."}]
+            chat_session(client, messages, [f"s{n}a.py", f"s{n}b.py"])
+            messages.append({"role": "user", "content": "stream now"})
+            assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+            first, _ = stream_times(proxy, {"model": "5.5-tpg", "messages": messages,
+                                            "tools": TOOLS, "stream": True})
+            firsts.append(first)
+            bodies = env.upstream.bodies()[before:]
+            keys.append(len({b["prompt_cache_key"] for b in bodies}))
+            prefixes += [without_ids(b["input"][:len(a["input"])]) == without_ids(a["input"])
+                         for a, b in zip(bodies, bodies[1:])]
+        print(f"3-turn session, {label}: {sum(keys) / len(keys):.1f} cache keys per session "
+              f"(5 upstream requests each); {sum(prefixes)} of {len(prefixes)} inputs extend "
+              f"the one before; turn 3 first token {p50_p99(firsts)} ({sessions} sessions)")
+    proxy = env.proxy()
+    env.responder = lambda body, index: [upstream_message("ok", index)]
+    for size in (2, 100, 400):
+        messages = []
+        for n in range(size // 2):
+            messages += [{"role": "user", "content": f"question {n}: " + "x" * 400},
+                         {"role": "assistant", "content": f"answer {n}: " + "y" * 400}]
+        messages.append({"role": "user", "content": "last"})
+        assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+        before = len(proxy.events("codex_forward"))
+        assert post_chat(proxy.base, {"model": "5.5-tpg", "messages": messages})[0] == 200
+        pid = proxy.events("codex_forward")[before]["pid"]
+        print(f"kept conversation with {len(messages)} messages (~{len(messages) * 0.4:.0f} KB "
+              f"of text): PSS {pss_kib(pid) / 1024:.1f} MiB, RSS {rss_kib(pid) / 1024:.1f} MiB")
 
 
 def stress(folder, bodies=1000, connections=1100):
