@@ -165,6 +165,8 @@ DEFAULT_KEEPALIVE = 15.0
 DEFAULT_LOG_SIZE = 2000
 DEFAULT_TOOL_RESULT_TIMEOUT = 600.0
 DEFAULT_MAX_PARKED = 16
+DEFAULT_MAX_UNKNOWN_CALLS = 3     # model calls in a row of tools nobody declared
+DEFAULT_MAX_SILENT_CALLS = 30     # model calls in a row with nothing for the client
 DEFAULT_KEEP_CONVERSATIONS = 4     # threads kept alive between a conversation's turns
 DEFAULT_CONVERSATION_TTL = 1800.0  # seconds an unused kept thread lives
 DEFAULT_TOOL_QUIET = 0.15          # seconds to wait for sibling tool calls
@@ -281,19 +283,22 @@ DISCONNECT_ERRORS = (BrokenPipeError, ConnectionResetError,
 
 @dataclasses.dataclass
 class ToolSpec:
-    """A tool the client declared.  `custom` tools take one raw string."""
+    """A tool the client declared.  `custom` tools take one raw string; a
+    Responses `namespace` tool's children carry the namespace's name."""
     name: str
     description: str = ""
     parameters: dict = dataclasses.field(default_factory=dict)
     custom: bool = False
+    namespace: str | None = None
 
 
 @dataclasses.dataclass
 class ToolCall:
     id: str
-    name: str
+    name: str               # the client's name (never an alias)
     arguments: str          # as the client sees it: JSON, or raw text for custom
     custom: bool = False
+    namespace: str | None = None
 
 
 @dataclasses.dataclass
@@ -327,6 +332,7 @@ class ProxyRequest:
     output_note: str = ""               # for the log: how the format was honoured
     stop: list = dataclasses.field(default_factory=list)
     store: bool = True
+    ignored_tools: list = dataclasses.field(default_factory=list)   # hosted: no client side
     echo: dict = dataclasses.field(default_factory=dict)   # fields a Response repeats
 
     def images(self):
@@ -340,7 +346,7 @@ class ProxyRequest:
         system text and the tools (a handoff to another agent changes them)."""
         data = json.dumps([[m.text for m in self.messages if m.role == "system"],
                            [dataclasses.astuple(t) for t in self.tools]],
-                          sort_keys=True, default=str)
+                          sort_keys=True, default=str, ensure_ascii=False)
         return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -455,52 +461,125 @@ def content_to_text(content, images=None, where="content"):
     return "\n".join(t for t in texts if t)
 
 
-TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter",
+                "computer_use_preview", "computer_use", "image_generation", "mcp",
+                "local_shell", "tool_search")
 
 
-def tool_spec(tool, seen):
-    """One declared tool (Chat, flat Responses or custom form) -> ToolSpec,
-    or None for hosted tools (web_search...), which have no client side."""
+def tool_spec(tool, where, namespace=None):
+    """One declared tool (Chat, flat Responses or custom form) -> [ToolSpec]:
+    one, or a namespace's children, or none for a hosted tool (web_search...),
+    which has no client side (the request's log names it)."""
     if not isinstance(tool, dict):
-        raise bad_request("each tool must be an object", "tools")
-    kind = field(tool, "type", (str,), "tools[].type", "function")
+        raise bad_request(f"{where} must be an object", "tools")
+    kind = field(tool, "type", (str,), f"{where}.type", "function")
+    if kind == "namespace" and namespace is None:
+        name = tool_name(tool.get("name"), where)
+        children = field(tool, "tools", (list,), f"{where}.tools", [])
+        return [spec for n, child in enumerate(children)
+                for spec in tool_spec(child, f"{where}.tools[{n}]", name)]
     if kind not in ("function", "custom"):
-        return None
+        if kind in HOSTED_TOOLS and namespace is None:
+            return []
+        raise bad_request(f"{where} has type {kind!r}, which has no client side here; "
+                          "send function or custom tools", "tools")
     fn = tool.get("function") if tool.get("function") is not None else tool
     if not isinstance(fn, dict):
-        raise bad_request("tools[].function must be an object", "tools")
-    name = fn.get("name")
-    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-        raise bad_request("each tool needs a name of 1-64 letters, digits, _ . -", "tools")
-    if name in seen:
-        return None
-    seen.add(name)
-    description = field(fn, "description", (str,), "tools[].description", "")
+        raise bad_request(f"{where}.function must be an object", "tools")
+    name = tool_name(fn.get("name"), where)
+    description = field(fn, "description", (str,), f"{where}.description", "")
     if kind == "custom":
         fmt = tool.get("format")
         if isinstance(fmt, dict) and fmt.get("type") == "grammar":
             description += ("\n\nThe `input` must follow this "
                             f"{field(fmt, 'syntax', (str,), 'format.syntax', '')} grammar:\n"
                             f"{field(fmt, 'definition', (str,), 'format.definition', '')}")
-        return ToolSpec(name, description.strip(), {
+        return [ToolSpec(name, description.strip(), {
             "type": "object",
             "properties": {"input": {"type": "string", "description":
                                      "The raw input text for this tool."}},
-            "required": ["input"], "additionalProperties": False}, custom=True)
-    params = field(fn, "parameters", (dict,), "tools[].parameters")
+            "required": ["input"], "additionalProperties": False}, custom=True,
+            namespace=namespace)]
+    params = field(fn, "parameters", (dict,), f"{where}.parameters")
     if not params or params.get("type") != "object":
         params = {"type": "object", "properties": {}}
-    return ToolSpec(name, description, params)
+    check_schema(params, f"{where}.parameters", "tools")
+    return [ToolSpec(name, description, params, namespace=namespace)]
+
+
+def tool_name(name, where):
+    if not isinstance(name, str) or not name.strip() or len(name) > 256:
+        raise bad_request(f"{where} needs a name: a non-empty string of at most 256 "
+                          "characters", "tools")
+    return name
+
+
+def hosted_tools(tools):
+    """The hosted tools (web_search...) a request declares: they have no
+    client side, so the model is not offered them."""
+    return [t.get("type") for t in tools or [] if isinstance(t, dict) and
+            t.get("type") in HOSTED_TOOLS]
 
 
 def normalize_tools(tools):
-    """Chat style, flat Responses style and `custom` tools -> [ToolSpec]."""
+    """Chat style, flat Responses style, `custom` and `namespace` tools ->
+    [ToolSpec].  A name declared twice the same way is one tool; declared
+    twice differently it is a 400 that names it."""
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise bad_request("tools must be a list", "tools")
-    seen = set()
-    return [s for s in (tool_spec(t, seen) for t in tools) if s is not None]
+    specs = {}
+    for n, tool in enumerate(tools):
+        for spec in tool_spec(tool, f"tools[{n}]"):
+            key = (spec.namespace, spec.name)
+            if key in specs and specs[key] != spec:
+                raise bad_request(f"two different tools are named {spec.name!r}", "tools")
+            specs.setdefault(key, spec)
+    return list(specs.values())
+
+
+SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+SCHEMA_ONES = ("items", "not", "additionalProperties", "additionalItems", "contains",
+               "if", "then", "else", "propertyNames", "unevaluatedProperties")
+
+
+def check_schema(schema, where, param):
+    """A JSON Schema checked as data, so Codex never gets one it would choke
+    on: maps of schemas are objects, lists of schemas lists, `required` a
+    list of strings, `type` a string or a list of strings (400 otherwise)."""
+    stack = [(schema, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, bool):
+            continue
+        if not isinstance(node, dict):
+            raise bad_request(f"{at} must be a JSON Schema object", param)
+        for key in SCHEMA_MAPS:
+            value = node.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise bad_request(f"{at}.{key} must be an object of schemas", param)
+            stack += [(v, f"{at}.{key}.{k}") for k, v in (value or {}).items()]
+        for key in SCHEMA_LISTS:
+            value = node.get(key)
+            if value is not None and not isinstance(value, list):
+                raise bad_request(f"{at}.{key} must be a list of schemas", param)
+            stack += [(v, f"{at}.{key}[{n}]") for n, v in enumerate(value or [])]
+        for key in SCHEMA_ONES:
+            value = node.get(key)
+            if isinstance(value, list) and key == "items":
+                stack += [(v, f"{at}.items[{n}]") for n, v in enumerate(value)]
+            elif value is not None:
+                stack.append((value, f"{at}.{key}"))
+        required = node.get("required")
+        if required is not None and not (isinstance(required, list) and
+                                         all(isinstance(r, str) for r in required)):
+            raise bad_request(f"{at}.required must be a list of property names", param)
+        kind = node.get("type")
+        if kind is not None and not (isinstance(kind, str) or (
+                isinstance(kind, list) and all(isinstance(k, str) for k in kind))):
+            raise bad_request(f"{at}.type must be a string or a list of strings", param)
 
 
 def parse_tool_choice(choice):
@@ -573,7 +652,8 @@ def parse_message(raw, index, reasoning_mode):
         raise bad_request(f"{where}.role must be one of system, developer, "
                           f"user, assistant, tool", "messages")
     images = []
-    text = content_to_text(raw.get("content"), images if role == "user" else None, where)
+    text = content_to_text(raw.get("content"), images if role in ("user", "tool") else None,
+                           where)
     msg = Message(role="system" if role == "developer" else role, text=text, images=images)
     name = field(raw, "name", (str,), f"{where}.name")
     if role == "function":      # legacy function results
@@ -600,57 +680,35 @@ def parse_message(raw, index, reasoning_mode):
     return msg
 
 
-def parse_input_items(items):
-    """Responses API input items -> [Message] (Chat-shaped conversation)."""
+def parse_input_items(items, lookup=None):
+    """Responses API input items -> ([Message], [ToolSpec]): a Chat-shaped
+    conversation, and the tools that `additional_tools` items declare.
+    `lookup(item_id)` resolves an `item_reference` to a stored output item."""
     if isinstance(items, str):
-        return [Message("user", items)]
+        return [Message("user", items)], []
     if not isinstance(items, list):
         raise bad_request("input must be a string or a list of items", "input")
-    messages = []
+    messages, tools = [], []
     for n, item in enumerate(items):
         where = f"input[{n}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
         kind = field(item, "type", (str,), f"{where}.type", "message")
+        if kind == "item_reference":
+            item, kind = resolve_reference(item, where, lookup)
         if kind == "message":
-            role = item.get("role", "user")
-            if role not in ("user", "assistant", "system", "developer"):
-                raise bad_request(f"{where}.role must be user, assistant, system or "
-                                  "developer", "input")
-            images = []
-            text = content_to_text(item.get("content"), images if role == "user" else None,
-                                   where)
-            last = messages[-1] if messages else None
-            if role == "assistant" and last is not None and last.role == "assistant" and \
-                    last.reasoning and not last.text and not last.tool_calls:
-                last.text = text            # the message its reasoning item led to
-            else:
-                messages.append(Message("system" if role == "developer" else role, text,
-                                        images=images))
+            input_message(messages, item, where)
         elif kind in ("function_call", "custom_tool_call"):
-            call_id = field(item, "call_id", (str,), f"{where}.call_id") or \
-                field(item, "id", (str,), f"{where}.id", "")
-            name = field(item, "name", (str,), f"{where}.name")
-            if not name:
-                raise bad_request(f"{where}.name is required", "input")
-            args = item.get("arguments") if kind == "function_call" else \
-                field(item, "input", (str,), f"{where}.input", "")
-            call = ToolCall(call_id, name, call_arguments(args), custom=kind != "function_call")
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant":
-                last.tool_calls.append(call)
-            else:
-                messages.append(Message("assistant", tool_calls=[call]))
+            input_call(messages, item, kind, where)
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            call_id = field(item, "call_id", (str,), f"{where}.call_id")
-            if not call_id:
-                raise bad_request(f"{where}.call_id is required", "input")
+            images = []
             output = item.get("output")
-            text = output if isinstance(output, str) else content_to_text(output, None, where)
-            messages.append(Message("tool", text, tool_call_id=call_id))
-        elif kind == "item_reference":
-            raise bad_request("item_reference input items are not supported; send the "
-                              "items themselves or use previous_response_id", "input")
+            text = output if isinstance(output, str) else content_to_text(output, images, where)
+            call_id = field(item, "call_id", (str,), f"{where}.call_id")
+            if call_id:
+                messages.append(Message("tool", text, tool_call_id=call_id, images=images))
+            else:       # context a client adds (the Codex CLI after its goal tool)
+                messages.append(Message("user", "Tool output:\n" + text, images=images))
         elif kind == "reasoning":
             reasoning = reasoning_item(item, where)
             if reasoning is not None:
@@ -658,8 +716,54 @@ def parse_input_items(items):
                 if last is None or last.role != "assistant" or last.text or last.tool_calls:
                     messages.append(Message("assistant"))
                 messages[-1].reasoning.append(reasoning)
+        elif kind == "additional_tools":       # the Codex CLI's tools, in its input
+            tools += field(item, "tools", (list,), f"{where}.tools", [])
         # hosted-tool items carry nothing the model needs again
-    return messages
+    return messages, tools
+
+
+def resolve_reference(item, where, lookup):
+    """An item_reference -> (the stored item it names, its type)."""
+    item_id = field(item, "id", (str,), f"{where}.id")
+    found = lookup(item_id) if item_id and lookup is not None else None
+    if found is None:
+        raise bad_request(f"{where} refers to item {item_id!r}, which this proxy does not "
+                          "know (it keeps the output of responses stored in the last hour); "
+                          "send the item itself", "input", "item_not_found")
+    return found, found.get("type", "message")
+
+
+def input_message(messages, item, where):
+    role = item.get("role", "user")
+    if role not in ("user", "assistant", "system", "developer"):
+        raise bad_request(f"{where}.role must be user, assistant, system or developer",
+                          "input")
+    images = []
+    text = content_to_text(item.get("content"), images if role == "user" else None, where)
+    last = messages[-1] if messages else None
+    if role == "assistant" and last is not None and last.role == "assistant" and \
+            last.reasoning and not last.text and not last.tool_calls:
+        last.text = text            # the message its reasoning item led to
+    else:
+        messages.append(Message("system" if role == "developer" else role, text,
+                                images=images))
+
+
+def input_call(messages, item, kind, where):
+    call_id = field(item, "call_id", (str,), f"{where}.call_id") or \
+        field(item, "id", (str,), f"{where}.id", "")
+    name = field(item, "name", (str,), f"{where}.name")
+    if not name:
+        raise bad_request(f"{where}.name is required", "input")
+    args = item.get("arguments") if kind == "function_call" else \
+        field(item, "input", (str,), f"{where}.input", "")
+    call = ToolCall(call_id, name, call_arguments(args), custom=kind != "function_call",
+                    namespace=field(item, "namespace", (str,), f"{where}.namespace"))
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant":
+        last.tool_calls.append(call)
+    else:
+        messages.append(Message("assistant", tool_calls=[call]))
 
 
 def reasoning_item(item, where):
@@ -693,6 +797,7 @@ def parse_text_format(fmt, param):
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise bad_request(f"{param} json_schema needs a schema object", param)
+    check_schema(schema, f"{param}.schema", param)
     strict = strict_schema(schema)
     if strict is not None:
         return strict, "", "json_schema: sent as the output schema"
@@ -766,13 +871,15 @@ def common_fields(body, request):
     return request
 
 
-def parse_chat_request(body, reasoning_mode="content", history=None):
+def parse_chat_request(body, reasoning_mode="content", store=None):
     """Validate a Chat Completions (or Responses-shaped) body -> ProxyRequest."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    options = field(body, "stream_options", (dict,), default={})
     if "messages" not in body and "input" in body:     # Cursor's agent may send these
-        request = parse_responses_request(body, history, strict_previous=False)
+        request = parse_responses_request(body, store, strict_previous=False)
         request.api = "chat"
+        request.include_usage = bool(options.get("include_usage"))
         return request
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -781,23 +888,26 @@ def parse_chat_request(body, reasoning_mode="content", history=None):
                            messages=[parse_message(m, i, reasoning_mode)
                                      for i, m in enumerate(messages)])
     common_fields(body, request)
-    options = field(body, "stream_options", (dict,), default={})
     request.include_usage = bool(options.get("include_usage"))
     request.tools = normalize_tools(body.get("tools"))
-    request.reasoning_effort = parse_effort(body.get("reasoning_effort"), "reasoning_effort")
+    request.ignored_tools = hosted_tools(body.get("tools"))
+    reasoning = field(body, "reasoning", (dict,), default={})     # Cursor sends this shape too
+    request.reasoning_effort = parse_effort(body.get("reasoning_effort"), "reasoning_effort") \
+        or parse_effort(reasoning.get("effort"), "reasoning.effort")
     request.output_schema, request.output_instruction, request.output_note = \
         parse_text_format(body.get("response_format"), "response_format")
     request.stop = parse_stop(body.get("stop"))
     return check_request(request)
 
 
-def parse_responses_request(body, history=None, strict_previous=True):
+def parse_responses_request(body, store=None, strict_previous=True):
     """Validate a Responses API body -> ProxyRequest.
 
-    `history(previous_response_id)` returns the stored conversation a
+    `store` (a ResponseStore) gives the stored conversation a
     `previous_response_id` continues, or None when it is unknown: a 400 on
     /responses; on /chat/completions (Cursor's agent sends ids of its own
-    there, along with the whole history) it is ignored."""
+    there, along with the whole history) it is ignored.  It also resolves
+    `item_reference` input items."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     if body.get("input") is None:
@@ -810,7 +920,7 @@ def parse_responses_request(body, history=None, strict_previous=True):
     messages = []
     previous = field(body, "previous_response_id", (str,))
     if previous is not None:
-        earlier = history(previous) if history is not None else None
+        earlier = store.get(previous) if store is not None else None
         if earlier is None and strict_previous:
             raise bad_request(f"Previous response with id '{previous}' not found (this "
                               "proxy keeps recent responses in memory for a while).",
@@ -820,10 +930,14 @@ def parse_responses_request(body, history=None, strict_previous=True):
     instructions = field(body, "instructions", (str,))
     if instructions:
         messages.insert(0, Message("system", instructions, name=INSTRUCTIONS_MESSAGE))
-    messages += parse_input_items(body.get("input"))
+    items, extra_tools = parse_input_items(body.get("input"),
+                                           store.item if store is not None else None)
+    messages += items
     request = ProxyRequest(api="responses", model=parse_model(body), messages=messages)
     common_fields(body, request)
-    request.tools = normalize_tools(body.get("tools"))
+    tools = field(body, "tools", (list,), default=[]) + extra_tools
+    request.tools = normalize_tools(tools)
+    request.ignored_tools = hosted_tools(tools)
     reasoning = field(body, "reasoning", (dict,), default={})
     request.reasoning_effort = parse_effort(reasoning.get("effort"), "reasoning.effort") or \
         parse_effort(body.get("reasoning_effort"), "reasoning_effort")
@@ -906,14 +1020,17 @@ def render_instructions(messages, tools, tool_choice, extras=()):
     return "\n\n".join(parts) + "\n"
 
 
-def request_instructions(request, tools):
+def request_instructions(request, tools, names=None):
     extras = [request.output_instruction]
     if tools and not request.parallel_tool_calls:
         extras.append("Call at most one tool per reply, then wait for its result.")
-    return render_instructions(request.messages, tools, request.tool_choice, extras)
+    choice = request.tool_choice
+    if isinstance(choice, dict) and names is not None:     # the name the model knows
+        choice = {"name": names.to_codex(None, choice["name"])[1]}
+    return render_instructions(request.messages, tools, choice, extras)
 
 
-def render_prompt(messages):
+def render_prompt(messages, names=None):
     """The conversation as Codex's prompt.
 
     A conversation that is one user message is sent as its text.  Anything
@@ -938,11 +1055,13 @@ def render_prompt(messages):
     convo = [m for m in messages if m.role != "system"]
     if len(convo) == 1 and convo[0].role == "user":
         return convo[0].text
-    names = {c.id: c.name for m in convo for c in m.tool_calls}
+    def codex_name(call):
+        return names.to_codex(call.namespace, call.name)[1] if names else call.name
+    called = {c.id: codex_name(c) for m in convo for c in m.tool_calls}
     lines = ["<transcript>"]
     for m in convo:
         if m.role == "tool":
-            name = names.get(m.tool_call_id) or m.name or ""
+            name = called.get(m.tool_call_id) or m.name or ""
             lines += [f'<tool_result id="{m.tool_call_id}" name="{name}">',
                       m.text, "</tool_result>"]
             continue
@@ -950,13 +1069,106 @@ def render_prompt(messages):
         if m.text:
             lines.append(m.text)
         for c in m.tool_calls:
-            lines.append(f'<tool_call id="{c.id}" name="{c.name}">'
+            lines.append(f'<tool_call id="{c.id}" name="{codex_name(c)}">'
                          f'{c.arguments}</tool_call>')
         lines.append("</message>")
     lines.append("</transcript>")
     lines.append("Continue this conversation: write the assistant's next "
                  "message (call a tool if you need one).")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Tool names (pure): the names Codex takes, and back to the client's
+# ---------------------------------------------------------------------------
+
+CODEX_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CODEX_SHADOWED = ("exec_command", "shell_command")     # Codex's own tools win over these
+RESERVED_NAMESPACES = ("functions", "multi_tool_use", "web", "browser", "python", "container",
+                       "image_gen", "file_search", "computer", "api_tool", "tool_search")
+
+
+def codex_safe(name, taken, extra_reserved=()):
+    """`name` if Codex takes it, else a readable alias: other characters
+    become _, a reserved or shadowed name gets a client_ prefix, a long one
+    is cut and keeps a short hash; unique among `taken`."""
+    reserved = name == "mcp" or name.startswith("mcp__") or name in extra_reserved
+    if CODEX_NAME.fullmatch(name) and not reserved and name not in taken:
+        return name
+    alias = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if reserved or alias == "mcp" or alias.startswith("mcp__") or alias in extra_reserved:
+        alias = "client_" + alias
+    if len(alias) > 64:
+        alias = alias[:55] + "_" + hashlib.sha256(name.encode("utf-8", "surrogatepass")
+                                                  ).hexdigest()[:8]
+    base, n = alias, 2
+    while alias in taken:
+        alias = f"{base[:60]}_{n}"
+        n += 1
+    return alias
+
+
+class ToolNames:
+    """The names a request's tools go to Codex under, and back.
+
+    Codex takes a dynamic tool name of letters, digits, _ and - (64 at most,
+    as the upstream API), keeps `mcp` and `mcp__...` for itself, and answers
+    calls of tools named like its own (exec_command, shell_command) itself.
+    A name it takes is sent as it is; any other gets a readable alias,
+    unique within the request and the same for the same tools every time.
+    Namespace tools are sent as namespaces when the engine takes them
+    (`nested`), else flattened to `namespace__tool`.  Calls come back under
+    the client's exact names."""
+
+    def __init__(self, tools, nested):
+        self.tools = tools
+        self.nested = nested
+        self._to = {}               # (client namespace, client name) -> (namespace, name)
+        self._back = {}             # (Codex namespace, Codex name) -> ToolSpec
+        plain = [t for t in tools if t.namespace is None or not nested]
+        taken = {t.name for t in plain if t.namespace is None and CODEX_NAME.fullmatch(t.name)
+                 and t.name not in CODEX_SHADOWED and t.name != "mcp"
+                 and not t.name.startswith("mcp__")}
+        for tool in plain:          # names Codex takes as they are keep them
+            flat = tool.name if tool.namespace is None else f"{tool.namespace}__{tool.name}"
+            name = codex_safe(flat, taken - {flat}, CODEX_SHADOWED)
+            taken.add(name)
+            self._add(tool, None, name)
+        spaces = {}
+        for tool in tools:
+            if tool.namespace is not None and nested:
+                spaces.setdefault(tool.namespace, []).append(tool)
+        for space, children in spaces.items():
+            ns = codex_safe(space, taken, RESERVED_NAMESPACES)
+            taken.add(ns)
+            inner = set()
+            for tool in children:
+                name = codex_safe(tool.name, inner)
+                inner.add(name)
+                self._add(tool, ns, name)
+
+    def _add(self, tool, namespace, name):
+        self._to[(tool.namespace, tool.name)] = (namespace, name)
+        self._back[(namespace, name)] = tool
+
+    def to_codex(self, namespace, name):
+        """A client's tool -> (Codex namespace or None, Codex name); a tool
+        the request does not declare (an old call in the history) gets a
+        name Codex takes."""
+        found = self._to.get((namespace, name))
+        if found is not None:
+            return found
+        flat = name if namespace is None else f"{namespace}__{name}"
+        return None, codex_safe(flat, set(), CODEX_SHADOWED)
+
+    def from_codex(self, namespace, name):
+        """(namespace, name) as Codex reports a call -> the client's ToolSpec, or None."""
+        return self._back.get((namespace or None, name))
+
+    def offered(self):
+        """[(Codex namespace or None, Codex name, ToolSpec)] in the request's order."""
+        back = {id(tool): key for key, tool in self._back.items()}
+        return [back[id(tool)] + (tool,) for tool in self.tools]
 
 
 # ---------------------------------------------------------------------------
@@ -974,10 +1186,11 @@ def split_turn(messages):
     return convo, None
 
 
-def history_items(messages):
+def history_items(messages, names):
     """Messages -> the raw Responses items a thread's history holds
-    (thread/inject_items): messages with roles, the client's calls and
-    results with the client's call ids, and reasoning sent back."""
+    (thread/inject_items): messages with roles, the client's calls (under
+    the names Codex knows them by) and results with the client's call ids,
+    and reasoning sent back."""
     custom = {c.id for m in messages for c in m.tool_calls if c.custom}
     items = []
     for m in messages:
@@ -988,11 +1201,13 @@ def history_items(messages):
             if m.text:
                 items.append({"type": "message", "role": "assistant",
                               "content": [{"type": "output_text", "text": m.text}]})
-            items += [call_item(c) for c in m.tool_calls]
+            items += [call_item(c, *names.to_codex(c.namespace, c.name)) for c in m.tool_calls]
         elif m.role == "tool":
             kind = "custom_tool_call_output" if m.tool_call_id in custom else \
                 "function_call_output"
-            items.append({"type": kind, "call_id": m.tool_call_id, "output": m.text})
+            output = m.text if not m.images else [{"type": "input_text", "text": m.text}] + [
+                {"type": "input_image", "image_url": url} for url in m.images]
+            items.append({"type": kind, "call_id": m.tool_call_id, "output": output})
     return items
 
 
@@ -1001,12 +1216,16 @@ def user_parts(message):
     return parts + [{"type": "input_image", "image_url": url} for url in message.images]
 
 
-def call_item(call):
+def call_item(call, namespace, name):
     if call.custom:
-        return {"type": "custom_tool_call", "call_id": call.id, "name": call.name,
+        item = {"type": "custom_tool_call", "call_id": call.id, "name": name,
                 "input": call.arguments}
-    return {"type": "function_call", "call_id": call.id, "name": call.name,
-            "arguments": call.arguments}
+    else:
+        item = {"type": "function_call", "call_id": call.id, "name": name,
+                "arguments": call.arguments}
+    if namespace:
+        item["namespace"] = namespace
+    return item
 
 
 def message_chars(messages):
@@ -1091,6 +1310,8 @@ class Config:
     quiet: bool = False
     tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
     max_parked: int = DEFAULT_MAX_PARKED
+    max_unknown_calls: int = DEFAULT_MAX_UNKNOWN_CALLS
+    max_silent_calls: int = DEFAULT_MAX_SILENT_CALLS
     keep_conversations: int = DEFAULT_KEEP_CONVERSATIONS
     conversation_ttl: float = DEFAULT_CONVERSATION_TTL
     tool_quiet: float = DEFAULT_TOOL_QUIET
@@ -1585,6 +1806,7 @@ CODEX_ERROR_INFO = {
     "flexUnavailable": (503, "api_error", "server_overloaded"),
     "policyCapacityUnavailable": (503, "api_error", "server_overloaded"),
     "cyberPolicy": (400, "invalid_request_error", "content_policy_violation"),
+    "bioPolicy": (400, "invalid_request_error", "content_policy_violation"),
     "misalignmentPolicyViolation": (400, "invalid_request_error", "content_policy_violation"),
     "internalServerError": (502, "api_error", "codex_error"),
 }
@@ -1862,7 +2084,7 @@ class PendingCall:
     """A client tool call Codex is waiting on."""
     call: ToolCall
     sent: bool = False                  # reached the client in a response
-    result: tuple | None = None         # (text, is_error)
+    result: tuple | None = None         # (text, is_error, [image data: URLs])
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     rpc_id: object = None               # app-server: the request id to answer
 
@@ -1876,8 +2098,12 @@ class RunSpec:
     instructions: str
     messages: list                  # the conversation (no system messages); each
                                     # engine renders it its own way
-    tools: list                     # [ToolSpec]
+    names: ToolNames                # the tools, under the names Codex takes
     output_schema: dict | None
+
+    @property
+    def tools(self):
+        return self.names.tools
 
     def settings(self):
         """What a kept thread must share with a request that continues it,
@@ -1885,18 +2111,19 @@ class RunSpec:
         return (self.model, self.effort, self.summary)
 
 
-def run_spec(request, aliases, messages=None):
+def run_spec(request, aliases, nested=False, messages=None):
     """What Codex gets for a request (or, with `messages`, for what it adds
     to a kept thread); a conversation Codex would refuse is refused here,
-    before any Codex starts."""
+    before any Codex starts.  `nested`: the engine takes namespace tools."""
     model, effort = resolve_model(request.model, aliases)
     tools = request.tools if request.tool_choice != "none" else []
+    names = ToolNames(tools, nested)
     if messages is None:
         messages = [m for m in request.messages if m.role != "system"]
     spec = RunSpec(model=model, effort=request.reasoning_effort or effort,
                    summary=request.reasoning_summary,
-                   instructions=request_instructions(request, tools), messages=messages,
-                   tools=tools, output_schema=request.output_schema)
+                   instructions=request_instructions(request, tools, names), messages=messages,
+                   names=names, output_schema=request.output_schema)
     check_input_size(message_chars(messages))
     return spec
 
@@ -1926,6 +2153,9 @@ class CodexRun:
         tool_call      a PendingCall: the model called a client tool
         response_done  frozenset of call ids: the model finished a response
                        holding these calls (only when `signals_responses`)
+        model_call     names of undeclared tools Codex answered itself, or ():
+                       the model answered one request (app-server) or Codex
+                       refused its call of a tool nobody declared (exec)
         warning        text worth logging (Codex retries, notices)
         unexpected     what Codex should never do here (a tool of its own)
         completed      None: the turn ended
@@ -1954,7 +2184,7 @@ class CodexRun:
         self.warm = False           # started ahead of its request
         self.fingerprint = None     # ProxyRequest.fingerprint() of its conversation
         self.match = None           # ... and its settings: what a continuation shares
-        self.tools = {}
+        self.names = ToolNames([], False)   # the client's tools, as Codex knows them
         self.id_taken = lambda call_id: False   # does another run know this call id?
         self.exited = threading.Event()
         # _lock guards _calls and _used_ids; reader threads and handlers share them.
@@ -1962,8 +2192,8 @@ class CodexRun:
         self._calls = {}
         self._used_ids = set()
 
-    def set_tools(self, tools, known_ids):
-        self.tools = {t.name: t for t in tools}
+    def set_tools(self, names, known_ids):
+        self.names = names
         with self._lock:
             self._used_ids.update(known_ids)
 
@@ -1975,17 +2205,21 @@ class CodexRun:
 
     def _read_stderr(self):
         for raw in iter(self.proc.stderr.readline, b""):
-            self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(line)
+            self._stderr_line(line)
         self.proc.stderr.close()
+
+    def _stderr_line(self, line):
+        """What an engine reads from Codex's log lines (nothing, by default)."""
 
     def _read_stdout(self):
         raise NotImplementedError
 
     # -- tool calls --------------------------------------------------------
-    def add_call(self, call_id, name, arguments, rpc_id=None):
-        """Register a call from Codex and queue it for the client."""
-        spec = self.tools.get(name)
-        custom = spec is not None and spec.custom
+    def add_call(self, call_id, spec, arguments, rpc_id=None):
+        """Register a call of a client tool and queue it for the client."""
+        custom = spec.custom
         if custom and isinstance(arguments, dict):
             text = arguments.get("input")
             arguments = text if isinstance(text, str) else json.dumps(arguments)
@@ -1997,7 +2231,8 @@ class CodexRun:
             if call_id is None or call_id in self._used_ids:
                 call_id = "call_" + secrets.token_hex(12)
             self._used_ids.add(call_id)
-            pending = PendingCall(ToolCall(call_id, name, arguments, custom), rpc_id=rpc_id)
+            pending = PendingCall(ToolCall(call_id, spec.name, arguments, custom,
+                                           spec.namespace), rpc_id=rpc_id)
             self._calls[call_id] = pending
         self.events.put(("tool_call", pending))
         return pending
@@ -2015,12 +2250,12 @@ class CodexRun:
             return {cid for cid, p in self._calls.items()
                     if not p.done.is_set() and (p.sent or not sent_only)}
 
-    def answer(self, call_id, text, is_error=False):
+    def answer(self, call_id, text, is_error=False, images=()):
         with self._lock:
             pending = self._calls.get(call_id)
             if pending is None or pending.done.is_set():
                 return False
-            pending.result = (text, is_error)
+            pending.result = (text, is_error, list(images))
             pending.done.set()
         self._deliver(pending)
         return True
@@ -2064,6 +2299,7 @@ class Engine:
 
     name = None
     warms = False                   # keeps spares started ahead (WarmPool)
+    namespaces = False              # offers namespace tools as namespaces
 
     def __init__(self, launcher):
         self.launcher = launcher
@@ -2153,6 +2389,15 @@ class ExecRun(CodexRun):
             self.proc.stdin.close()
         except OSError:
             pass    # Codex exited early; the reader reports why
+
+    UNSUPPORTED = re.compile(r"unsupported call: ([^\s\"']+)")
+
+    def _stderr_line(self, line):
+        """exec says nothing on stdout of a call Codex refuses itself; its
+        log has one line per model call of a tool nobody declared."""
+        match = self.UNSUPPORTED.search(line)
+        if match:
+            self.events.put(("model_call", (match.group(1),)))
 
     def _read_stdout(self):
         plain = []
@@ -2272,7 +2517,7 @@ class ExecEngine(Engine):
 
     def start(self, spec, prepare):
         launcher = self.launcher
-        prompt = render_prompt(spec.messages)
+        prompt = render_prompt(spec.messages, spec.names)
         check_input_size(len(prompt))       # the transcript is what Codex counts
         run = ExecRun(new_run_id(), launcher.env, tempfile.mkdtemp(prefix="codex-proxy-"))
         prepare(run)
@@ -2280,7 +2525,7 @@ class ExecEngine(Engine):
             instructions, images, schema = write_run_files(
                 run, spec.instructions, [url for m in spec.messages for url in m.images],
                 spec.output_schema)
-            bridge_path = self._write_bridge_config(run, spec.tools) if spec.tools else None
+            bridge_path = self._write_bridge_config(run, spec.names) if spec.tools else None
             argv = codex_argv(
                 launcher.codex.current()[0], model=spec.model, effort=spec.effort,
                 user_config=launcher.user_config.read(),
@@ -2299,12 +2544,12 @@ class ExecEngine(Engine):
             raise
         return run
 
-    def _write_bridge_config(self, run, tools):
+    def _write_bridge_config(self, run, names):
         path = os.path.join(run.tempdir, "bridge.json")
         host, port = self.bridge.server_address[:2]
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"relay": f"{host}:{port}", "run": run.id, "secret": run.secret,
-                       "tools": mcp_tool_list(tools)}, f)
+                       "tools": mcp_tool_list(names)}, f)
         return path
 
 
@@ -2337,8 +2582,11 @@ class BridgeRelayHandler(socketserver.StreamRequestHandler):
         if not isinstance(request, dict):
             return
         self.connection.settimeout(None)
-        pending = run.add_call(request.get("call_id"), str(request.get("name", "")),
-                               request.get("arguments"))
+        spec = run.names.from_codex(None, str(request.get("name", "")))
+        if spec is None:
+            self._reply(f"unknown tool: {request.get('name')}", True)
+            return
+        pending = run.add_call(request.get("call_id"), spec, request.get("arguments"))
         while not pending.done.wait(1.0):
             if run.exited.is_set() or listener.stopping.is_set():
                 return
@@ -2353,9 +2601,10 @@ class BridgeRelayHandler(socketserver.StreamRequestHandler):
         except (OSError, ValueError):
             return None
 
-    def _reply(self, text, is_error):
+    def _reply(self, text, is_error, images=()):
         try:
-            self.wfile.write(json.dumps({"text": text, "is_error": is_error}).encode() + b"\n")
+            self.wfile.write(json.dumps({"text": text, "is_error": is_error,
+                                         "images": list(images)}).encode() + b"\n")
         except OSError:
             pass
 
@@ -2388,9 +2637,10 @@ class BridgeListener(socketserver.ThreadingTCPServer):
         super().shutdown_request(request)
 
 
-def mcp_tool_list(tools):
-    return [{"name": t.name, "description": t.description,
-             "inputSchema": t.parameters} for t in tools]
+def mcp_tool_list(names):
+    """The client's tools as the bridge lists them (flat: exec nests nothing)."""
+    return [{"name": name, "description": tool.description, "inputSchema": tool.parameters}
+            for _, name, tool in names.offered()]
 
 
 def run_mcp_bridge(config_path, stdin=None, stdout=None):
@@ -2465,9 +2715,13 @@ def _bridge_call(conf, msg_id, params, send):
     except (OSError, ValueError):
         answer = {"text": "The proxy did not return a result for this call.",
                   "is_error": True}
+    content = [{"type": "text", "text": str(answer.get("text", ""))}]
+    for url in answer.get("images") or []:         # data:image/png;base64,...
+        header, _, data = str(url).partition(",")
+        content.append({"type": "image", "data": data,
+                        "mimeType": header[5:].split(";")[0] or "image/png"})
     send({"jsonrpc": "2.0", "id": msg_id, "result": {
-        "content": [{"type": "text", "text": str(answer.get("text", ""))}],
-        "isError": bool(answer.get("is_error"))}})
+        "content": content, "isError": bool(answer.get("is_error"))}})
 
 
 # ---------------------------------------------------------------------------
@@ -2570,6 +2824,17 @@ class JsonRpcPipe:
                 pass
 
 
+def notice_text(method, params):
+    """A notice from app-server as words: its message, or its fields (no
+    thread ids), never a JSON payload inside the log's own JSON."""
+    message = params.get("message") or params.get("summary")
+    if isinstance(message, str) and message:
+        return message[:500]
+    fields = ", ".join(f"{k} {v}" for k, v in params.items()
+                       if k not in ("threadId", "turnId") and isinstance(v, (str, int, float)))
+    return f"{method}: {fields}"[:500]
+
+
 class AppServerEvents:
     """What app-server says -> CodexRun's events.  No process, no I/O: it
     keeps only what the translation needs (which items arrived as deltas,
@@ -2593,12 +2858,13 @@ class AppServerEvents:
     CODEX_TOOL_ITEMS = ("commandExecution", "fileChange", "webSearch", "mcpToolCall",
                         "imageGeneration", "collabAgentToolCall")
 
-    def __init__(self, tools=(), clock=time.time):
-        self.tools = tools              # the client's tool names
+    def __init__(self, names=None, clock=time.time):
+        self.names = names or ToolNames([], False)     # the client's tools
         self.clock = clock
         self.signals_responses = False  # Codex tells when the model ends a response
         self._deltas = set()            # items whose text arrived as deltas
         self._response_calls = set()    # client calls of the response being written
+        self._unknown_calls = []        # ... and calls of tools nobody declared
         self._total = usage_from_app_server({})     # the thread's usage so far
         self._base = self._total                    # ... when this turn began
 
@@ -2608,7 +2874,7 @@ class AppServerEvents:
     def request(self, method, params):
         if method == "item/tool/call":
             name = params.get("tool")
-            if name in self.tools:
+            if self.names.from_codex(params.get("namespace"), name) is not None:
                 return None, []
             return {"result": {"success": False, "contentItems": [
                 {"type": "inputText", "text": f"unknown tool: {name}"}]}}, []
@@ -2644,23 +2910,29 @@ class AppServerEvents:
                 return [("warning", f"retrying: {error.get('message') or ''}")]
             return []       # turn/completed carries the failure
         if method in ("warning", "model/rerouted", "deprecationNotice"):
-            return [("warning", json.dumps(params)[:500])]
+            return [("warning", notice_text(method, params))]
         if method == "mcpServer/startupStatus/updated":
             return [("unexpected", f"MCP server {params.get('name')}")]
         return []
 
     def _raw(self, method, params):
         """experimentalRawEvents: the one sign that the model has finished a
-        response, so that its calls can go out without a quiet wait."""
+        response, so that its calls can go out without a quiet wait; and
+        each model call, with the calls of tools nobody declared, which
+        Codex answers itself ("unsupported call") and the model repeats."""
         self.signals_responses = True
         if method == "rawResponseItem/completed":
             item = params.get("item") or {}
-            if item.get("type") in ("function_call", "custom_tool_call") and \
-                    item.get("name") in self.tools:
-                self._response_calls.add(item.get("call_id"))
+            if item.get("type") in ("function_call", "custom_tool_call"):
+                if self.names.from_codex(item.get("namespace"), item.get("name")):
+                    self._response_calls.add(item.get("call_id"))
+                else:
+                    self._unknown_calls.append(str(item.get("name")))
             return []
         calls, self._response_calls = frozenset(self._response_calls), set()
-        return [("response_done", calls)] if calls else []
+        unknown, self._unknown_calls = self._unknown_calls, []
+        events = [("model_call", tuple(unknown) if unknown and not calls else ())]
+        return events + ([("response_done", calls)] if calls else [])
 
     @staticmethod
     def _turn_completed(turn):
@@ -2679,6 +2951,24 @@ class AppServerEvents:
             return [("reasoning", (item_id, n, text))
                     for n, text in enumerate(item.get("summary") or []) if text]
         return []
+
+
+def dynamic_tools(names):
+    """The client's tools as thread/start's dynamicTools: functions, and
+    namespaces holding their children."""
+    tools, spaces = [], {}
+    for namespace, name, tool in names.offered():
+        entry = {"type": "function", "name": name, "description": tool.description,
+                 "inputSchema": tool.parameters}
+        if namespace is None:
+            tools.append(entry)
+        elif namespace not in spaces:
+            spaces[namespace] = {"type": "namespace", "name": namespace,
+                                 "description": f"Tools of {tool.namespace}", "tools": [entry]}
+            tools.append(spaces[namespace])
+        else:
+            spaces[namespace]["tools"].append(entry)
+    return tools
 
 
 def turn_input(message):
@@ -2732,9 +3022,9 @@ class AppServerRun(CodexRun):
     def signals_responses(self):
         return self.protocol.signals_responses
 
-    def set_tools(self, tools, known_ids):
-        super().set_tools(tools, known_ids)
-        self.protocol.tools = self.tools
+    def set_tools(self, names, known_ids):
+        super().set_tools(names, known_ids)
+        self.protocol.names = names
 
     # -- process and JSON-RPC ----------------------------------------------
     def launch(self):
@@ -2761,7 +3051,7 @@ class AppServerRun(CodexRun):
             self.user_overrides = {}
         return self
 
-    def thread_params(self, instructions, tools, thread_config, model=None):
+    def thread_params(self, instructions, names, thread_config, model=None):
         """thread/start for a pure forwarder: the client's instructions and
         tools, the forwarder settings, and the user's additions switched off."""
         # experimentalRawEvents adds rawResponse/completed: the one sign that the
@@ -2769,9 +3059,7 @@ class AppServerRun(CodexRun):
         params = {"cwd": self.workdir, "sandbox": "read-only", "approvalPolicy": "never",
                   "ephemeral": True, "experimentalRawEvents": True,
                   "baseInstructions": instructions, "environments": [],
-                  "dynamicTools": [{"type": "function", "name": t.name,
-                                    "description": t.description, "inputSchema": t.parameters}
-                                   for t in tools],
+                  "dynamicTools": dynamic_tools(names),
                   "config": dict(thread_config, **self.user_overrides)}
         if model:
             params["model"] = model
@@ -2780,7 +3068,7 @@ class AppServerRun(CodexRun):
     def start(self, spec, thread_config):
         """Open the thread, give it the conversation so far as native items,
         and start the turn."""
-        params = self.thread_params(spec.instructions, spec.tools, thread_config, spec.model)
+        params = self.thread_params(spec.instructions, spec.names, thread_config, spec.model)
         with refused_by_codex():
             thread = self.call("thread/start", params).get("thread") or {}
             self.thread_id = thread.get("id")
@@ -2803,7 +3091,7 @@ class AppServerRun(CodexRun):
     def _turn(self, spec):
         history, message = split_turn(spec.messages)
         with refused_by_codex():
-            items = history_items(history)
+            items = history_items(history, self.names)
             if items:
                 self.call("thread/inject_items", {"threadId": self.thread_id, "items": items})
             turn = {"threadId": self.thread_id, "input": turn_input(message)}
@@ -2839,7 +3127,8 @@ class AppServerRun(CodexRun):
             for event in events:
                 self.events.put(event)
             if reply is None:
-                self.add_call(params.get("callId"), params.get("tool"),
+                self.add_call(params.get("callId"),
+                              self.names.from_codex(params.get("namespace"), params.get("tool")),
                               params.get("arguments"), message["id"])
             else:
                 self.pipe.send(dict(reply, id=message["id"]))
@@ -2858,9 +3147,11 @@ class AppServerRun(CodexRun):
     def _deliver(self, pending):
         if pending.rpc_id is None:
             return
-        text, is_error = pending.result
+        text, is_error, images = pending.result
         self.pipe.send({"id": pending.rpc_id, "result": {
-            "contentItems": [{"type": "inputText", "text": text}], "success": not is_error}})
+            "contentItems": [{"type": "inputText", "text": text}] +
+            [{"type": "inputImage", "imageUrl": url} for url in images],
+            "success": not is_error}})
 
     def interrupt(self):
         if self.thread_id and self.turn_id and not self.turn_done.is_set() \
@@ -2898,6 +3189,7 @@ class AppServerEngine(Engine):
 
     name = "app-server"
     warms = True
+    namespaces = True
 
     def argv(self, prefix):
         argv = [*prefix, "app-server"]
@@ -2927,7 +3219,7 @@ class AppServerEngine(Engine):
             run.launch().initialize(timeout=20)
             probe_tool = ToolSpec("probe_tool", "probe", {"type": "object", "properties": {}})
             result = run.call("thread/start", run.thread_params(
-                "probe", [probe_tool], self.thread_config()), 20)
+                "probe", ToolNames([probe_tool], True), self.thread_config()), 20)
             if not (result.get("thread") or {}).get("id"):
                 return False, "thread/start gave no thread"
             try:
@@ -3415,27 +3707,32 @@ class KeptConversations:
 
 
 class ResponseStore:
-    """Recent Responses API conversations, for `previous_response_id`:
-    bounded in count and characters, and forgotten after a while."""
+    """Recent Responses API conversations, for `previous_response_id`, and
+    their output items, for `item_reference`: bounded in count and
+    characters, and forgotten after a while."""
 
     def __init__(self, keep=RESPONSES_KEPT, ttl=RESPONSES_TTL_SECONDS,
                  max_chars=RESPONSES_KEPT_CHARS, clock=time.monotonic):
         self._keep, self._ttl, self._max_chars, self._clock = keep, ttl, max_chars, clock
-        # _lock guards _items (id -> (messages, chars, stored_at)) and _chars.
+        # _lock guards _items (response id -> (messages, output items, chars,
+        # stored_at)), _by_item (output item id -> response id) and _chars.
         self._lock = threading.Lock()
         self._items = collections.OrderedDict()
+        self._by_item = {}
         self._chars = 0
 
     def __len__(self):
         with self._lock:
             return len(self._items)
 
-    def put(self, response_id, messages):
-        chars = message_chars(messages)
+    def put(self, response_id, messages, output=()):
+        chars = message_chars(messages) + len(json.dumps(list(output)))
         if chars > self._max_chars:
             return
+        items = {item["id"]: item for item in output if isinstance(item.get("id"), str)}
         with self._lock:
-            self._items[response_id] = (tuple(messages), chars, self._clock())
+            self._items[response_id] = (tuple(messages), items, chars, self._clock())
+            self._by_item.update((item_id, response_id) for item_id in items)
             self._chars += chars
             self._trim()
 
@@ -3446,17 +3743,28 @@ class ResponseStore:
             entry = self._items.get(response_id)
             if entry is None:
                 return None
-            return [dataclasses.replace(m, tool_calls=list(m.tool_calls),
-                                        images=list(m.images)) for m in entry[0]]
+            return [dataclasses.replace(m, tool_calls=list(m.tool_calls), images=list(m.images),
+                                        reasoning=list(m.reasoning)) for m in entry[0]]
+
+    def item(self, item_id):
+        """A copy of an output item of a stored response, or None."""
+        with self._lock:
+            self._trim()
+            entry = self._items.get(self._by_item.get(item_id))
+            item = entry[1].get(item_id) if entry is not None else None
+            return json.loads(json.dumps(item)) if item is not None else None
 
     def _trim(self):
         now = self._clock()
         while self._items:
             oldest = next(iter(self._items.values()))
             if len(self._items) <= self._keep and self._chars <= self._max_chars and \
-                    now - oldest[2] < self._ttl:
+                    now - oldest[3] < self._ttl:
                 break
-            self._chars -= self._items.popitem(last=False)[1][1]
+            _, (_, items, chars, _) = self._items.popitem(last=False)
+            self._chars -= chars
+            for item_id in items:
+                self._by_item.pop(item_id, None)
 
 
 # ---------------------------------------------------------------------------
@@ -3740,11 +4048,16 @@ def output_reasoning_item(item_id, parts):
 
 def output_call_item(item_id, call, status="completed"):
     if call.custom:
-        return {"type": "custom_tool_call", "id": item_id, "call_id": call.id,
+        item = {"type": "custom_tool_call", "id": item_id, "call_id": call.id,
                 "name": call.name, "input": call.arguments if status == "completed" else "",
                 "status": status}
-    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
-            "arguments": call.arguments if status == "completed" else "", "status": status}
+    else:
+        item = {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+                "arguments": call.arguments if status == "completed" else "",
+                "status": status}
+    if call.namespace:
+        item["namespace"] = call.namespace
+    return item
 
 
 def make_response(rid, created, model, request, status, output, usage=None, error=None):
@@ -3910,6 +4223,13 @@ RESPONDERS = {"chat": ChatResponder, "responses": ResponsesResponder}
 # ---------------------------------------------------------------------------
 
 
+def forces_tool(request):
+    """Does the request force one tool (tool_choice names it, or requires a
+    call with one tool offered)?  Extraction clients do, and send no result."""
+    choice = request.tool_choice
+    return isinstance(choice, dict) or (choice == "required" and len(request.tools) == 1)
+
+
 class TurnPump:
     """Moves one run's events to one responder until the turn ends or parks.
 
@@ -3933,6 +4253,8 @@ class TurnPump:
         self.expected = None        # the calls of a response the model has finished
         self.stop = StopFilter(request.stop) if request.stop else None
         self.on_complete = None     # called with the responder when the turn completes
+        self.unknown_streak = 0     # model calls in a row of tools nobody declared
+        self.silent_calls = 0       # model calls since something reached the client
         self._text_key = None
 
     def run(self):
@@ -3978,6 +4300,7 @@ class TurnPump:
         when the model has finished a response (and which calls it made);
         without that sign, a quiet spell of --tool-quiet-ms ends the batch."""
         if kind == "tool_call":
+            self.silent_calls = 0
             self.calls.append(payload)
             self.logs.add(LogEvent.TOOL_CALL_FORWARDED, self.handler.request_id,
                           turn=self.run_.id, name=payload.call.name,
@@ -4002,15 +4325,20 @@ class TurnPump:
                      warm=run.warm, thread_id=payload, mapped_model=run.model,
                      effort=run.effort, pid=run.proc.pid if run.proc else None)
         elif kind == "text":
+            self.silent_calls = 0
             return self.text(*payload)
         elif kind == "reasoning":
+            self.silent_calls = 0
             self.reasoning_chars += len(payload[-1])
             self.out.reasoning(*payload)
+        elif kind == "model_call":
+            self.model_called(payload)
         elif kind == "usage":
             self.usage = payload
         elif kind == "warning":
             self.last_warning = payload or self.last_warning
-            logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id, message=payload[:500])
+            if self.turns.first_time(payload):
+                logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id, message=payload[:500])
         elif kind == "unexpected":
             logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id,
                      message=f"Codex produced {payload}; it should have no such tool")
@@ -4027,6 +4355,25 @@ class TurnPump:
                 "message": f"Codex exited (code {code}) without finishing the turn: "
                            f"{detail or 'no output'}"})
         return None
+
+    def model_called(self, unknown):
+        """No invisible loops on the user's quota: the model calling tools
+        nobody declared (Codex answers those itself, and the model tries
+        again), or calling on and on while nothing reaches the client, ends
+        the turn with an error."""
+        cfg = self.config
+        self.unknown_streak = self.unknown_streak + 1 if unknown else 0
+        self.silent_calls += 1
+        if self.unknown_streak > cfg.max_unknown_calls:
+            raise ProxyError(502, f"the model called {', '.join(sorted(set(unknown)))}, which "
+                             f"the client did not declare, {self.unknown_streak} times in a "
+                             "row; the turn was stopped so that it does not loop on your "
+                             "plan's quota (--max-unknown-calls)", "api_error", "model_loop")
+        if self.silent_calls > cfg.max_silent_calls:
+            raise ProxyError(502, f"the model made {self.silent_calls} calls without anything "
+                             "reaching the client; the turn was stopped so that it does not "
+                             "loop on your plan's quota (--max-silent-calls)", "api_error",
+                             "model_loop")
 
     def text(self, key, delta):
         if self.stop is None:
@@ -4070,6 +4417,12 @@ class TurnPump:
         for pending in calls:
             pending.sent = True
         self.flush_text()
+        if forces_tool(self.request):
+            # The extraction pattern: the client wanted the call's arguments
+            # and sends no result; should it, the result is answered fresh.
+            self.out.tool_calls([p.call for p in calls])
+            self.out.finish("tool_calls", self.usage or {})
+            return "forced", self.usage or {}, "tool_calls"
         self.turns.park(self.run_)
         try:
             self.out.tool_calls([p.call for p in calls])
@@ -4103,12 +4456,28 @@ class Turns:
         self.kept = KeptConversations(config.keep_conversations, config.conversation_ttl,
                                       clock)
         self.responses = ResponseStore(clock=clock)
-        # _lock guards _active, the runs answering a request right now.
+        # _lock guards _active, the runs answering a request right now, and
+        # _noted, the warnings of Codex said once (per model) and not again.
         self._lock = threading.Lock()
         self._active = 0
+        self._noted = set()
 
     def start(self):
         threading.Thread(target=self._reap, name="turns-reaper", daemon=True).start()
+
+    ONCE = re.compile(r"Model metadata for .{0,200}? not found")
+
+    def first_time(self, warning):
+        """Whether to log a warning of Codex: the ones it repeats on every
+        request for a model (outside its catalog) are logged once."""
+        match = self.ONCE.search(warning or "")
+        if match is None:
+            return True
+        with self._lock:
+            if match.group() in self._noted or len(self._noted) >= 1000:
+                return False
+            self._noted.add(match.group())
+            return True
 
     def close(self):
         """End every run: parked ones, kept ones, then those still answering."""
@@ -4130,6 +4499,8 @@ class Turns:
                   "client": handler.client_address[0]}
         if request.output_note:
             fields["output_format"] = request.output_note
+        if request.ignored_tools:
+            fields["ignored_tools"] = request.ignored_tools     # hosted: the model never sees them
         if self.config.log_bodies:
             fields["prompt"] = render_prompt(request.messages)[-4000:]
         self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **fields)
@@ -4145,7 +4516,7 @@ class Turns:
         kept = []
         if request.api == "responses" and request.store:
             out.on_finish = lambda done: self.responses.put(
-                done.id, request.messages + done.history_messages())
+                done.id, request.messages + done.history_messages(), done.output)
         if run.can_continue and self.kept.size:
             pump.on_complete = lambda done: kept.append(self._keep(run, request, done))
         try:
@@ -4177,7 +4548,7 @@ class Turns:
         """Admit the request (the concurrency check first, then readiness from
         the cached checks), then continue the kept thread of its conversation
         or start a Codex for it."""
-        spec = run_spec(request, self.config.aliases)
+        spec = run_spec(request, self.config.aliases, self.launcher.engine.namespaces)
         with self._lock:
             if self._active >= self.config.max_concurrent:
                 raise ProxyError(429, f"{self._active} Codex runs are busy "
@@ -4203,7 +4574,7 @@ class Turns:
             raise
 
     def _prepare(self, run, request, spec):
-        run.set_tools(spec.tools, request.history_ids())
+        run.set_tools(spec.names, request.history_ids())
         run.id_taken = self.runs.call_known
         run.fingerprint = request.fingerprint()
         run.match = (run.fingerprint,) + spec.settings()
@@ -4257,7 +4628,7 @@ class Turns:
         run.remember_ids(history_ids)
         answered = 0
         for result in results:
-            if run.answer(result.tool_call_id, result.text):
+            if run.answer(result.tool_call_id, result.text, images=result.images):
                 answered += 1
                 self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, turn=run.id,
                               call_id=result.tool_call_id, result_chars=len(result.text))
@@ -4938,13 +5309,13 @@ def endpoint_chat(handler):
     server = handler.server
     body = handler.read_json_body()
     server.turns.serve(handler, parse_chat_request(body, server.config.reasoning,
-                                                   server.turns.responses.get))
+                                                   server.turns.responses))
 
 
 def endpoint_responses(handler):
     server = handler.server
     body = handler.read_json_body()
-    server.turns.serve(handler, parse_responses_request(body, server.turns.responses.get))
+    server.turns.serve(handler, parse_responses_request(body, server.turns.responses))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5212,6 +5583,15 @@ def build_parser():
     p.add_argument("--tool-result-timeout", type=float,
                    default=e("CODEX_PROXY_TOOL_RESULT_TIMEOUT", str(DEFAULT_TOOL_RESULT_TIMEOUT)),
                    help=f"seconds a turn waits for the client's tool results (env CODEX_PROXY_TOOL_RESULT_TIMEOUT; default {DEFAULT_TOOL_RESULT_TIMEOUT:g})")
+    p.add_argument("--max-unknown-calls", type=int,
+                   default=e("CODEX_PROXY_MAX_UNKNOWN_CALLS", str(DEFAULT_MAX_UNKNOWN_CALLS)),
+                   help=f"end a turn whose model calls tools nobody declared more than this many "
+                        f"times in a row (env CODEX_PROXY_MAX_UNKNOWN_CALLS; default "
+                        f"{DEFAULT_MAX_UNKNOWN_CALLS})")
+    p.add_argument("--max-silent-calls", type=int,
+                   default=e("CODEX_PROXY_MAX_SILENT_CALLS", str(DEFAULT_MAX_SILENT_CALLS)),
+                   help=f"end a turn after this many model calls with nothing for the client "
+                        f"(env CODEX_PROXY_MAX_SILENT_CALLS; default {DEFAULT_MAX_SILENT_CALLS})")
     p.add_argument("--keep-conversations", type=int,
                    default=e("CODEX_PROXY_KEEP_CONVERSATIONS", str(DEFAULT_KEEP_CONVERSATIONS)),
                    help=f"app-server threads kept alive between a conversation's turns, so the "
@@ -5265,6 +5645,8 @@ def config_from_args(args):
         log_size=args.log_size, log_bodies=args.log_bodies, quiet=args.quiet,
         tool_result_timeout=args.tool_result_timeout, max_parked=max(1, args.max_parked),
         keep_conversations=max(0, args.keep_conversations),
+        max_unknown_calls=max(0, args.max_unknown_calls),
+        max_silent_calls=max(1, args.max_silent_calls),
         conversation_ttl=max(1.0, args.conversation_ttl),
         tool_quiet=max(0, args.tool_quiet_ms) / 1000.0, state_dir=args.state_dir,
         logs_html=html if os.path.isfile(html) else None)

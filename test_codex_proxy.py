@@ -547,6 +547,13 @@ class FakeExec:
             self.calls(value)
         elif kind == "command":
             emit({"type": "item.completed", "item": {"id": "c", "type": "command_execution"}})
+        elif kind == "loop_unknown":          # exec tells only its log of each refused call
+            for n in range(200):
+                print(f"ERROR codex_core::tools::router: error=unsupported call: {value}",
+                      file=sys.stderr, flush=True)
+                self.fake.record["model_calls"] = n + 1
+                self.fake.save()
+                time.sleep(0.01)
         else:
             self.fake.common_step(kind, value)
 
@@ -735,8 +742,26 @@ class FakeAppServer:
                             "params": {"rateLimits": value}})
         elif kind == "command":
             self.notify("item/started", {"item": {"type": "commandExecution", "id": "c"}})
+        elif kind == "notice":
+            self.notify("warning", {"message": value})
+        elif kind == "loop_unknown":
+            self.loop_unknown(value)
         elif kind != "thread":
             self.fake.common_step(kind, value)
+
+    def loop_unknown(self, name):
+        """A model that calls a tool nobody declared, again and again, each
+        answered by Codex itself: as many model calls as it is allowed."""
+        for n in range(200):
+            if self.interrupted.is_set():
+                return
+            self.raw("rawResponseItem/completed", {"item": {
+                "type": "function_call", "name": name, "call_id": f"call_u{n}",
+                "arguments": "{}"}})
+            self.raw("rawResponse/completed", {"responseId": f"resp_u{n}"})
+            self.record["model_calls"] = n + 1
+            self.fake.save()
+            time.sleep(0.01)
 
     def message(self, item_id, deltas, pause):
         self.notify("item/started", {"item": {"type": "agentMessage", "id": item_id,
@@ -1669,6 +1694,9 @@ class FakeTurns:
     def park(self, run):
         self.parked_runs.append(run)
 
+    def first_time(self, warning):
+        return True
+
 
 def pump(events, request=None, gone=False, **config):
     turns, handler = FakeTurns(**config), FakeHandler(gone)
@@ -1740,7 +1768,7 @@ def test_pump_cuts_at_a_stop_sequence_split_across_deltas():
 
 
 def test_app_server_notifications_become_the_runs_events():
-    events = cp.AppServerEvents(tools={"read_file": None})
+    events = cp.AppServerEvents(cp.ToolNames([cp.ToolSpec("read_file")], True))
     n = events.notification
     assert n("item/agentMessage/delta", {"itemId": "m1", "delta": "Hi"}) == [("text", ("m1", "Hi"))]
     assert n("item/completed", {"item": {"type": "agentMessage", "id": "m1", "text": "Hi"}}) == []
@@ -1760,8 +1788,12 @@ def test_app_server_notifications_become_the_runs_events():
                                                     "call_id": "c1"}}) == []
     assert n("rawResponseItem/completed", {"item": {"type": "function_call", "name": "other",
                                                     "call_id": "c2"}}) == []
-    assert n("rawResponse/completed", {}) == [("response_done", frozenset({"c1"}))]
-    assert n("rawResponse/completed", {}) == [] and events.signals_responses
+    assert n("rawResponse/completed", {}) == [("model_call", ()),
+                                              ("response_done", frozenset({"c1"}))]
+    assert n("rawResponse/completed", {}) == [("model_call", ())] and events.signals_responses
+    assert n("rawResponseItem/completed", {"item": {"type": "function_call", "name": "nobody",
+                                                    "call_id": "c3"}}) == []
+    assert n("rawResponse/completed", {}) == [("model_call", ("nobody",))]   # Codex answers it
     assert n("turn/completed", {"turn": {"status": "completed"}}) == [("completed", None)]
     assert n("turn/completed", {"turn": {"status": "interrupted"}}) == [("interrupted", None)]
     assert n("turn/completed", {"turn": {"status": "failed", "error": {"message": "x"}}}) == \
@@ -1794,7 +1826,7 @@ def test_history_goes_to_codex_as_the_items_a_thread_holds():
         {"role": "user", "content": "and now?"})
     history, last = cp.split_turn(messages)
     assert last.text == "and now?" and [m.role for m in history] == ["user", "assistant", "tool"]
-    assert cp.history_items(history) == [
+    assert cp.history_items(history, cp.ToolNames([], True)) == [
         {"type": "message", "role": "user", "content": [
             {"type": "input_text", "text": "look\n[image #1]"},
             {"type": "input_image", "image_url": png}]},
@@ -1819,7 +1851,7 @@ def test_responses_items_keep_custom_calls_and_encrypted_reasoning():
         {"type": "reasoning", "id": "rs_2", "summary": []}]})      # no encrypted_content: dropped
     history, last = cp.split_turn(request.messages)
     assert last is None
-    assert cp.history_items(history) == [
+    assert cp.history_items(history, cp.ToolNames([], True)) == [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "patch it"}]},
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "hm"}],
          "encrypted_content": "ENC-1"},
@@ -2033,6 +2065,238 @@ def test_the_responses_api_continues_a_thread_from_echoed_items(proxy, fake_code
     assert post_responses(proxy.base, {"model": "m", "input": echoed, "store": False})[0] == 200
     assert proxy.wait_event("conversation_continued")
     assert fake_codex.wait_records(2)[-1]["prompt"] == "q2"
+
+
+# ---------------------------------------------------------------------------
+# What real clients send: odd tool names, loops, references, forced calls
+# ---------------------------------------------------------------------------
+
+ODD_TOOLS = [{"type": "function", "function": {"name": name, "description": f"the {name} tool",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "q": {"type": "string"}}}}}
+             for name in ("mcp.fs.read_file", "fs/list", "mcp__github__search", "exec_command",
+                          "shell_command", "ok_name")]
+
+
+def test_every_tool_gets_a_name_codex_takes_and_comes_back_as_its_own():
+    long_name = "a" * 80
+    specs = cp.normalize_tools(ODD_TOOLS + [
+        {"type": "function", "name": long_name}, {"type": "function", "name": "a_b"},
+        {"type": "function", "name": "a.b"}])
+    names = cp.ToolNames(specs, nested=True)
+    offered = {tool.name: name for _, name, tool in names.offered()}
+    assert offered == {"mcp.fs.read_file": "mcp_fs_read_file", "fs/list": "fs_list",
+                       "mcp__github__search": "client_mcp__github__search",
+                       "exec_command": "client_exec_command",
+                       "shell_command": "client_shell_command", "ok_name": "ok_name",
+                       long_name: offered[long_name], "a_b": "a_b", "a.b": "a_b_2"}
+    assert len(offered[long_name]) <= 64 and cp.CODEX_NAME.fullmatch(offered[long_name])
+    for tool in specs:
+        assert names.from_codex(None, offered[tool.name]) is tool
+    assert cp.ToolNames(specs, nested=True).offered() == names.offered()      # stable
+    assert names.to_codex(None, "gone.tool") == (None, "gone_tool")       # an old call
+
+
+def test_namespace_tools_nest_where_codex_takes_them_and_flatten_elsewhere():
+    specs = cp.normalize_tools([{"type": "namespace", "name": "mcp__github", "tools": [
+        {"type": "function", "name": "search", "parameters": {"type": "object"}},
+        {"type": "function", "name": "exec_command"}]}, {"type": "function", "name": "search"}])
+    assert [(t.namespace, t.name) for t in specs] == [("mcp__github", "search"),
+                                                      ("mcp__github", "exec_command"),
+                                                      (None, "search")]
+    nested = cp.ToolNames(specs, nested=True)
+    tools = cp.dynamic_tools(nested)
+    assert tools[1] == {"type": "function", "name": "search", "description": "",
+                        "inputSchema": {"type": "object", "properties": {}}}
+    assert tools[0]["type"] == "namespace" and tools[0]["name"] == "client_mcp__github"
+    assert [t["name"] for t in tools[0]["tools"]] == ["search", "exec_command"]
+    assert nested.from_codex("client_mcp__github", "exec_command") is specs[1]
+    flat = cp.ToolNames(specs, nested=False)
+    assert [name for _, name, _ in flat.offered()] == [
+        "client_mcp__github__search", "client_mcp__github__exec_command", "search"]
+    call = cp.ToolCall("c1", "search", "{}", namespace="mcp__github")
+    assert cp.output_call_item("fc_1", call)["namespace"] == "mcp__github"
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "properties": []}, {"type": "object", "required": "a"},
+    {"type": "object", "properties": {"a": 5}}, {"type": "object", "anyOf": {}},
+    {"type": "object", "properties": {"a": {"type": 3}}},
+    {"type": "object", "properties": {"a": {"items": [1]}}}])
+def test_hostile_schemas_are_refused_as_data(parameters):
+    with pytest.raises(cp.ProxyError) as error:
+        cp.normalize_tools([{"type": "function", "name": "f", "parameters": parameters}])
+    assert error.value.status == 400
+    with pytest.raises(cp.ProxyError) as error:
+        cp.parse_chat_request(chat_body(response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": parameters}}))
+    assert error.value.status == 400 and error.value.param == "response_format"
+
+
+def test_a_tool_declared_twice_differently_is_named_in_a_400():
+    same = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    assert len(cp.normalize_tools([same, same])) == 1
+    with pytest.raises(cp.ProxyError) as error:
+        cp.normalize_tools([same, dict(same, description="other")])
+    assert "'f'" in error.value.message
+    request = cp.parse_responses_request({"input": "x", "tools": [
+        {"type": "web_search"}, same, {"type": "namespace", "name": "ns", "tools": [same]}]})
+    assert request.ignored_tools == ["web_search"] and len(request.tools) == 2
+
+
+def test_what_the_codex_cli_sends_parses():
+    request = cp.parse_responses_request({"input": [
+        {"type": "additional_tools", "role": "developer", "tools": [
+            {"type": "namespace", "name": "functions", "tools": [
+                {"type": "custom", "name": "exec", "format": {"type": "grammar",
+                                                              "syntax": "lark",
+                                                              "definition": "start: x"}}]}]},
+        {"role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+        {"role": "user", "content": "hi"},
+        {"type": "custom_tool_call", "call_id": "c1", "name": "exec", "input": "x",
+         "namespace": "functions"},
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": [
+            {"type": "input_text", "text": "Script completed"}]},
+        {"type": "function_call_output", "output": "goal context"}]})
+    assert [(t.namespace, t.name, t.custom) for t in request.tools] == [("functions", "exec", True)]
+    assert [m.role for m in request.messages] == ["system", "user", "assistant", "tool", "user"]
+    assert request.messages[3].text == "Script completed"
+    assert request.messages[4].text == "Tool output:\ngoal context"     # no call id: context
+    names = cp.ToolNames(request.tools, nested=True)
+    assert names.to_codex("functions", "exec") == ("client_functions", "exec")
+
+
+def test_item_references_resolve_to_stored_items():
+    store = cp.ResponseStore()
+    store.put("resp_1", [cp.Message("user", "hi"), cp.Message("assistant", "hello")], [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "id": "msg_1", "role": "assistant",
+         "content": [{"type": "output_text", "text": "hello"}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f",
+         "arguments": "{}"}])
+    request = cp.parse_responses_request({"input": [
+        {"role": "user", "content": "hi"}, {"type": "item_reference", "id": "rs_1"},
+        {"type": "item_reference", "id": "msg_1"}, {"type": "item_reference", "id": "fc_1"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]}, store)
+    assert [(m.role, m.text) for m in request.messages] == [
+        ("user", "hi"), ("assistant", "hello"), ("tool", "ok")]
+    assert request.messages[1].tool_calls[0].id == "call_1"
+    with pytest.raises(cp.ProxyError) as error:
+        cp.parse_responses_request({"input": [{"type": "item_reference", "id": "msg_x"}]}, store)
+    assert error.value.status == 400 and "msg_x" in error.value.message
+
+
+def test_cursors_bodies_keep_usage_and_effort_on_both_shapes():
+    shaped = cp.parse_chat_request({"input": "hi", "stream": True, "reasoning": {
+        "effort": "high"}, "stream_options": {"include_usage": True}})
+    assert shaped.include_usage and shaped.reasoning_effort == "high" and shaped.api == "chat"
+    plain = cp.parse_chat_request(chat_body(reasoning={"effort": "low"}))
+    assert plain.reasoning_effort == "low"
+
+
+def test_forced_tool_choices_are_the_extraction_pattern():
+    one = cp.parse_chat_request(chat_body(tools=TOOLS[:1], tool_choice="required"))
+    assert cp.forces_tool(one)
+    assert cp.forces_tool(cp.parse_chat_request(chat_body(tools=TOOLS, tool_choice={
+        "type": "function", "function": {"name": "read_file"}})))
+    assert not cp.forces_tool(cp.parse_chat_request(chat_body(tools=TOOLS, tool_choice="required")))
+    assert not cp.forces_tool(cp.parse_chat_request(chat_body(tools=TOOLS)))
+
+
+def test_notices_read_as_words_and_metadata_warnings_come_once():
+    assert cp.notice_text("warning", {"threadId": "t", "message": "Model metadata for `x` not "
+                                      "found."}) == "Model metadata for `x` not found."
+    assert cp.notice_text("model/rerouted", {"threadId": "t", "fromModel": "a",
+                                             "toModel": "b"}) == \
+        "model/rerouted: fromModel a, toModel b"
+    turns = types.SimpleNamespace(_lock=threading.Lock(), _noted=set(), ONCE=cp.Turns.ONCE)
+    first_time = functools.partial(cp.Turns.first_time, turns)
+    assert first_time("Model metadata for `x` not found. Defaulting")
+    assert not first_time("Model metadata for `x` not found. Defaulting")
+    assert first_time("Model metadata for `y` not found.") and first_time("other") and \
+        first_time("other")
+
+
+def test_odd_tool_names_reach_codex_as_aliases_and_calls_come_back_as_their_own(both, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "mcp_fs_read_file", "arguments": {"q": "a"}, "id": "c1"},
+        {"name": "client_exec_command", "arguments": {"q": "b"}, "id": "c2"},
+        {"name": "client_mcp__github__search", "arguments": {"q": "c"}, "id": "c3"}]},
+        {"text": "got {results}"}, {"complete": {}}])
+    messages = [{"role": "user", "content": "use them"}]
+    _, call, finish, _ = tool_round(both, messages, tools=ODD_TOOLS)
+    assert finish == "tool_calls" and tool_names_of(fake_codex.wait_records(1)[0]) == {
+        "mcp_fs_read_file", "fs_list", "client_mcp__github__search", "client_exec_command",
+        "client_shell_command", "ok_name"}
+    assert sorted(c["function"]["name"] for c in call["tool_calls"]) == [    # exec: any order
+        "exec_command", "mcp.fs.read_file", "mcp__github__search"]
+    _, final, _, _ = tool_round(both, messages + [call, *results_for(call)], tools=ODD_TOOLS)
+    assert "RESULT:exec_command" in final["content"] and "RESULT:mcp.fs.read_file" in \
+        final["content"]
+
+
+def test_a_model_that_loops_on_an_undeclared_tool_is_stopped(both, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"loop_unknown": "nobody_tool"},
+                         {"text": "never"}, {"complete": {}}])
+    status, _, raw = post_chat(both.base, chat_body(stream=False, tools=TOOLS))
+    error = json.loads(raw)["error"]
+    assert status == 502 and error["code"] == "model_loop" and "nobody_tool" in error["message"]
+    record = fake_codex.wait_records(1)[0]
+    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+    calls = fake_codex.records()[0].get("model_calls")
+    assert calls is not None and calls <= 20
+    assert both.wait_event("stream_codex_error")[0]["code"] == "model_loop"
+
+
+def test_forced_tool_calls_leave_nothing_parked(proxy, fake_codex):
+    fake_codex.scenario(("RESULT:", [{"thread": True}, {"text": "answered fresh"},
+                                     {"complete": {}}]),
+                        [{"thread": True}, {"calls": [
+                            {"name": "read_file", "arguments": {"path": "x"}, "id": "c1"}]},
+                         {"text": "never"}, {"complete": {}}])
+    choice = {"type": "function", "function": {"name": "read_file"}}
+    for n in range(3):
+        _, call, finish, _ = tool_round(proxy, [{"role": "user", "content": f"extract {n}"}],
+                                        tool_choice=choice)
+        assert finish == "tool_calls"
+    assert wait_until(lambda: not any(pid_alive(r["pid"]) for r in fake_codex.records()), 10)
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["parked_turns"] == 0
+    messages = [{"role": "user", "content": "extract 2"}, call, *results_for(call)]
+    _, final, _, _ = tool_round(proxy, messages, tool_choice=choice)
+    assert final["content"] == "answered fresh"
+
+
+def test_a_model_outside_the_catalog_is_warned_about_once(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"notice": "Model metadata for `foo` not found."},
+                         {"text": "ok"}, {"complete": {}}])
+    for text in ("one", "two", "three"):
+        assert post_chat(proxy.base, chat_body(text, model="foo"))[0] == 200
+    proxy.wait_event("cursor_response", 3)
+    warnings = [e["message"] for e in proxy.events("codex_warning")]
+    assert warnings == ["Model metadata for `foo` not found."]
+
+
+def test_responses_item_references_reach_codex(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"text": "answer to: {seen}"}, {"complete": {}}])
+    first = json.loads(post_responses(proxy.base, {"model": "m", "input": "remember 42"})[2])
+    reference = {"type": "item_reference", "id": first["output"][-1]["id"]}
+    status, _, raw = post_responses(proxy.base, {"model": "m", "input": [
+        {"role": "user", "content": "remember 42"}, reference,
+        {"role": "user", "content": "what did I say?"}]})
+    assert status == 200 and proxy.wait_event("conversation_continued")
+    status, _, raw = post_responses(proxy.base, {"model": "m", "input": [
+        {"type": "item_reference", "id": "msg_unknown"}]})
+    assert status == 400 and "msg_unknown" in json.loads(raw)["error"]["message"]
+
+
+def test_cursors_responses_shaped_chat_body_gets_its_usage_chunk(proxy, fake_codex):
+    status, _, raw = post_chat(proxy.base, {"model": "5.5-tpg", "stream": True,
+                                            "input": [{"role": "user", "content": "hi"}],
+                                            "stream_options": {"include_usage": True},
+                                            "reasoning": {"effort": "high"}})
+    chunks = [e for e in sse_events(raw) if e != "[DONE]"]
+    assert status == 200 and chunks[-1]["usage"]["total_tokens"] == 18
+    assert fake_codex.wait_records(1)[0]["turn"]["effort"] == "high"
 
 
 # ---------------------------------------------------------------------------
@@ -2288,7 +2552,7 @@ def test_a_request_on_a_connection_that_outlived_the_server_gets_503(make_proxy)
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
-      "function": {"name": "bad name!"}}]}, "tools"),
+      "function": {"name": ""}}]}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": "all"}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
      "response_format"),
@@ -3404,7 +3668,7 @@ def test_an_app_server_that_exits_mid_turn_is_a_502(proxy, fake_codex):
 
 def test_codex_asks_for_approval_it_is_declined():
     """approvalPolicy is never, but an approval request must not hang a turn."""
-    events = cp.AppServerEvents(tools={"read_file": None})
+    events = cp.AppServerEvents(cp.ToolNames([cp.ToolSpec("read_file")], True))
     assert events.request("item/commandExecution/requestApproval", {}) == \
         ({"result": {"decision": "decline"}}, [("unexpected", "item/commandExecution/requestApproval")])
     assert events.request("item/fileChange/requestApproval", {})[0] == \
@@ -3836,7 +4100,7 @@ def test_cursors_own_previous_response_id_on_chat_is_ignored(proxy, fake_codex):
 def test_the_mcp_bridge_speaks_json_rpc(tmp_path):
     conf = tmp_path / "bridge.json"
     conf.write_text(json.dumps({"relay": "127.0.0.1:1", "run": "r", "secret": "s",
-                                "tools": cp.mcp_tool_list(cp.normalize_tools(TOOLS))}))
+                                "tools": cp.mcp_tool_list(cp.ToolNames(cp.normalize_tools(TOOLS), False))}))
     proc = subprocess.Popen([sys.executable, PROXY_SCRIPT, "--mcp-bridge", str(conf)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -4038,7 +4302,6 @@ def test_a_failed_streamed_response_ends_with_response_failed(proxy, fake_codex)
 @pytest.mark.parametrize("body, param", [
     ({"model": "m"}, "input"),
     ({"model": "m", "input": 5}, "input"),
-    ({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"model": "m", "input": [{"type": "item_reference", "id": "x"}]}, "input"),
     ({"model": "m", "input": "x", "background": True}, "background"),
     ({"model": "m", "input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
