@@ -5174,6 +5174,151 @@ def test_e2e_kept_conversations_are_bounded_and_expire(e2e, openai_sdk):
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 0
 
 
+def test_e2e_odd_tool_names_reach_the_model_and_come_back_as_their_own(e2e, openai_sdk):
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message("outputs: " + " | ".join(outputs), index)]
+        if "call them" in json.dumps(body["input"]):
+            return [function_call_item("mcp_fs_read_file", {"q": "a"}, "call_a"),
+                    function_call_item("client_exec_command", {"q": "b"}, "call_b"),
+                    function_call_item("client_mcp__github__search", {"q": "c"}, "call_c")]
+        return [upstream_message("plain answer", index)]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    tools = [t for t in ODD_TOOLS if t["function"]["name"] != "ok_name"]
+    plain = client.chat.completions.create(model="5.5-tpg", tools=tools, messages=[
+        {"role": "user", "content": "hello"}])
+    assert plain.choices[0].message.content == "plain answer"
+    assert {"mcp_fs_read_file", "fs_list", "client_mcp__github__search", "client_exec_command",
+            "client_shell_command"} <= tool_names(e2e.upstream.bodies()[0])
+    messages = [{"role": "user", "content": "call them"}]
+    choice = client.chat.completions.create(model="5.5-tpg", tools=tools,
+                                            messages=messages).choices[0]
+    calls = {c.function.name: c for c in choice.message.tool_calls}
+    assert set(calls) == {"mcp.fs.read_file", "exec_command", "mcp__github__search"}
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": c.id, "content": f"OUT-{name}"}
+                 for name, c in calls.items()]
+    final = client.chat.completions.create(model="5.5-tpg", tools=tools, messages=messages)
+    assert sorted(final.choices[0].message.content[9:].split(" | ")) == [
+        "OUT-exec_command", "OUT-mcp.fs.read_file", "OUT-mcp__github__search"]
+
+
+def test_e2e_a_model_looping_on_an_undeclared_tool_is_stopped(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [function_call_item("nobody_tool", {}, f"call_{index}")]
+    proxy = e2e.proxy()
+    started = time.monotonic()
+    with pytest.raises(openai_sdk.APIStatusError) as error:
+        sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+            model="5.5-tpg", tools=TOOLS, messages=[{"role": "user", "content": "go"}])
+    assert time.monotonic() - started < 30 and error.value.status_code == 502
+    assert "nobody_tool" in str(error.value)
+    pid = proxy.events("codex_forward")[0]["pid"]
+    assert wait_until(lambda: not pid_alive(pid), 8)
+    calls = len(e2e.upstream.requests)
+    assert calls <= 20
+    time.sleep(1.0)                         # nothing calls the model afterwards
+    assert len(e2e.upstream.requests) == calls
+
+
+def test_e2e_item_references_and_call_less_outputs_reach_the_model(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(f"answer {index}", index)]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    first = client.responses.create(model="5.5-tpg", input="remember 42")
+    client.responses.create(model="5.5-tpg", input=[
+        {"role": "user", "content": "remember 42"},
+        {"type": "item_reference", "id": first.output[-1].id},
+        {"type": "function_call_output", "output": "CONTEXT-TEXT"},
+        {"role": "user", "content": "what did I say?"}])
+    items = e2e.upstream.bodies()[-1]["input"]
+    texts = json.dumps(items)
+    assert "answer 0" in texts and "CONTEXT-TEXT" in texts and "what did I say?" in texts
+    with pytest.raises(openai_sdk.BadRequestError) as error:
+        client.responses.create(model="5.5-tpg", input=[
+            {"type": "item_reference", "id": "msg_nobody_knows"}])
+    assert "msg_nobody_knows" in str(error.value)
+
+
+def test_e2e_cursors_responses_shaped_chat_body_gets_usage_and_effort(e2e):
+    e2e.responder = lambda body, index: [upstream_message("shaped ok", index)]
+    proxy = e2e.proxy()
+    status, _, raw = post_chat(proxy.base, {
+        "model": "5.5-tpg", "stream": True, "stream_options": {"include_usage": True},
+        "reasoning": {"effort": "high"},
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text",
+                                                                   "text": "hi"}]}]})
+    chunks = [e for e in sse_events(raw) if e != "[DONE]"]
+    assert status == 200 and chunks[-1]["usage"]["total_tokens"] == 120
+    assert e2e.upstream.bodies()[0]["reasoning"]["effort"] == "high"
+
+
+def test_e2e_forced_extraction_calls_leave_no_parked_codex(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [function_call_item("read_file", {"path": "x"},
+                                                            f"call_{index}")]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    for n in range(3):
+        choice = client.chat.completions.create(
+            model="5.5-tpg", tools=TOOLS, messages=[{"role": "user", "content": f"extract {n}"}],
+            tool_choice={"type": "function", "function": {"name": "read_file"}}).choices[0]
+        assert choice.finish_reason == "tool_calls"
+    pids = [e["pid"] for e in proxy.events("codex_forward")]
+    assert len(pids) == 3 and wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
+    assert json.loads(http_request(proxy.base, "GET", "/health")[2])["parked_turns"] == 0
+
+
+def test_e2e_a_model_outside_the_catalog_is_warned_about_once(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message("ok", index)]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    for text in ("one", "two", "three"):
+        client.chat.completions.create(model="not-in-any-catalog", messages=[
+            {"role": "user", "content": text}])
+    warnings = [e["message"] for e in proxy.events("codex_warning")
+                if "metadata" in e["message"].lower()]
+    assert len(warnings) <= 1 and not any(w.startswith("{") or '\\"' in w for w in warnings)
+
+
+def test_e2e_the_codex_cli_as_a_client_runs_its_own_shell_tool(e2e, tmp_path):
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message("done: " + json.dumps(outputs)[:200], index)]
+        if "run echo" in json.dumps(body["input"]):
+            return [function_call_item("client_exec_command", {"cmd": "echo CLIENT-SHELL-OK"},
+                                       "call_shell")]
+        return [upstream_message("plain answer from the proxy", index)]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    home = tmp_path / "client-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        'model_provider = "proxy"\n[model_providers.proxy]\nname = "proxy"\n'
+        f'base_url = "{proxy.base}/v1"\nwire_api = "responses"\nenv_key = "PROXY_KEY"\n'
+        'request_max_retries = 0\nstream_max_retries = 0\n')
+    work = tmp_path / "client-work"
+    work.mkdir()
+    env = dict(os.environ, CODEX_HOME=str(home), PROXY_KEY="unused")
+
+    def client_codex(prompt):
+        done = subprocess.run([e2e.codex_path, "exec", "--skip-git-repo-check",
+                               "--dangerously-bypass-approvals-and-sandbox", "-C", str(work),
+                               "-m", "gpt-5.5", prompt], env=env, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+        return done.returncode, done.stdout + done.stderr
+    code, output = client_codex("say hello")
+    assert code == 0 and "plain answer from the proxy" in output, output[-2000:]
+    code, output = client_codex("run echo via your shell")
+    assert code == 0 and "done:" in output, output[-2000:]
+    last = json.dumps(e2e.upstream.bodies()[-1]["input"])
+    assert "CLIENT-SHELL-OK" in last              # the client ran it; its output reached the model
+    forwarded = proxy.events("tool_call_forwarded")
+    assert [e["name"] for e in forwarded] == ["exec_command"]
+
+
 # ---------------------------------------------------------------------------
 # logs.html in a real browser (headless Chromium through chromedriver)
 # ---------------------------------------------------------------------------
