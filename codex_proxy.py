@@ -114,35 +114,40 @@ __version__ = "0.3.0"
 __all__ = [
     # classes
     "ProxyError", "ClientGone", "ToolSpec", "ToolCall", "Message", "ProxyRequest",
-    "Config", "TomlError", "CodexConfigFile", "LogEvent", "LogBuffer", "CodexInfo",
-    "PendingCall", "RunSpec", "CodexRun", "Engine", "ExecRun", "ExecEngine",
-    "BridgeRelayHandler", "BridgeListener", "RpcError", "JsonRpcPipe",
+    "ToolNames", "Config", "TomlError", "CodexConfigFile", "LogEvent", "LogBuffer",
+    "CodexInfo", "PendingCall", "RunSpec", "CodexRun", "Engine", "ExecRun",
+    "ExecEngine", "BridgeRelayHandler", "BridgeListener", "RpcError", "JsonRpcPipe",
     "AppServerEvents", "AppServerRun", "AppServerEngine", "WarmPool", "RunTable",
-    "CodexLauncher", "ParkedTurns", "ResponseStore", "Responder", "StopFilter",
-    "ChatResponder", "ResponsesResponder", "TurnPump", "Turns", "AccessPolicy",
-    "ConnectionTable", "RateLimits", "HttpHandler", "Route", "ProxyHandler",
-    "ProxyServer",
+    "CodexLauncher", "ParkedTurns", "Kept", "KeptConversations", "ResponseStore",
+    "Responder", "StopFilter", "ChatResponder", "ResponsesResponder", "TurnPump",
+    "Turns", "AccessPolicy", "ConnectionTable", "BodyBudget", "RateLimits",
+    "HttpHandler", "Route", "ProxyHandler", "ProxyServer",
     # functions
     "bad_request", "too_deep", "check_json_value", "parse_json_body", "field",
-    "image_url_of", "content_to_text", "tool_spec", "normalize_tools",
-    "parse_tool_choice", "parse_stop", "parse_effort", "parse_model", "call_arguments",
-    "parse_message", "parse_input_items", "parse_text_format", "schema_instruction",
-    "strict_schema", "common_fields", "parse_chat_request", "parse_responses_request",
-    "check_request", "resolve_model", "trailing_tool_results",
-    "tool_choice_instruction", "render_instructions", "request_instructions",
-    "render_prompt", "toml_value", "read_toml", "global_agents_file",
-    "uses_custom_provider", "default_state_dir", "child_environment", "escape_controls",
-    "retry_after_seconds", "usage_limit_error", "format_duration", "classify_failure",
-    "classify_codex_error", "clean_codex_output", "redact_paths", "popen_group_kwargs",
-    "stop_process_tree", "native_codex", "resolve_codex", "run_quick",
-    "build_model_catalog", "run_spec", "translate_codex_event", "write_run_files",
-    "codex_argv", "mcp_tool_list", "run_mcp_bridge", "usage_from_app_server",
-    "user_config_overrides", "new_run_id", "message_chars", "token_counts",
-    "openai_usage", "new_completion_id", "make_chunk", "tool_call_chunks",
-    "make_completion", "sse", "responses_usage", "output_message_item",
-    "output_reasoning_item", "output_call_item", "make_response", "is_local_name",
-    "split_host", "host_allowed", "origin_allowed", "tunnel_headers", "offered_key",
-    "own_host_names", "connection_budget", "framing_error", "body_framing",
+    "image_url_of", "content_to_text", "tool_spec", "tool_name", "hosted_tools",
+    "normalize_tools", "check_schema", "parse_tool_choice", "parse_stop",
+    "parse_effort", "parse_model", "call_arguments", "parse_message",
+    "parse_input_items", "resolve_reference", "input_message", "input_call",
+    "reasoning_item", "parse_text_format", "schema_instruction", "strict_schema",
+    "common_fields", "parse_chat_request", "parse_responses_request", "check_request",
+    "resolve_model", "trailing_tool_results", "tool_choice_instruction",
+    "render_instructions", "request_instructions", "render_prompt", "codex_safe",
+    "split_turn", "history_items", "user_parts", "call_item", "message_chars",
+    "canonical_arguments", "conversation_key", "toml_value", "read_toml",
+    "global_agents_file", "uses_custom_provider", "default_state_dir",
+    "child_environment", "escape_controls", "retry_after_seconds", "usage_limit_error",
+    "format_duration", "classify_failure", "classify_codex_error", "clean_codex_output",
+    "redact_paths", "popen_group_kwargs", "stop_process_tree", "native_codex",
+    "resolve_codex", "run_quick", "build_model_catalog", "run_spec", "check_input_size",
+    "translate_codex_event", "write_run_files", "codex_argv", "mcp_tool_list",
+    "run_mcp_bridge", "usage_from_app_server", "notice_text", "dynamic_tools",
+    "turn_input", "refused_by_codex", "user_config_overrides", "new_run_id",
+    "token_counts", "openai_usage", "new_completion_id", "make_chunk",
+    "tool_call_chunks", "make_completion", "sse", "responses_usage",
+    "output_message_item", "output_reasoning_item", "output_call_item", "make_response",
+    "forces_tool", "is_local_name", "split_host", "host_allowed", "origin_allowed",
+    "well_formed_origin", "tunnel_headers", "offered_keys", "own_host_names",
+    "own_addresses", "connection_budget", "parse_head", "framing_error", "body_framing",
     "endpoint_health", "endpoint_models", "endpoint_logs", "since_of",
     "endpoint_logs_stream", "endpoint_chat", "endpoint_responses", "env_flag",
     "parse_addr", "parse_alias", "split_env_list", "read_key_file", "build_parser",
@@ -173,7 +178,13 @@ DEFAULT_TOOL_QUIET = 0.15          # seconds to wait for sibling tool calls
 LOGIN_CACHE_SECONDS = 30.0
 KILL_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.25                # how often a waiting handler looks around
-REQUEST_READ_SECONDS = 30.0        # a request's line, headers and body must arrive within this
+CLIENT_LOOK_SECONDS = 0.5          # how often a turn checks that its client is still there
+REQUEST_READ_SECONDS = 30.0        # a request's line and headers must arrive within this, in all
+BODY_READ_SECONDS = 30.0           # a body gets this long, then must keep up BODY_FLOOR_RATE
+BODY_FLOOR_RATE = 256 * 1024       # bytes per second, on average, a slow upload must keep up
+DEFAULT_BODY_BUDGET = 256 * 1024 * 1024    # bytes all request bodies in flight may hold
+LINGER_SECONDS = 10.0              # after an early answer, how long a client may still send
+MAX_HEADER_LINES = 100
 KEEPALIVE_IDLE_SECONDS = 60.0      # a kept-alive connection may wait this long for its next request
 WRITE_STALL_SECONDS = 120.0        # a client that reads nothing for this long is gone
 WARM_MAX_IDLE_SECONDS = 300.0      # a spare app-server unused this long is replaced
@@ -1297,6 +1308,7 @@ class Config:
     allow_origins: tuple = ()
     allow_hosts: tuple = ()
     max_body: int = DEFAULT_MAX_BODY
+    max_body_memory: int = DEFAULT_BODY_BUDGET
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -3443,6 +3455,7 @@ class CodexLauncher:
         self.codex = CodexInfo(config, env, on_refresh=self._codex_checked)
         self.user_config = CodexConfigFile(config.codex_home_dir)
         self.catalog_path, self.catalog_models = None, []
+        self.catalog_error = None       # why the catalog copy could not be written
         self.engines = {name: kind(self) for name, kind in ENGINES.items()}
         forced = self.engines.get(config.engine)
         self.engine = forced or next(iter(self.engines.values()))    # until the probe
@@ -3481,9 +3494,11 @@ class CodexLauncher:
             try:
                 self.catalog_path, self.catalog_models = build_model_catalog(
                     argv, self.env, state_dir, version)
-            except OSError as exc:
-                self.logs.add(LogEvent.CODEX_WARNING,
-                              message=f"model catalog not written: {exc}")
+                self.catalog_error = None
+            except OSError as exc:      # the log never holds a path: the banner names it
+                self.catalog_error = exc.strerror or type(exc).__name__
+                self.logs.add(LogEvent.CODEX_WARNING, message="the model catalog copy could "
+                              f"not be written to --state-dir ({self.catalog_error})")
             self._choose_engine(argv)
         self.warm.refresh()
 
@@ -4223,6 +4238,13 @@ RESPONDERS = {"chat": ChatResponder, "responses": ResponsesResponder}
 # ---------------------------------------------------------------------------
 
 
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 def forces_tool(request):
     """Does the request force one tool (tool_choice names it, or requires a
     call with one tool offered)?  Extraction clients do, and send no result."""
@@ -4253,44 +4275,68 @@ class TurnPump:
         self.expected = None        # the calls of a response the model has finished
         self.stop = StopFilter(request.stop) if request.stop else None
         self.on_complete = None     # called with the responder when the turn completes
+        self.heard_model = False    # anything from the model since this response began
         self.unknown_streak = 0     # model calls in a row of tools nobody declared
         self.silent_calls = 0       # model calls since something reached the client
         self._text_key = None
 
     def run(self):
-        """-> (outcome, usage, finish_reason); raises ProxyError or ClientGone."""
+        """-> (outcome, usage, finish_reason); raises ProxyError or ClientGone.
+
+        Only progress (anything but Codex's warnings) keeps a turn alive past
+        --idle-timeout: a backend that stays unreachable ends it however
+        often Codex says it is reconnecting.  The client's socket is watched
+        all along, so one that leaves is noticed while tokens flow too."""
         cfg, clock = self.config, time.monotonic
-        started = last_event = next_keepalive = clock()
+        started = last_progress = next_keepalive = next_look = clock()
         next_keepalive += cfg.keepalive
         quiet_until = None
         while True:
             now = clock()
             if quiet_until is not None and now >= quiet_until:
                 return self.park()
-            if now - last_event >= cfg.idle_timeout:
-                raise ProxyError(504, f"Codex sent nothing for {cfg.idle_timeout:g} s "
-                                 "(--idle-timeout)", "api_error", "codex_idle_timeout")
+            if now - last_progress >= cfg.idle_timeout:
+                raise self.idle_error()
             if now - started >= cfg.request_timeout:
                 raise ProxyError(504, f"the request took over {cfg.request_timeout:g} s "
                                  "(--request-timeout)", "api_error", "codex_request_timeout")
+            if now >= next_look:
+                if self.handler.client_gone():
+                    raise ClientGone()
+                next_look = now + CLIENT_LOOK_SECONDS
             wait = min(POLL_SECONDS, next_keepalive - now,
                        (quiet_until - now) if quiet_until is not None else POLL_SECONDS)
             try:
                 kind, payload = self.run_.events.get(timeout=max(0.0, wait))
             except queue.Empty:
-                if self.handler.client_gone():
-                    raise ClientGone()
                 if clock() >= next_keepalive:
                     self.out.keepalive()
                     next_keepalive = clock() + cfg.keepalive
                 continue
-            last_event = clock()
+            if kind not in ("warning", "unexpected"):
+                last_progress = clock()
+                self.heard_model = self.heard_model or kind not in ("thread",)
             if kind in ("tool_call", "response_done"):
-                quiet_until = self.siblings(kind, payload, last_event)
+                quiet_until = self.siblings(kind, payload, last_progress)
                 continue
             result = self.handle_event(kind, payload)
             if result is not None:
                 return result
+
+    def idle_error(self):
+        """Silence past --idle-timeout.  When the model has not answered at
+        all, or Codex only said it was retrying, the backend is unreachable
+        (Codex retries a refused connection without a word)."""
+        cfg, warning = self.config, self.last_warning or ""
+        retrying = re.search(r"reconnect|retrying|stream disconnected|error sending request",
+                             warning, re.I)
+        if retrying or not self.heard_model:
+            why = f" (last: {warning[:200]})" if retrying else ""
+            return ProxyError(504, f"the model backend is unreachable: no answer from it in "
+                              f"{cfg.idle_timeout:g} s (--idle-timeout){why}", "api_error",
+                              "backend_unreachable")
+        return ProxyError(504, f"Codex sent nothing for {cfg.idle_timeout:g} s "
+                          "(--idle-timeout)", "api_error", "codex_idle_timeout")
 
     def siblings(self, kind, payload, now):
         """A call arrived, or the model ended a response: -> when to end this
@@ -4345,16 +4391,27 @@ class TurnPump:
         elif kind == "completed":
             self.flush_text()
             return self.finish("done", "stop")
-        elif kind in ("failed", "interrupted"):
-            raise self.turns.launcher.failure(
-                payload if kind == "failed" else {"message": "Codex interrupted the turn"})
-        elif kind == "exit":
-            code, plain = payload
-            detail = plain or self.last_warning or "\n".join(list(run.stderr_tail)[-5:])
-            raise self.turns.launcher.failure({
-                "message": f"Codex exited (code {code}) without finishing the turn: "
-                           f"{detail or 'no output'}"})
+        elif kind in ("failed", "interrupted", "exit"):
+            raise self.ended(kind, payload)
         return None
+
+    def ended(self, kind, payload):
+        """A turn that ended without completing -> the error the client sees:
+        a shutdown as a shutdown, an exit with its status or signal."""
+        if self.turns.stopping.is_set():
+            return ProxyError(503, "the proxy is shutting down; retry when it is back",
+                              "server_error", "shutting_down")
+        if kind == "failed":
+            return self.turns.launcher.failure(payload)
+        if kind == "interrupted":
+            return self.turns.launcher.failure({"message": "Codex interrupted the turn"})
+        code, plain = payload
+        how = f"was killed by signal {signal_name(-code)}" if code is not None and code < 0 \
+            else f"exited with status {code}"
+        detail = plain or "\n".join(list(self.run_.stderr_tail)[-5:])
+        return self.turns.launcher.failure({
+            "message": f"Codex {how} before finishing the turn"
+                       + (f": {detail}" if detail else "")})
 
     def model_called(self, unknown):
         """No invisible loops on the user's quota: the model calling tools
@@ -4625,6 +4682,9 @@ class Turns:
         if run.fingerprint != request.fingerprint():     # e.g. a handoff to another agent
             self.expire(run, "conversation_changed")
             return None
+        if run.exited.is_set() or (run.proc is not None and run.proc.poll() is not None):
+            self.expire(run, "codex_exited")             # a fresh run answers instead
+            return None
         run.remember_ids(history_ids)
         answered = 0
         for result in results:
@@ -4722,33 +4782,42 @@ def split_host(value):
     return host or None
 
 
-def host_allowed(value, allowed=(), own_names=()):
-    """DNS rebinding guard: a Host must be local, this machine's own name, an
-    IP literal (which no rebinding can produce) or listed by the user."""
+def host_allowed(value, allowed=(), own_names=(), own_addresses=()):
+    """DNS rebinding and port-forward guard: a Host must be local, this
+    machine's own name or one of its own addresses, or listed by the user.
+    Another IP literal means the request was forwarded here (ssh -R, socat,
+    which add no tunnel header) from a machine that named its own address."""
     host = split_host(value)
     if host is None:
         return False
     if is_local_name(host) or host in own_names or host in allowed:
         return True
     try:
-        ipaddress.ip_address(host)
-        return True
+        return str(ipaddress.ip_address(host)) in own_addresses
     except ValueError:
         return False
+
+
+ORIGIN = re.compile(r"(https?)://([a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])"
+                    r"(?::([0-9]{1,5}))?")
 
 
 def origin_allowed(origin, allowed=()):
     """A browser Origin may use a keyless proxy only when it is a local page
-    (http(s)://localhost, 127.0.0.1, [::1], any port) or listed by the user."""
-    origin = origin.strip().lower().rstrip("/")
+    (http(s)://localhost, 127.0.0.1, [::1], any port) or listed by the user.
+    It must be an origin (scheme, host, optional port: no user part, no
+    path, no whitespace); anything else is foreign."""
+    if not well_formed_origin(origin):
+        return False
+    origin = origin.lower()
     if origin in allowed or "*" in allowed:
         return True
-    try:
-        parts = urllib.parse.urlsplit(origin)
-        parts.port      # raises on a bad port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and is_local_name(parts.hostname)
+    return is_local_name(ORIGIN.fullmatch(origin).group(2).strip("[]"))
+
+
+def well_formed_origin(origin):
+    match = ORIGIN.fullmatch(origin.lower()) if origin else None
+    return match is not None and (match.group(3) is None or int(match.group(3)) <= 65535)
 
 
 def tunnel_headers(headers):
@@ -4757,17 +4826,41 @@ def tunnel_headers(headers):
                    k.lower().startswith(TUNNEL_HEADER_PREFIXES)})
 
 
-def offered_key(headers):
-    auth = headers.get("Authorization") or ""
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return headers.get("api-key") or headers.get("x-api-key")
+KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def offered_keys(headers):
+    """Every key a request offers, trimmed, whichever header carries it:
+    `Authorization: Bearer KEY` (any case), `api-key: KEY`, `x-api-key: KEY`."""
+    keys = []
+    for name in KEY_HEADERS:
+        for value in headers.get_all(name) or []:
+            value = value.strip()
+            if name == "authorization":
+                scheme, _, value = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    continue
+            if value.strip():
+                keys.append(value.strip())
+    return keys
 
 
 def own_host_names():
     name = socket.gethostname().lower()
     short = name.split(".")[0]
     return {n for n in (name, short, short + ".local") if n}
+
+
+def own_addresses():
+    """This machine's addresses that its name resolves to (the address a
+    connection arrived on is added per request)."""
+    found = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.add(str(ipaddress.ip_address(info[4][0].split("%")[0])))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 class AccessPolicy:
@@ -4781,9 +4874,11 @@ class AccessPolicy:
         self.allow_origins = config.allow_origins
         self.allow_hosts = config.allow_hosts
         self.own_names = own_host_names()
+        self.own_addresses = own_addresses()
 
-    def check(self, headers):
-        """Without a key: refuse tunnels, foreign pages and foreign Hosts (403)."""
+    def check(self, headers, local_address=None):
+        """Without a key: refuse tunnels, foreign pages and foreign Hosts (403).
+        `local_address`: the address the connection arrived on (this machine's)."""
         if self.keys:
             return
         tunnel = tunnel_headers(headers)
@@ -4795,22 +4890,25 @@ class AccessPolicy:
                              "permission_error", "api_key_required")
         for origin in headers.get_all("Origin") or []:
             if not origin_allowed(origin, self.allow_origins):
-                raise ProxyError(403, f"web pages from {origin.strip()[:100]!r} may not use "
-                                 "this proxy; allow the origin with --allow-origin, or set "
-                                 "an API key", "permission_error", "origin_not_allowed")
+                shown = origin.strip()[:100] if well_formed_origin(origin.strip()) else \
+                    "a malformed origin"
+                raise ProxyError(403, f"web pages from {shown!r} may not use this proxy; "
+                                 "allow the origin with --allow-origin, or set an API key",
+                                 "permission_error", "origin_not_allowed")
         hosts = headers.get_all("Host") or []
-        if len(hosts) > 1 or not all(host_allowed(h, self.allow_hosts, self.own_names)
+        addresses = self.own_addresses | ({str(local_address)} if local_address else set())
+        if len(hosts) > 1 or not all(host_allowed(h, self.allow_hosts, self.own_names, addresses)
                                      for h in hosts):
             raise ProxyError(403, "the Host header names neither this machine nor a local "
                              "address (DNS rebinding?); allow it with --allow-host, or set "
                              "an API key", "permission_error", "host_not_allowed")
 
     def key_ok(self, headers):
+        """Any key header carrying a valid key admits the request."""
         if not self.keys:
             return True
-        offered = offered_key(headers)
-        return offered is not None and any(
-            hmac.compare_digest(offered.encode(), k.encode()) for k in self.keys)
+        return any(hmac.compare_digest(offered.encode(), key.encode())
+                   for offered in offered_keys(headers) for key in self.keys)
 
     def require_key(self, headers):
         if not self.key_ok(headers):
@@ -4820,9 +4918,10 @@ class AccessPolicy:
 
     def cors_origin(self, headers):
         """The Origin a response may echo in Access-Control-Allow-Origin, or None."""
-        origin = headers.get("Origin") if headers is not None else None
-        if origin and (self.keys or origin_allowed(origin, self.allow_origins)):
-            return origin.strip()
+        origin = (headers.get("Origin") or "").strip() if headers is not None else ""
+        if well_formed_origin(origin) and (self.keys or origin_allowed(origin,
+                                                                       self.allow_origins)):
+            return origin
         return None
 
     @staticmethod
@@ -4849,65 +4948,113 @@ def connection_budget(config, soft_limit=None):
 
 
 class ConnectionTable:
-    """The open client connections, for --max-connections.  A connection is
-    idle while it waits for a request line; past the limit the oldest idle
-    one makes room, and with none idle a newcomer gets a polite 503."""
+    """The open client connections: their number (--max-connections) and
+    the deadlines of a request's arrival.  Each connection is in a phase:
 
-    def __init__(self, limit, logs):
+        idle  kept alive, waiting for its next request (KEEPALIVE_IDLE_SECONDS)
+        head  its request line and headers arriving (REQUEST_READ_SECONDS in all)
+        body  its body arriving (BODY_READ_SECONDS, then BODY_FLOOR_RATE on average)
+        busy  being answered: no deadline here
+
+    `reap()` (every half second, on its own thread) cuts a connection that
+    overruns its phase, with a 408 when a request was arriving.  Past the
+    limit the oldest connection that is not busy makes room, idle ones
+    first; with none, a newcomer gets a polite 503."""
+
+    EVICT_ORDER = ("idle", "head", "body")
+
+    def __init__(self, limit, logs, clock=time.monotonic):
         self.limit = limit
         self._logs = logs
-        # _lock guards _connections (socket -> idle) and _accept_logged.
+        self._clock = clock
+        # _lock guards _connections (socket -> [phase, since, received]) and
+        # _accept_logged; sockets are written and shut outside it.
         self._lock = threading.Lock()
         self._connections = {}
         self._accept_logged = 0.0
 
     def admit(self, sock):
         """A new connection: -> False when it was refused (and told so)."""
-        victim = refuse = None
+        refuse = False
         with self._lock:
+            victim = None
             if len(self._connections) >= self.limit:
-                victim = next((c for c, idle in self._connections.items() if idle), None)
+                victim = self._victim()
                 if victim is None:
                     refuse = True
                 else:
                     del self._connections[victim]
             if not refuse:
-                self._connections[sock] = False
+                self._connections[sock] = ["head", self._clock(), 0]
         if victim is not None:
             self._close(victim)
         if refuse:
-            body = json.dumps(ProxyError(503, "too many open connections; retry shortly",
-                                         "server_error", "too_many_connections").body())
-            try:
-                sock.settimeout(1.0)
-                sock.sendall(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                              f"application/json\r\nContent-Length: {len(body)}\r\n"
-                              "Retry-After: 1\r\nConnection: close\r\n\r\n"
-                              + body).encode())
-            except OSError:
-                pass
+            self._answer(sock, 503, "Service Unavailable", ProxyError(
+                503, "too many open connections; retry shortly", "server_error",
+                "too_many_connections"), "Retry-After: 1\r\n")
             return False
         return True
+
+    def _victim(self):
+        """The connection to close for a newcomer (under _lock), or None."""
+        waiting = [(self.EVICT_ORDER.index(state[0]), state[1], sock)
+                   for sock, state in self._connections.items()
+                   if state[0] in self.EVICT_ORDER]
+        return min(waiting, key=lambda w: w[:2])[2] if waiting else None
 
     def remove(self, sock):
         with self._lock:
             self._connections.pop(sock, None)
 
-    def set_idle(self, sock, idle):
+    def phase(self, sock, phase):
+        """Enter a phase -> False when the reaper has already cut the connection."""
         with self._lock:
-            if sock in self._connections:
-                self._connections[sock] = idle
+            state = self._connections.get(sock)
+            if state is None or state[0] == "cut":
+                return False
+            state[:] = [phase, self._clock(), 0]
+            return True
+
+    def progress(self, sock, count):
+        with self._lock:
+            state = self._connections.get(sock)
+            if state is not None:
+                state[2] += count
+
+    def reap(self):
+        """Cut the connections that overran their phase."""
+        now, cut, idle = self._clock(), [], []
+        with self._lock:
+            for sock, (phase, since, received) in self._connections.items():
+                age = now - since
+                if phase == "idle" and age > KEEPALIVE_IDLE_SECONDS:
+                    idle.append(sock)
+                elif (phase == "head" and age > REQUEST_READ_SECONDS) or (
+                        phase == "body" and age > BODY_READ_SECONDS and
+                        received < age * BODY_FLOOR_RATE):
+                    cut.append((sock, phase))
+            for sock, _ in cut:
+                self._connections[sock][0] = "cut"
+        for sock in idle:
+            self._close(sock)
+        for sock, phase in cut:
+            error = ProxyError(408, f"the request's {'body' if phase == 'body' else 'headers'} "
+                               "arrived too slowly", code="request_timeout")
+            self._logs.add(LogEvent.REQUEST_REJECTED, status=408, code=error.code,
+                           message=error.message)
+            self._answer(sock, 408, "Request Timeout", error)
+            self._close(sock)
 
     def accept_failed(self, exc):
-        """accept() ran out of descriptors: close an idle connection rather
+        """accept() ran out of descriptors: close a waiting connection rather
         than spin, and say so now and then."""
         if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
             return
         with self._lock:
-            victim = next((c for c, idle in self._connections.items() if idle), None)
-            log = time.monotonic() - self._accept_logged > 10
+            victim = self._victim()
+            log = self._clock() - self._accept_logged > 10
             if log:
-                self._accept_logged = time.monotonic()
+                self._accept_logged = self._clock()
         if victim is not None:
             self._close(victim)
         if log:
@@ -4923,11 +5070,45 @@ class ConnectionTable:
             self._close(sock)
 
     @staticmethod
+    def _answer(sock, status, reason, error, extra=""):
+        """A whole error response, written at once without waiting on a client
+        that does not read."""
+        body = json.dumps(error.body())
+        data = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n{body}")
+        try:
+            sock.send(data.encode(), getattr(socket, "MSG_DONTWAIT", 0))
+        except OSError:
+            pass
+
+    @staticmethod
     def _close(sock):
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+class BodyBudget:
+    """The memory all request bodies in flight may hold together
+    (--max-body-memory): a large body that would pass it gets a 503."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        # _lock guards _used (bytes reserved by bodies being read or parsed).
+        self._lock = threading.Lock()
+        self._used = 0
+
+    def reserve(self, size):
+        with self._lock:
+            if size > DRAIN_LIMIT and self._used + size > self.limit:
+                return False
+            self._used += size
+            return True
+
+    def release(self, size):
+        with self._lock:
+            self._used = max(0, self._used - size)
 
 
 class RateLimits:
@@ -4986,6 +5167,34 @@ class RateLimits:
 DRAIN_LIMIT = 64 * 1024           # an unread body this small is read and dropped
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+REQUEST_LINE = re.compile(r"([A-Z]{1,20}) (\S{1,65536}) (HTTP/1\.[01])")
+
+
+def parse_head(requestline, lines):
+    """A request line and its header lines (without line ends) -> (method,
+    target, version, headers), strictly, as RFC 9112 asks; ProxyError (400)
+    for anything two parsers could read differently: a line without a
+    colon, whitespace before the colon, an obs-fold, control characters."""
+    match = REQUEST_LINE.fullmatch(requestline)
+    if match is None or HEADER_VALUE_BAD.search(requestline):
+        raise framing_error("a request line must be METHOD TARGET HTTP/1.1")
+    headers = http.client.HTTPMessage()
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            raise framing_error("a folded header line (obs-fold) is not allowed")
+        name, colon, value = line.partition(":")
+        if not colon or not HEADER_NAME.fullmatch(name):
+            raise framing_error("each header line needs a name, a colon and a value, "
+                                "with no space before the colon")
+        value = value.strip(" \t")
+        if HEADER_VALUE_BAD.search(value):
+            raise framing_error(f"the {name} header holds control characters")
+        headers[name] = value
+    return match.group(1), match.group(2), match.group(3), headers
+
+
 def framing_error(message):
     return ProxyError(400, message, code="bad_framing")
 
@@ -5012,10 +5221,12 @@ def body_framing(headers):
 
 
 class HttpHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 plumbing, knowing nothing of the APIs: deadlines for a
-    request's line, headers and body, unambiguous framing, bodies read or
-    dropped, JSON answers, chunked event streams, and noticing a client that
-    has left.  A subclass names the `methods` it serves and `dispatch`es."""
+    """HTTP/1.1 plumbing, knowing nothing of the APIs: strict parsing of a
+    request's head, deadlines for its arrival (with the ConnectionTable's
+    reaper), unambiguous framing, bodies read within a memory budget or
+    dropped, JSON answers, event streams (chunked, or close-delimited for
+    HTTP/1.0), and noticing a client that has left.  A subclass names the
+    `methods` it serves and `dispatch`es."""
 
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"   # no HTTP/0.9: even junk gets a status line
@@ -5031,6 +5242,9 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self._framing = ("none", 0)
         self._selector = None
         self._served = 0
+        self._chunked = True        # streams are chunked, but for HTTP/1.0
+        self._expect = False        # the client waits for 100 Continue before its body
+        self._linger = False        # drain what the client still sends before closing
 
     def finish(self):
         if self._selector is not None:
@@ -5044,19 +5258,22 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         pass        # the proxy's own log records what matters
 
     def handle_one_request(self):
-        """One request, with a short deadline for its line and headers and a
-        longer idle wait between kept-alive requests; idle connections are
-        the first to go when connections run short."""
-        connections = self.server.connections
+        """One request: a kept-alive connection idles until the request's
+        first byte; then the line and headers must come within
+        REQUEST_READ_SECONDS in all (the connection table's reaper cuts a
+        connection that trickles them)."""
+        connections, sock = self.server.connections, self.connection
         self.connection.settimeout(KEEPALIVE_IDLE_SECONDS if self._served
                                    else REQUEST_READ_SECONDS)
-        connections.set_idle(self.connection, True)
         try:
-            try:
-                self.raw_requestline = self.rfile.readline(65537)
-            finally:
-                connections.set_idle(self.connection, False)
-            self.connection.settimeout(REQUEST_READ_SECONDS)
+            if self._served:
+                connections.phase(sock, "idle")
+                first = self.rfile.read(1)
+                connections.phase(sock, "head")
+                self.connection.settimeout(REQUEST_READ_SECONDS)
+            else:
+                first = b""
+            self.raw_requestline = first + self.rfile.readline(65537)
             self._served += 1
             self.headers = None
             if len(self.raw_requestline) > 65536:
@@ -5068,6 +5285,9 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
+            if not connections.phase(sock, "busy"):
+                self.close_connection = True    # the reaper cut it: too slow
+                return
             if self.command not in self.methods:
                 self.send_error(501, f"unsupported method {self.command!r}")
                 return
@@ -5075,6 +5295,38 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except (socket.timeout, OSError, ValueError):
             self.close_connection = True
+        finally:
+            if self._linger:
+                self._lingering_close()
+
+    def parse_request(self):
+        """The request line and headers, read and checked strictly (no
+        http.server leniency: a header it would skip could hide an Origin)."""
+        self.command, self.request_version = None, self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        lines = []
+        while True:
+            raw = self.rfile.readline(65537)
+            if len(raw) > 65536 or len(lines) >= MAX_HEADER_LINES:
+                self.send_error(431, "request header fields too large")
+                return False
+            line = str(raw, "iso-8859-1")
+            if line in ("\r\n", "\n", ""):
+                break
+            lines.append(line[:-2] if line.endswith("\r\n") else line.rstrip("\n"))
+        try:
+            self.command, self.path, self.request_version, self.headers = \
+                parse_head(self.requestline, lines)
+        except ProxyError as error:
+            self.send_error(400, error.message)
+            return False
+        tokens = {t.strip().lower() for v in self.headers.get_all("Connection") or []
+                  for t in v.split(",")}
+        self.close_connection = self.request_version == "HTTP/1.0" or "close" in tokens
+        self._chunked = self.request_version != "HTTP/1.0"
+        self._expect = (self.headers.get("Expect") or "").lower() == "100-continue"
+        return True
 
     def dispatch(self, method):
         raise NotImplementedError
@@ -5116,11 +5368,14 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(error.status, error.body(), error.headers)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, unknown method) as JSON."""
+        """Errors found before routing (a bad request line or header, an
+        unknown method) as JSON; the connection closes."""
         self.close_connection = True
+        message = message or explain or "bad request"
+        self.server.logs.add(LogEvent.REQUEST_REJECTED, status=code, code="bad_framing",
+                             client=self.client_address[0], message=message[:300])
         try:
-            self.send_error_body(ProxyError(code, message or explain or "bad request",
-                                            code="http_error"))
+            self.send_error_body(ProxyError(code, message, code="bad_framing"))
         except OSError:
             pass
 
@@ -5129,20 +5384,24 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:                       # HTTP/1.0 has no chunks: the stream ends with the connection
+            self.close_connection = True
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
 
     def write_chunk(self, data):
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
             self.wfile.flush()
         except (OSError, ValueError) as exc:
             raise ClientGone() from exc
 
     def end_chunks(self):
         try:
-            self.wfile.write(b"0\r\n\r\n")
+            if self._chunked:
+                self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (OSError, ValueError) as exc:
             raise ClientGone() from exc
@@ -5160,77 +5419,127 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             return True
 
     # -- request bodies ------------------------------------------------------
+    def read_json_body(self):
+        """The body, parsed; its bytes are let go (and their share of the
+        body budget given back) once parsed."""
+        reserved = self._reserve_body()
+        try:
+            return parse_json_body(self.read_body())
+        finally:
+            self.server.body_budget.release(reserved)
+
+    def _reserve_body(self):
+        kind, length = self._framing
+        if kind == "length" and length > self.server.config.max_body:
+            self.close_connection = self._linger = True
+            raise self.too_large()
+        if kind == "length" and not self.server.body_budget.reserve(length):
+            self.close_connection = self._linger = True
+            raise ProxyError(503, "the proxy is receiving too many large bodies at once; "
+                             "retry shortly", "server_error", "busy_receiving",
+                             headers={"Retry-After": "2"})
+        return length if kind == "length" else 0
+
     def read_body(self):
         kind, length = self._framing
         self._framing = ("read", 0)
         if kind not in ("length", "chunked"):
             return b""
-        deadline = time.monotonic() + REQUEST_READ_SECONDS
-        if kind == "length":
-            if length > self.server.config.max_body:
-                self.close_connection = True
-                raise self.too_large()
-            return self._read_exact(length, deadline)
-        return self._read_chunked(deadline)
-
-    def read_json_body(self):
-        return parse_json_body(self.read_body())
+        if self._expect:            # every check has passed: now the body may come
+            self._expect = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+        self.server.connections.phase(self.connection, "body")
+        try:
+            if kind == "length":
+                return self._read_exact(length)
+            return self._read_chunked()
+        finally:
+            self.server.connections.phase(self.connection, "busy")
 
     def too_large(self):
         return ProxyError(413, f"request body over {self.server.config.max_body} bytes "
                           "(raise --max-body)", code="request_too_large")
 
-    def _read_exact(self, size, deadline):
-        parts = []
-        while size > 0:
-            if time.monotonic() > deadline:
-                self.close_connection = True
-                raise ProxyError(408, "the request body arrived too slowly",
-                                 code="request_timeout")
-            data = self.rfile.read(min(size, 65536))
-            if not data:
+    def _read_exact(self, size):
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            count = self.rfile.readinto(view[got:got + 65536])
+            if not count:
                 raise ClientGone()
-            parts.append(data)
-            size -= len(data)
-        return b"".join(parts)
+            got += count
+            self.server.connections.progress(self.connection, count)
+        return buffer
 
-    def _read_chunked(self, deadline):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1026)
-            size = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
-                self.close_connection = True
-                raise framing_error("bad chunk size in a chunked body")
-            size = int(size, 16)
-            if size == 0:
-                for _ in range(32):     # trailers, then the empty line
-                    if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
-                        return b"".join(parts)
-                self.close_connection = True
-                raise framing_error("too many trailer lines")
-            total += size
-            if total > self.server.config.max_body:
-                self.close_connection = True
-                raise self.too_large()
-            parts.append(self._read_exact(size, deadline))
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                self.close_connection = True
-                raise framing_error("a chunk is longer than its size says")
+    def _read_chunked(self):
+        parts, total, budget = [], 0, self.server.body_budget
+        try:
+            while True:
+                line = self.rfile.readline(1026)
+                size = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
+                    self.close_connection = True
+                    raise framing_error("bad chunk size in a chunked body")
+                size = int(size, 16)
+                if size == 0:
+                    for _ in range(32):     # trailers, then the empty line
+                        if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
+                            return b"".join(parts)
+                    self.close_connection = True
+                    raise framing_error("too many trailer lines")
+                if total + size > self.server.config.max_body:
+                    self.close_connection = self._linger = True
+                    raise self.too_large()
+                if not budget.reserve(size):
+                    self.close_connection = self._linger = True
+                    raise ProxyError(503, "the proxy is receiving too many large bodies at "
+                                     "once; retry shortly", "server_error", "busy_receiving",
+                                     headers={"Retry-After": "2"})
+                total += size
+                parts.append(self._read_exact(size))
+                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    self.close_connection = True
+                    raise framing_error("a chunk is longer than its size says")
+        finally:
+            budget.release(total)
 
     def settle_body(self):
-        """A body nobody read: drop it if small, else close the connection, so
-        it is never parsed as the next request."""
+        """A body nobody read: drop it if small, else close the connection
+        (after draining what the client still sends), so it is never parsed
+        as the next request."""
         kind, length = self._framing
         self._framing = ("read", 0)
+        if self._expect:            # no 100 Continue went out: the body may never come
+            self.close_connection = True
+            return
         if kind == "length" and length <= DRAIN_LIMIT:
             try:
-                self._read_exact(length, time.monotonic() + 5.0)
+                self.connection.settimeout(5.0)
+                self._read_exact(length)
                 return
-            except (ProxyError, ClientGone, OSError):
+            except (ClientGone, OSError):
                 pass
         if kind in ("length", "chunked"):
-            self.close_connection = True
+            self.close_connection = self._linger = True
+
+    def _lingering_close(self):
+        """Close after an early answer so that a client still sending its
+        body reads the answer, not a reset: stop writing, then read and drop
+        what comes for a while."""
+        self._linger = False
+        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline and dropped < 4 * self.server.config.max_body:
+                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
 
 
 # -- endpoints: each takes the handler of one request ---------------------
@@ -5354,7 +5663,7 @@ class ProxyHandler(HttpHandler):
             if server.stopping.is_set():   # a kept-alive connection outlived the server
                 raise ProxyError(503, "the proxy is shutting down", "server_error",
                                  code="shutting_down")
-            server.access.check(self.headers)
+            server.access.check(self.headers, self.connection.getsockname()[0])
             route = self._route(method)
             if route is None:
                 return self.preflight()
@@ -5437,6 +5746,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
         self.access = AccessPolicy(config)
         self.connections = ConnectionTable(connection_budget(config), self.logs)
+        self.body_budget = BodyBudget(config.max_body_memory)
         self.rate_limits = RateLimits()
         self.env = child_environment(os.environ, config.api_keys, config.codex_home)
         self.runs = RunTable()
@@ -5452,6 +5762,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         helper threads and the warm spares."""
         self.launcher.open()
         self.turns.start()
+        threading.Thread(target=self._reap_connections, name="connection-reaper",
+                         daemon=True).start()
+
+    def _reap_connections(self):
+        while not self.stopping.wait(0.5):
+            self.connections.reap()
 
     def close(self):
         """Stop serving and end every Codex process: spares, parked, running."""
@@ -5568,6 +5884,11 @@ def build_parser():
                    help="reasoning summary as delta.reasoning_content, as <think> in content, or not at all (env CODEX_PROXY_REASONING; default content)")
     p.add_argument("--max-body", type=int, default=e("CODEX_PROXY_MAX_BODY", str(DEFAULT_MAX_BODY)),
                    help=f"largest request body in bytes (env CODEX_PROXY_MAX_BODY; default {DEFAULT_MAX_BODY})")
+    p.add_argument("--max-body-memory", type=int,
+                   default=e("CODEX_PROXY_MAX_BODY_MEMORY", str(DEFAULT_BODY_BUDGET)),
+                   help=f"bytes all request bodies being received may hold together; past it a "
+                        f"large body gets 503 (env CODEX_PROXY_MAX_BODY_MEMORY; default "
+                        f"{DEFAULT_BODY_BUDGET})")
     p.add_argument("--max-concurrent", type=int, default=e("CODEX_PROXY_MAX_CONCURRENT", str(DEFAULT_MAX_CONCURRENT)),
                    help=f"Codex runs at once; more get 429 (env CODEX_PROXY_MAX_CONCURRENT; default {DEFAULT_MAX_CONCURRENT})")
     p.add_argument("--max-connections", type=int,
@@ -5639,6 +5960,7 @@ def config_from_args(args):
         allow_origins=tuple(o.strip().lower().rstrip("/") for o in origins if o.strip()),
         allow_hosts=tuple(h.strip().lower() for h in hosts if h.strip()),
         max_body=args.max_body, max_concurrent=max(1, args.max_concurrent),
+        max_body_memory=max(DRAIN_LIMIT, args.max_body_memory),
         max_connections=max(8, args.max_connections), idle_timeout=args.idle_timeout,
         request_timeout=args.request_timeout, keepalive=max(0.05, args.keepalive),
         reasoning=args.reasoning, aliases=dict(aliases), codex_config=list(extra),
@@ -5700,6 +6022,11 @@ def banner(server):
     if user_config.error:
         lines.append(f"  note: {user_config.path} could not be read "
                      f"({user_config.error}); its model settings are ignored")
+    if launcher.catalog_error:
+        lines.append(f"  note: the model catalog copy could not be written to "
+                     f"{cfg.state_dir or default_state_dir()} ({launcher.catalog_error}): "
+                     "catalog models may be offered Codex's apply_patch, and with the exec "
+                     "engine see client tools only behind tool_search; fix --state-dir")
     agents = global_agents_file(cfg.codex_home_dir)
     if agents:
         lines.append(f"  note: Codex sends {agents} to the model with every request; "

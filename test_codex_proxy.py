@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import types
+import urllib.error
 import urllib.request
 import zlib
 
@@ -128,15 +129,18 @@ def post_chat(base, body, headers=None, path="/v1/chat/completions", timeout=60)
     return http_request(base, "POST", path, body, headers, timeout)
 
 
-def raw_exchange(base, data, timeout=10.0):
-    """Send raw bytes on a new connection and say that is all; -> the
-    response read (headers and a Content-Length body), or what came before
-    the peer closed."""
+def raw_exchange(base, data, timeout=10.0, half_close=True):
+    """Send raw bytes on a new connection and (unless `half_close` is false)
+    say that is all; -> the response read (headers and a Content-Length
+    body), or what came before the peer closed.  A half-closed client is one
+    that left, as far as a turn is concerned: send whole requests that
+    should be answered with half_close=False."""
     sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=timeout)
     try:
         sock.sendall(data)
         try:
-            sock.shutdown(socket.SHUT_WR)   # nothing more will come
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)   # nothing more will come
         except OSError:
             pass                            # the proxy closed it already: read its answer
         return recv_response(sock, timeout)
@@ -1463,10 +1467,13 @@ def test_body_framing_is_unambiguous(pairs, framing):
     ("app.localhost:80", True), ("[::1]:11435", True), ("192.168.1.5:11435", True),
     ("myhost:11435", True), ("evil.example", False), ("evil.example:11435", False),
     ("localhost.evil.example", False), ("127.0.0.1:abc", False), ("[::1", False),
-    ("listed.example:9", True),
+    ("listed.example:9", True), ("8.8.8.8", False), ("10.0.0.9:11435", False),
+    ("[2001:db8::1]:80", False),
 ])
 def test_host_rules(host, allowed):
-    assert cp.host_allowed(host, ("listed.example",), {"myhost"}) is allowed
+    """IP literals: loopback and this machine's own addresses only (a forward
+    such as ssh -R carries the far machine's address)."""
+    assert cp.host_allowed(host, ("listed.example",), {"myhost"}, {"192.168.1.5"}) is allowed
 
 
 @pytest.mark.parametrize("origin, allowed", [
@@ -1474,6 +1481,8 @@ def test_host_rules(host, allowed):
     ("http://app.localhost", True), ("https://chat.example", True), ("null", False),
     ("https://evil.example", False), ("http://localhost.evil.example", False),
     ("file://", False), ("http://localhost:99999", False), ("ftp://localhost", False),
+    ("http://evil@localhost", False), ("http://localhost x", False),
+    ("http://localhost/path", False), ("http://localhost\r\n", False), ("", False),
 ])
 def test_origin_rules(origin, allowed):
     assert cp.origin_allowed(origin, ("https://chat.example",)) is allowed
@@ -1690,6 +1699,7 @@ class FakeTurns:
             payload))
         self.parked_runs = []
         self.parked = types.SimpleNamespace(discard=lambda run: True)
+        self.stopping = threading.Event()
 
     def park(self, run):
         self.parked_runs.append(run)
@@ -1750,11 +1760,15 @@ def test_pump_turns_failures_exits_and_silence_into_errors():
     p, *_ = pump([("text", ("m", "x")), ("exit", (-9, ""))])
     with pytest.raises(cp.ProxyError) as failure:
         p.run()
-    assert failure.value.status == 502 and "code -9" in failure.value.message
-    p, *_ = pump([], idle_timeout=0.2)
+    assert failure.value.status == 502 and "killed by signal SIGKILL" in failure.value.message
+    p, *_ = pump([("text", ("m", "x"))], idle_timeout=0.2)
     with pytest.raises(cp.ProxyError) as failure:
         p.run()
-    assert failure.value.code == "codex_idle_timeout"
+    assert failure.value.code == "codex_idle_timeout"       # the model spoke, then fell silent
+    p, *_ = pump([("thread", "t"), ("warning", "Reconnecting... 1/5")], idle_timeout=0.2)
+    with pytest.raises(cp.ProxyError) as failure:
+        p.run()
+    assert failure.value.code == "backend_unreachable"      # warnings are not progress
     p, *_ = pump([], gone=True)
     with pytest.raises(cp.ClientGone):
         p.run()
@@ -2826,7 +2840,7 @@ def test_streamed_failure_is_one_error_event_then_done(both, fake_codex):
 
 
 def test_idle_and_request_timeouts_end_the_run(make_proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"sleep": 30}])
+    fake_codex.scenario([{"thread": True}, {"deltas": ["half "]}, {"sleep": 30}])
     proxy = make_proxy(idle_timeout=0.5)
     status, _, raw = post_chat(proxy.base, chat_body())
     assert status == 504 and json.loads(raw)["error"]["code"] == "codex_idle_timeout"
@@ -3089,6 +3103,7 @@ def test_local_pages_and_listed_origins_are_served_without_a_key(make_proxy):
 @pytest.mark.parametrize("host, status", [
     ("evil.example", 403), ("evil.example:11435", 403), ("localhost:{port}", 200),
     ("127.0.0.1:{port}", 200), ("api.localhost:{port}", 200), ("allowed.example", 200),
+    ("8.8.8.8", 403), ("8.8.8.8:{port}", 403),
 ])
 def test_host_names_are_checked_without_a_key(make_proxy, host, status):
     proxy = make_proxy(allow_hosts=("allowed.example",))
@@ -3146,7 +3161,8 @@ def test_a_chunked_body_is_read(proxy, fake_codex):
     data = json.dumps(chat_body("chunked hello")).encode()
     body = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(data), data)
     raw = raw_exchange(proxy.base, request_bytes(b"Transfer-Encoding: chunked\r\n"
-                                                 b"Content-Type: application/json\r\n", body))
+                                                 b"Content-Type: application/json\r\n", body),
+                       half_close=False)
     assert raw.startswith(b"HTTP/1.1 200") and b"fake answer" in raw
     assert fake_codex.wait_records(1)[0]["prompt"] == "chunked hello"
 
@@ -3221,23 +3237,23 @@ def hostile_requests(seed, count):
                     "output": rng.choice(values)}]])
             data = json.dumps(body).encode()
             yield request_bytes(b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-                                % len(data), data, path)
+                                % len(data), data, path), True         # whole: it stays to read
         elif kind < 0.75:
             depth = rng.choice([70, 500, 3000])
             data = b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
-            yield request_bytes(b"Content-Length: %d\r\n" % len(data), data, path)
+            yield request_bytes(b"Content-Length: %d\r\n" % len(data), data, path), True
         elif kind < 0.9:
             head = rng.choice([b"Content-Length: -5\r\n", b"Content-Length: 99999999999\r\n",
                                b"Transfer-Encoding: chunked\r\n", b"Content-Length: abc\r\n",
                                b"Content-Length: 3\r\nContent-Length: 4\r\n", b""])
             body = rng.choice([b"", b"{}", b"-1\r\n", b"5\r\nabc\r\n0\r\n\r\n",
                                bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))])
-            yield request_bytes(head, body, path)
+            yield request_bytes(head, body, path), False       # framing junk: it leaves
         else:
             junk = bytes(rng.randrange(32, 127) for _ in range(rng.randint(1, 60)))
             yield rng.choice([junk + b"\r\n\r\n", b"GET " + junk + b" HTTP/1.1\r\n\r\n",
                               b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                              + junk + b"\r\n\r\n"])
+                              + junk + b"\r\n\r\n"]), False
 
 
 def fuzz(base, seed, count, deadline_seconds=60, timeout=10.0):
@@ -3245,13 +3261,13 @@ def fuzz(base, seed, count, deadline_seconds=60, timeout=10.0):
     hang: no answer within `timeout` although the whole request was sent."""
     statuses, hangs, tried = {}, 0, 0
     deadline = time.monotonic() + deadline_seconds
-    for data in hostile_requests(seed, count):
+    for data, whole in hostile_requests(seed, count):
         if time.monotonic() > deadline:
             break
         tried += 1
         started = time.monotonic()
         try:
-            raw = raw_exchange(base, data, timeout=timeout)
+            raw = raw_exchange(base, data, timeout=timeout, half_close=not whole)
         except OSError:
             raw = b""
         match = re.match(rb"HTTP/1\.[01] (\d{3})", raw)
@@ -3368,6 +3384,290 @@ def test_the_bridge_relay_checks_the_secret_before_reading_more(make_proxy, fake
         assert sock.recv(100) == b""
     (fake_codex.dir / "go").write_text("")
     thread.join(20)
+
+
+# ---------------------------------------------------------------------------
+# Hardening: deadlines, budgets, strict parsing, leavers, dead backends
+# ---------------------------------------------------------------------------
+
+def trickle(sock, data, pause, until):
+    """Send `data` a byte at a time; -> what the proxy said once it stopped
+    listening (or `until` seconds passed)."""
+    deadline = time.monotonic() + until
+    for byte in data:
+        if time.monotonic() > deadline:
+            break
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(pause)
+    return recv_until(sock, b"}", max(0.1, deadline - time.monotonic()))
+
+
+@pytest.mark.parametrize("phase", ["head", "body"])
+def test_a_trickled_request_is_cut_whole_not_per_read(make_proxy, monkeypatch, phase):
+    monkeypatch.setattr(cp, "REQUEST_READ_SECONDS", 1.0)
+    monkeypatch.setattr(cp, "BODY_READ_SECONDS", 1.0)
+    proxy = make_proxy()
+    body = json.dumps(chat_body("x" * 2000)).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n" \
+        b"X-Slow: " % len(body) + b"a" * 200 + b"\r\n\r\n"
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10) as sock:
+        if phase == "body":
+            sock.sendall(head)
+            seen = trickle(sock, body, 0.05, 8)
+        else:
+            seen = trickle(sock, head, 0.05, 8)
+    assert seen.startswith(b"HTTP/1.1 408") and b"request_timeout" in seen, seen
+    assert time.monotonic() - started < 5            # one deadline, not one per byte
+    assert proxy.wait_event("request_rejected")[0]["status"] == 408
+
+
+def test_slow_header_connections_cannot_lock_clients_out(make_proxy, fake_codex):
+    proxy = make_proxy(max_connections=20)
+    slow = []
+    try:
+        for _ in range(25):
+            sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+            slow.append(sock)
+        answered = sum(post_chat(proxy.base, chat_body(), timeout=20)[0] == 200
+                       for _ in range(5))
+        assert answered >= 4
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_bodies_in_flight_share_a_memory_budget(make_proxy, fake_codex):
+    proxy = make_proxy(max_body_memory=1024 * 1024, max_body=2 * 1024 * 1024)
+    stalled = []
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 600000\r\n\r\n"
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10)
+            sock.sendall(head + b"x" * 100000)          # then nothing more
+            stalled.append(sock)
+        assert wait_until(lambda: proxy.server.body_budget._used >= 600000, 10)
+        status, headers, raw = post_chat(proxy.base, chat_body("y" * 600000))
+        assert status == 503 and headers["retry-after"] and \
+            json.loads(raw)["error"]["code"] == "busy_receiving"
+        assert post_chat(proxy.base, chat_body())[0] == 200         # small bodies still pass
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert wait_until(lambda: proxy.server.body_budget._used == 0, 10)
+
+
+@pytest.mark.parametrize("line", [
+    b"X-No-Colon\r\n", b"X-Space : 1\r\n", b"X-A: 1\r\n folded\r\n", b"X-Ctl: a\x01b\r\n",
+    b"Content-Length: 2\x0b\r\n", b"Origin: http://localhost\r\n \r\n",
+])
+def test_malformed_header_lines_get_400_and_a_closed_connection(proxy, line):
+    data = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + \
+        b"X-Forwarded-For: 1.2.3.4\r\nContent-Length: 2\r\n\r\n{}"
+    raw = raw_exchange(proxy.base, data)
+    assert raw.startswith(b"HTTP/1.1 400") and b"Connection: close" in raw, raw
+    assert b"Access-Control-Allow-Origin" not in raw
+
+
+def test_keys_are_read_alike_from_every_header(make_proxy, fake_codex):
+    proxy = make_proxy(api_keys=(KEY,))
+    for headers in ({"x-api-key": f"  {KEY}  "}, {"api-key": f"{KEY} "},
+                    {"Authorization": f"Bearer {KEY}  "},
+                    {"Authorization": "Bearer wrong", "x-api-key": KEY}):
+        assert http_request(proxy.base, "GET", "/v1/models", headers=headers)[0] == 200, headers
+    assert http_request(proxy.base, "GET", "/v1/models",
+                        headers={"Authorization": "Bearer wrong"})[0] == 401
+
+
+def test_expect_100_continue_comes_only_after_the_checks(make_proxy, fake_codex):
+    proxy = make_proxy(api_keys=(KEY,))
+    body = json.dumps(chat_body()).encode()
+    for key, first in ((b"wrong", b"HTTP/1.1 401"), (KEY.encode(), b"HTTP/1.1 100 Continue")):
+        with socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Authorization: Bearer " + key + b"\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            seen = recv_until(sock, b"\r\n\r\n")
+            assert seen.startswith(first), seen
+            if first.endswith(b"Continue"):
+                sock.sendall(body)
+                assert recv_response(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_http_1_0_gets_a_stream_without_chunks(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"deltas": ["one ", "two"]}, {"complete": {}}])
+    data = json.dumps(chat_body(stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        raw = recv_until(sock, b"[DONE]")
+        raw += recv_until(sock, b"never")               # then the proxy closes
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert assemble_stream(sse_events(body))["content"] == "one two"
+
+
+def test_a_whole_oversized_upload_sees_the_413(make_proxy):
+    proxy = make_proxy(max_body=1024 * 1024)
+    request = urllib.request.Request(proxy.base + "/v1/chat/completions", method="POST",
+                                     data=b"x" * (3 * 1024 * 1024),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 413
+
+
+def test_a_non_streaming_client_that_leaves_is_noticed_while_tokens_flow(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"touch": "started"},
+                         {"deltas": [f"w{n} " for n in range(400)], "pause": 0.05},
+                         {"complete": {}}])
+    sock = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10)
+    data = json.dumps(chat_body()).encode()
+    sock.sendall(request_bytes(b"Content-Length: %d\r\n" % len(data), data))
+    assert wait_until(lambda: (fake_codex.dir / "started").exists(), 10)
+    sock.close()
+    left = time.monotonic()
+    assert proxy.wait_event("client_disconnected", timeout=10)
+    record = fake_codex.records()[0]
+    assert wait_until(lambda: not pid_alive(record["pid"]), 10)
+    assert time.monotonic() - left < 3
+
+
+def test_a_backend_that_stays_down_ends_the_request_by_the_idle_timeout(make_proxy, fake_codex):
+    proxy = make_proxy(idle_timeout=1.0)
+    fake_codex.scenario([{"thread": True}] + [
+        {"warning": f"Reconnecting... {n}/99 (stream disconnected)"} if n % 2 == 0 else
+        {"sleep": 0.2} for n in range(200)])
+    started = time.monotonic()
+    status, _, raw = post_chat(proxy.base, chat_body())
+    error = json.loads(raw)["error"]
+    assert status == 504 and error["code"] == "backend_unreachable", error
+    assert "unreachable" in error["message"] and time.monotonic() - started < 10
+
+
+def test_a_parked_turn_whose_codex_died_is_answered_fresh(proxy, fake_codex):
+    fake_codex.scenario(("RESULT:", [{"thread": True}, {"text": "fresh: {seen}"},
+                                     {"complete": {}}]), TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    _, call, finish, _ = tool_round(proxy, messages)
+    assert finish == "tool_calls"
+    pid = fake_codex.records()[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 5)
+    status, final, finish, _ = tool_round(proxy, messages + [call, *results_for(call)])
+    assert status == 200 and finish == "stop" and "RESULT:read_file" in final["content"]
+    assert proxy.wait_event("parked_expired")[0]["reason"] == "codex_exited"
+
+
+def test_a_codex_killed_mid_turn_is_named_by_its_signal(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"touch": "started"}, {"sleep": 30}])
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(post_chat(proxy.base, chat_body())))
+    thread.start()
+    assert wait_until(lambda: (fake_codex.dir / "started").exists(), 10)
+    os.kill(fake_codex.records()[0]["pid"], signal.SIGKILL)
+    thread.join(20)
+    error = json.loads(replies[0][2])["error"]
+    assert replies[0][0] == 502 and "killed by signal SIGKILL" in error["message"]
+
+
+def test_a_shutdown_mid_stream_is_told_as_a_shutdown(make_proxy, fake_codex):
+    proxy = make_proxy()
+    fake_codex.scenario([{"thread": True}, {"deltas": ["partial "]}, {"touch": "started"},
+                         {"sleep": 30}])
+    sock = open_raw_stream(proxy, chat_body(stream=True))
+    assert wait_until(lambda: (fake_codex.dir / "started").exists(), 10)
+    threading.Thread(target=proxy.stop).start()
+    seen = recv_until(sock, b"0\r\n\r\n", 20)
+    sock.close()
+    assert b"shutting_down" in seen and b"interrupted" not in seen, seen
+
+
+def test_an_unwritable_state_dir_is_named_in_the_banner_not_the_log(make_proxy, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    proxy = make_proxy(state_dir=str(blocker / "state"))
+    assert wait_until(lambda: proxy.server.launcher.catalog_error, 10)
+    banner = cp.banner(proxy.server)
+    assert "could not be written" in banner and str(blocker) in banner
+    logged = json.dumps(proxy.events())
+    assert "could not be written" in logged and str(tmp_path) not in logged
+
+
+FIELD_VALUES = [None, True, 0, -1, 2.5, "", "x", [], {}, [None], {"a": None}, [[[]]]]
+
+
+def field_paths(value, path=()):
+    """Every path of a JSON value: each key and index, all the way down."""
+    yield path
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from field_paths(child, path + (key,))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from field_paths(child, path + (index,))
+
+
+def replaced(value, path, new):
+    value = json.loads(json.dumps(value))
+    if not path:
+        return new
+    node = value
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = new
+    return value
+
+
+SWEEP_BODIES = {
+    "/v1/chat/completions": {
+        "model": "5.5-tpg", "stream": False, "n": 1, "stop": ["END"],
+        "stream_options": {"include_usage": True}, "reasoning_effort": "low",
+        "reasoning": {"effort": "low"}, "parallel_tool_calls": True, "tool_choice": "auto",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}},
+        "tools": [{"type": "function", "function": {"name": "f", "description": "d",
+                   "parameters": {"type": "object", "properties": {"p": {"type": "string"}},
+                                  "required": ["p"]}}}],
+        "messages": [{"role": "system", "content": "s"},
+                     {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "c1", "type": "function",
+                          "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "r"}]},
+    "/v1/responses": {
+        "model": "5.5-tpg", "instructions": "i", "store": False, "stream": False,
+        "reasoning": {"effort": "low", "summary": "auto"}, "text": {"format": {"type": "text"}},
+        "tool_choice": "auto", "parallel_tool_calls": True, "metadata": {"k": "v"},
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+                  {"type": "custom", "name": "P", "format": {"type": "grammar",
+                                                             "syntax": "lark",
+                                                             "definition": "start: x"}}],
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                  {"type": "reasoning", "summary": [], "encrypted_content": "e"},
+                  {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "r"}]},
+}
+
+
+def test_a_wrong_type_in_any_field_of_any_api_is_never_a_5xx(make_proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"text": '{{"a": "x"}}'}, {"complete": {}}])
+    proxy = make_proxy(max_concurrent=16)
+    rng = random.Random(15)
+    statuses = {}
+    for path, body in SWEEP_BODIES.items():
+        for where in field_paths(body):
+            for value in rng.sample(FIELD_VALUES, 3):
+                status = http_request(proxy.base, "POST", path, replaced(body, where, value),
+                                      timeout=20)[0]
+                statuses.setdefault(status, []).append((path, where, value))
+    assert not [s for s in statuses if s >= 500], {s: v[:3] for s, v in statuses.items()
+                                                   if s >= 500}
+    assert 400 in statuses and 200 in statuses
 
 
 # ---------------------------------------------------------------------------
@@ -5317,6 +5617,44 @@ def test_e2e_the_codex_cli_as_a_client_runs_its_own_shell_tool(e2e, tmp_path):
     assert "CLIENT-SHELL-OK" in last              # the client ran it; its output reached the model
     forwarded = proxy.events("tool_call_forwarded")
     assert [e["name"] for e in forwarded] == ["exec_command"]
+
+
+def test_e2e_a_dead_backend_ends_the_request_by_the_idle_timeout(e2e, openai_sdk):
+    (e2e.home / "config.toml").write_text(
+        'model_provider = "mock"\n[model_providers.mock]\nname = "mock"\n'
+        'base_url = "http://127.0.0.1:9/v1"\nwire_api = "responses"\nenv_key = "MOCK_KEY"\n'
+        'request_max_retries = 50\nstream_max_retries = 50\n')      # port 9: nobody answers
+    proxy = e2e.proxy(idle_timeout=5.0)
+    started = time.monotonic()
+    with pytest.raises(openai_sdk.APIStatusError) as error:
+        sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
+            model="5.5-tpg", messages=[{"role": "user", "content": "anyone there?"}])
+    assert time.monotonic() - started < 30
+    assert error.value.status_code in (502, 504) and "unreachable" in str(error.value), error.value
+
+
+def test_e2e_a_parked_turn_whose_codex_was_killed_is_answered_fresh(e2e, openai_sdk):
+    def responder(body, index):
+        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(f"fresh answer: {outputs[-1]['output']}", index)]
+        return [function_call_item("read_file", {"path": "a.py"}, "call_k")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages = [{"role": "user", "content": "read a.py"}]
+    choice = client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                            tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    pid = proxy.events("codex_forward")[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 5)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                  "content": "CONTENT-A"}]
+    final = client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS)
+    assert final.choices[0].message.content == "fresh answer: CONTENT-A"
+    assert proxy.events("parked_expired")[0]["reason"] == "codex_exited"
 
 
 # ---------------------------------------------------------------------------
