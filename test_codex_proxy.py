@@ -6145,6 +6145,89 @@ def stress(folder, bodies=1000, connections=1100):
     leaked = [p for p in fake.pids() if pid_alive(p)]
     print(f"leaked codex processes after shutdown: {len(leaked)}")
     stress_burst(folder / "burst")
+    stress_uploads(folder / "uploads")
+    stress_soak(folder / "soak")
+
+
+def stress_soak(folder, total=20000, concurrency=8):
+    """A long mixed run against a proxy process: chats (streamed or not) on
+    an instant exec Codex, model lists, health checks and refused requests;
+    the proxy's RSS every tenth of the way, to see whether it levels off."""
+    codex = folder / "instant-codex"
+    codex.write_text(INSTANT_CODEX)
+    codex.chmod(0o755)
+    folder.mkdir(exist_ok=True)
+    proc = spawn_proxy_process(codex, folder, "--engine", "exec", "--max-concurrent", "16")
+    try:
+        base = re.search(r"listening on (http://\S+)", read_banner(proc)[0]).group(1)
+        jobs = [("POST", "/v1/chat/completions", chat_body()),
+                ("POST", "/v1/chat/completions", chat_body(stream=True)),
+                ("POST", "/v1/responses", {"model": "m", "input": "hi", "store": False}),
+                ("GET", "/v1/models", None), ("GET", "/health", None),
+                ("GET", "/v1/nothing", None), ("POST", "/v1/chat/completions", {"messages": 5})]
+        counts, lock, done = {}, threading.Lock(), [0]
+        samples = [(0, own_rss_kib(proc.pid))]
+
+        def worker(index):
+            rng = random.Random(index)
+            while True:
+                with lock:
+                    if done[0] >= total:
+                        return
+                    done[0] += 1
+                    n = done[0]
+                method, path, body = rng.choice(jobs)
+                status = http_request(base, method, path, body, timeout=60)[0]
+                with lock:
+                    counts[status] = counts.get(status, 0) + 1
+                    if n % (total // 10) == 0:
+                        samples.append((n, own_rss_kib(proc.pid)))
+        start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(1800)
+        print(f"soak: {done[0]} requests in {time.perf_counter() - start:.0f} s, statuses "
+              f"{dict(sorted(counts.items()))}; proxy RSS (MiB) by requests done: " +
+              ", ".join(f"{n}: {kib / 1024:.1f}" for n, kib in samples))
+    finally:
+        stop_process(proc)
+
+
+def stress_uploads(folder, count=40, size=16 * 1024 * 1024, sent=15 * 1024 * 1024):
+    """Uploads that stall near their end, against the body budget: the
+    proxy's memory, and whether it still answers meanwhile."""
+    fake = FakeCodex(folder / "fake")
+    fake.scenario([{"thread": True}, {"text": "ok"}, {"complete": {}}])
+    proc = spawn_proxy_process(fake.script, folder, **fake.env)
+    socks = []
+    try:
+        base = re.search(r"listening on (http://\S+)", read_banner(proc)[0]).group(1)
+        post_chat(base, chat_body())
+        before = own_rss_kib(proc.pid)
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Length: %d\r\n\r\n" % size)
+        refused = 0
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=30)
+            sock.sendall(head)
+            try:
+                sock.sendall(b"x" * sent)
+            except OSError:
+                refused += 1                    # answered 503 and closed
+            socks.append(sock)
+        peak = own_rss_kib(proc.pid)
+        start = time.perf_counter()
+        status = post_chat(base, chat_body())[0]
+        print(f"{count} uploads stalled at {sent >> 20} of {size >> 20} MiB ({refused} refused "
+              f"while sending): proxy RSS {before / 1024:.0f} MiB before, {peak / 1024:.0f} MiB "
+              f"with them (+{(peak - before) / 1024:.0f} MiB); a chat meanwhile: {status} in "
+              f"{ms(time.perf_counter() - start)}")
+    finally:
+        for sock in socks:
+            sock.close()
+        stop_process(proc)
 
 
 def own_rss_kib(pid):
