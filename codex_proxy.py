@@ -121,7 +121,7 @@ __all__ = [
     "CodexLauncher", "ParkedTurns", "Kept", "KeptConversations", "ResponseStore",
     "Responder", "StopFilter", "ChatResponder", "ResponsesResponder", "TurnPump",
     "Turns", "AccessPolicy", "ConnectionTable", "BodyBudget", "RateLimits",
-    "HttpHandler", "Route", "ProxyHandler", "ProxyServer",
+    "BodyReader", "HttpHandler", "Route", "ProxyHandler", "ProxyServer",
     # functions
     "bad_request", "too_deep", "check_json_value", "parse_json_body", "field",
     "image_url_of", "content_to_text", "tool_spec", "tool_name", "hosted_tools",
@@ -145,13 +145,14 @@ __all__ = [
     "token_counts", "openai_usage", "new_completion_id", "make_chunk",
     "tool_call_chunks", "make_completion", "sse", "responses_usage",
     "output_message_item", "output_reasoning_item", "output_call_item", "make_response",
-    "forces_tool", "is_local_name", "split_host", "host_allowed", "origin_allowed",
-    "well_formed_origin", "tunnel_headers", "offered_keys", "own_host_names",
-    "own_addresses", "connection_budget", "parse_head", "framing_error", "body_framing",
-    "endpoint_health", "endpoint_models", "endpoint_logs", "since_of",
-    "endpoint_logs_stream", "endpoint_chat", "endpoint_responses", "env_flag",
-    "parse_addr", "parse_alias", "split_env_list", "read_key_file", "build_parser",
-    "config_from_args", "is_loopback", "raise_descriptor_limit", "banner", "main",
+    "signal_name", "forces_tool", "is_local_name", "split_host", "host_allowed",
+    "origin_allowed", "well_formed_origin", "tunnel_headers", "offered_keys",
+    "own_host_names", "own_addresses", "connection_budget", "parse_head",
+    "framing_error", "body_framing", "endpoint_health", "endpoint_models",
+    "endpoint_logs", "since_of", "endpoint_logs_stream", "endpoint_chat",
+    "endpoint_responses", "env_flag", "parse_addr", "parse_alias", "split_env_list",
+    "read_key_file", "build_parser", "config_from_args", "is_loopback",
+    "raise_descriptor_limit", "banner", "main",
 ]
 
 # ---------------------------------------------------------------------------
@@ -5220,7 +5221,135 @@ def body_framing(headers):
     return ("length", int(value)) if int(value) else ("none", 0)
 
 
-class HttpHandler(http.server.BaseHTTPRequestHandler):
+class BodyReader:
+    """A request's body for HttpHandler: read within its framing, the body
+    budget (--max-body-memory) and the connection's deadlines, or dropped;
+    the connection closes after an early answer with a lingering close."""
+
+    def read_json_body(self):
+        """The body, parsed; its bytes are let go (and their share of the
+        body budget given back) once parsed."""
+        reserved = self._reserve_body()
+        try:
+            return parse_json_body(self.read_body())
+        finally:
+            self.server.body_budget.release(reserved)
+
+    def _reserve_body(self):
+        kind, length = self._framing
+        if kind == "length" and length > self.server.config.max_body:
+            self.close_connection = self._linger = True
+            raise self.too_large()
+        if kind == "length" and not self.server.body_budget.reserve(length):
+            self.close_connection = self._linger = True
+            raise ProxyError(503, "the proxy is receiving too many large bodies at once; "
+                             "retry shortly", "server_error", "busy_receiving",
+                             headers={"Retry-After": "2"})
+        return length if kind == "length" else 0
+
+    def read_body(self):
+        kind, length = self._framing
+        self._framing = ("read", 0)
+        if kind not in ("length", "chunked"):
+            return b""
+        if self._expect:            # every check has passed: now the body may come
+            self._expect = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+        self.server.connections.phase(self.connection, "body")
+        try:
+            if kind == "length":
+                return self._read_exact(length)
+            return self._read_chunked()
+        finally:
+            self.server.connections.phase(self.connection, "busy")
+
+    def too_large(self):
+        return ProxyError(413, f"request body over {self.server.config.max_body} bytes "
+                          "(raise --max-body)", code="request_too_large")
+
+    def _read_exact(self, size):
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            count = self.rfile.readinto(view[got:got + 65536])
+            if not count:
+                raise ClientGone()
+            got += count
+            self.server.connections.progress(self.connection, count)
+        return buffer
+
+    def _read_chunked(self):
+        parts, total, budget = [], 0, self.server.body_budget
+        try:
+            while True:
+                line = self.rfile.readline(1026)
+                size = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
+                    self.close_connection = True
+                    raise framing_error("bad chunk size in a chunked body")
+                size = int(size, 16)
+                if size == 0:
+                    for _ in range(32):     # trailers, then the empty line
+                        if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
+                            return b"".join(parts)
+                    self.close_connection = True
+                    raise framing_error("too many trailer lines")
+                if total + size > self.server.config.max_body:
+                    self.close_connection = self._linger = True
+                    raise self.too_large()
+                if not budget.reserve(size):
+                    self.close_connection = self._linger = True
+                    raise ProxyError(503, "the proxy is receiving too many large bodies at "
+                                     "once; retry shortly", "server_error", "busy_receiving",
+                                     headers={"Retry-After": "2"})
+                total += size
+                parts.append(self._read_exact(size))
+                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    self.close_connection = True
+                    raise framing_error("a chunk is longer than its size says")
+        finally:
+            budget.release(total)
+
+    def settle_body(self):
+        """A body nobody read: drop it if small, else close the connection
+        (after draining what the client still sends), so it is never parsed
+        as the next request."""
+        kind, length = self._framing
+        self._framing = ("read", 0)
+        if self._expect:            # no 100 Continue went out: the body may never come
+            self.close_connection = True
+            return
+        if kind == "length" and length <= DRAIN_LIMIT:
+            try:
+                self.connection.settimeout(5.0)
+                self._read_exact(length)
+                return
+            except (ClientGone, OSError):
+                pass
+        if kind in ("length", "chunked"):
+            self.close_connection = self._linger = True
+
+    def _lingering_close(self):
+        """Close after an early answer so that a client still sending its
+        body reads the answer, not a reset: stop writing, then read and drop
+        what comes for a while."""
+        self._linger = False
+        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline and dropped < 4 * self.server.config.max_body:
+                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
+
+
+class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 plumbing, knowing nothing of the APIs: strict parsing of a
     request's head, deadlines for its arrival (with the ConnectionTable's
     reaper), unambiguous framing, bodies read within a memory budget or
@@ -5417,130 +5546,6 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
-
-    # -- request bodies ------------------------------------------------------
-    def read_json_body(self):
-        """The body, parsed; its bytes are let go (and their share of the
-        body budget given back) once parsed."""
-        reserved = self._reserve_body()
-        try:
-            return parse_json_body(self.read_body())
-        finally:
-            self.server.body_budget.release(reserved)
-
-    def _reserve_body(self):
-        kind, length = self._framing
-        if kind == "length" and length > self.server.config.max_body:
-            self.close_connection = self._linger = True
-            raise self.too_large()
-        if kind == "length" and not self.server.body_budget.reserve(length):
-            self.close_connection = self._linger = True
-            raise ProxyError(503, "the proxy is receiving too many large bodies at once; "
-                             "retry shortly", "server_error", "busy_receiving",
-                             headers={"Retry-After": "2"})
-        return length if kind == "length" else 0
-
-    def read_body(self):
-        kind, length = self._framing
-        self._framing = ("read", 0)
-        if kind not in ("length", "chunked"):
-            return b""
-        if self._expect:            # every check has passed: now the body may come
-            self._expect = False
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.wfile.flush()
-        self.server.connections.phase(self.connection, "body")
-        try:
-            if kind == "length":
-                return self._read_exact(length)
-            return self._read_chunked()
-        finally:
-            self.server.connections.phase(self.connection, "busy")
-
-    def too_large(self):
-        return ProxyError(413, f"request body over {self.server.config.max_body} bytes "
-                          "(raise --max-body)", code="request_too_large")
-
-    def _read_exact(self, size):
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
-        while got < size:
-            count = self.rfile.readinto(view[got:got + 65536])
-            if not count:
-                raise ClientGone()
-            got += count
-            self.server.connections.progress(self.connection, count)
-        return buffer
-
-    def _read_chunked(self):
-        parts, total, budget = [], 0, self.server.body_budget
-        try:
-            while True:
-                line = self.rfile.readline(1026)
-                size = line.split(b";", 1)[0].strip()
-                if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
-                    self.close_connection = True
-                    raise framing_error("bad chunk size in a chunked body")
-                size = int(size, 16)
-                if size == 0:
-                    for _ in range(32):     # trailers, then the empty line
-                        if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
-                            return b"".join(parts)
-                    self.close_connection = True
-                    raise framing_error("too many trailer lines")
-                if total + size > self.server.config.max_body:
-                    self.close_connection = self._linger = True
-                    raise self.too_large()
-                if not budget.reserve(size):
-                    self.close_connection = self._linger = True
-                    raise ProxyError(503, "the proxy is receiving too many large bodies at "
-                                     "once; retry shortly", "server_error", "busy_receiving",
-                                     headers={"Retry-After": "2"})
-                total += size
-                parts.append(self._read_exact(size))
-                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                    self.close_connection = True
-                    raise framing_error("a chunk is longer than its size says")
-        finally:
-            budget.release(total)
-
-    def settle_body(self):
-        """A body nobody read: drop it if small, else close the connection
-        (after draining what the client still sends), so it is never parsed
-        as the next request."""
-        kind, length = self._framing
-        self._framing = ("read", 0)
-        if self._expect:            # no 100 Continue went out: the body may never come
-            self.close_connection = True
-            return
-        if kind == "length" and length <= DRAIN_LIMIT:
-            try:
-                self.connection.settimeout(5.0)
-                self._read_exact(length)
-                return
-            except (ClientGone, OSError):
-                pass
-        if kind in ("length", "chunked"):
-            self.close_connection = self._linger = True
-
-    def _lingering_close(self):
-        """Close after an early answer so that a client still sending its
-        body reads the answer, not a reset: stop writing, then read and drop
-        what comes for a while."""
-        self._linger = False
-        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            while time.monotonic() < deadline and dropped < 4 * self.server.config.max_body:
-                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
-                data = self.connection.recv(65536)
-                if not data:
-                    break
-                dropped += len(data)
-        except OSError:
-            pass
-
 
 # -- endpoints: each takes the handler of one request ---------------------
 
