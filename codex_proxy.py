@@ -98,6 +98,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 
 try:                        # Python 3.11+; older ones use read_toml() below
     import tomllib
@@ -119,9 +120,10 @@ __all__ = [
     "ExecEngine", "BridgeRelayHandler", "BridgeListener", "RpcError", "JsonRpcPipe",
     "AppServerEvents", "AppServerRun", "AppServerEngine", "WarmPool", "RunTable",
     "CodexLauncher", "ParkedTurns", "Kept", "KeptConversations", "ResponseStore",
-    "Responder", "StopFilter", "ChatResponder", "ResponsesResponder", "TurnPump",
-    "Turns", "AccessPolicy", "ConnectionTable", "BodyBudget", "RateLimits",
-    "BodyReader", "HttpHandler", "Route", "ProxyHandler", "ProxyServer",
+    "Responder", "StopFilter", "ChatResponder", "ResponsesResponder",
+    "MessagesResponder", "OllamaResponder", "TurnPump", "Turns", "AccessPolicy",
+    "ConnectionTable", "BodyBudget", "RateLimits", "BodyReader", "HttpHandler", "Route",
+    "ProxyHandler", "ProxyServer",
     # functions
     "bad_request", "too_deep", "check_json_value", "parse_json_body", "field",
     "image_url_of", "content_to_text", "tool_spec", "tool_name", "hosted_tools",
@@ -130,7 +132,12 @@ __all__ = [
     "parse_input_items", "resolve_reference", "input_message", "input_call",
     "reasoning_item", "parse_text_format", "schema_instruction", "strict_schema",
     "common_fields", "parse_chat_request", "parse_responses_request", "check_request",
-    "resolve_model", "trailing_tool_results", "tool_choice_instruction",
+    "resolve_model", "trailing_tool_results", "reasoning_signature",
+    "reasoning_from_signature", "anthropic_image", "anthropic_text",
+    "anthropic_message", "anthropic_tools", "anthropic_tool_choice",
+    "anthropic_reasoning", "parse_messages_request", "count_tokens_estimate",
+    "ollama_image", "ollama_messages", "ollama_reasoning", "ollama_common",
+    "parse_ollama_chat", "parse_ollama_generate", "tool_choice_instruction",
     "render_instructions", "request_instructions", "render_prompt", "codex_safe",
     "split_turn", "history_items", "user_parts", "call_item", "message_chars",
     "canonical_arguments", "conversation_key", "toml_value", "read_toml",
@@ -145,12 +152,16 @@ __all__ = [
     "token_counts", "openai_usage", "new_completion_id", "make_chunk",
     "tool_call_chunks", "make_completion", "sse", "responses_usage",
     "output_message_item", "output_reasoning_item", "output_call_item", "make_response",
+    "anthropic_error", "ollama_error", "anthropic_usage", "call_input", "ollama_time",
     "signal_name", "forces_tool", "is_local_name", "split_host", "host_allowed",
     "origin_allowed", "well_formed_origin", "tunnel_headers", "offered_keys",
     "own_host_names", "own_addresses", "connection_budget", "parse_head",
     "framing_error", "body_framing", "endpoint_health", "endpoint_models",
     "endpoint_logs", "since_of", "endpoint_logs_stream", "endpoint_chat",
-    "endpoint_responses", "env_flag", "parse_addr", "parse_alias", "split_env_list",
+    "endpoint_responses", "endpoint_messages", "endpoint_count_tokens", "endpoint_root",
+    "endpoint_ollama_chat", "endpoint_ollama_generate", "endpoint_ollama_tags",
+    "endpoint_ollama_show", "endpoint_ollama_version", "endpoint_ollama_ps",
+    "dialect_of", "env_flag", "parse_addr", "parse_alias", "split_env_list",
     "read_key_file", "build_parser", "config_from_args", "is_loopback",
     "raise_descriptor_limit", "banner", "main",
 ]
@@ -198,6 +209,7 @@ RESPONSES_KEPT = 256               # stored responses for previous_response_id
 RESPONSES_TTL_SECONDS = 3600.0
 RESPONSES_KEPT_CHARS = 64 * 1024 * 1024
 MCP_PROTOCOL_VERSION = "2025-06-18"
+OLLAMA_VERSION = "0.13.0"          # what /api/version says: clients check for a recent Ollama
 INSTALL_HINT = "npm install -g @openai/codex"
 EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
 SUMMARIES = ("auto", "concise", "detailed", "none")
@@ -209,7 +221,7 @@ TUNNEL_HEADER_PREFIXES = ("x-forwarded-",)
 # Request headers a browser page may send (CORS preflight); never echoed blindly.
 CORS_HEADERS = ("authorization", "content-type", "api-key", "x-api-key", "openai-organization",
                 "openai-project", "openai-beta", "accept", "cache-control")
-CORS_HEADER_PREFIXES = ("x-stainless-",)
+CORS_HEADER_PREFIXES = ("x-stainless-", "anthropic-")
 # Keys of $CODEX_HOME/config.toml that still apply although `codex exec` runs
 # with --ignore-user-config (which keeps the user's own MCP servers off the host).
 FORWARDED_CONFIG_KEYS = ("model", "model_provider", "model_providers",
@@ -329,7 +341,7 @@ class Message:
 @dataclasses.dataclass
 class ProxyRequest:
     """One request, whichever API it came through."""
-    api: str                        # "chat" | "responses"
+    api: str                        # chat | responses | messages | ollama_chat | ollama_generate
     model: str | None               # exactly as the client sent it
     messages: list
     stream: bool = False
@@ -976,7 +988,7 @@ def check_request(request):
     if not any(m.text.strip() or m.tool_calls or m.images or m.role == "tool"
                for m in convo):
         raise bad_request("the conversation is empty: send at least one message with text",
-                          "messages" if request.api == "chat" else "input", "empty_prompt")
+                          "input" if request.api == "responses" else "messages", "empty_prompt")
     return request
 
 
@@ -984,12 +996,17 @@ def resolve_model(name, aliases):
     """Client model name -> (Codex model or None for the default, effort or None).
 
     An alias wins; a name whose reverse starts with `gpt-` is reversed
-    (`xedoc-2.5-tpg` -> `gpt-5.2-codex`); anything else passes through.  A
-    trailing `-low`, `-high`... on the result sets the reasoning effort."""
+    (`xedoc-2.5-tpg` -> `gpt-5.2-codex`); a `claude...` name (Claude Code's
+    defaults) is Codex's default model; Ollama's `:latest` tag is dropped;
+    anything else passes through.  A trailing `-low`, `-high`... on the
+    result sets the reasoning effort."""
     if not name:
         return None, None
     model = aliases.get(name)
+    if model is None and name.lower().startswith("claude"):
+        return None, None
     if model is None:
+        name = name[:-len(":latest")] if name.endswith(":latest") else name
         model = name[::-1] if name[::-1].startswith("gpt-") else name
     effort = None
     head, sep, tail = model.rpartition("-")
@@ -1006,6 +1023,340 @@ def trailing_tool_results(messages):
             break
         results.append(msg)
     return results[::-1]
+
+
+# ---------------------------------------------------------------------------
+# Parsing requests (pure): the Anthropic Messages API and the Ollama API
+# ---------------------------------------------------------------------------
+
+ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh",
+                     "xhigh": "xhigh"}
+SIGNATURE_PREFIX = "cxp1."      # a thinking block's signature that holds Codex's reasoning
+
+
+def reasoning_signature(item):
+    """An encrypted reasoning item -> the signature of the thinking block
+    that shows it, which brings it back when the client returns the block."""
+    data = json.dumps({"summary": item.get("summary") or [],
+                       "encrypted_content": item.get("encrypted_content")}).encode()
+    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(zlib.compress(data)).decode()
+
+
+def reasoning_from_signature(signature):
+    """A thinking block's signature -> the reasoning item it holds, or None."""
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        return None
+    try:
+        data = json.loads(zlib.decompress(base64.urlsafe_b64decode(
+            signature[len(SIGNATURE_PREFIX):].encode()), bufsize=1 << 16))
+    except (ValueError, zlib.error, binascii.Error):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("encrypted_content"), str):
+        return None
+    return {"type": "reasoning", "summary": [p for p in data.get("summary") or []
+                                             if isinstance(p, dict)],
+            "encrypted_content": data["encrypted_content"]}
+
+
+def anthropic_image(block, where):
+    source = field(block, "source", (dict,), f"{where}.source") or {}
+    if source.get("type") != "base64":
+        raise bad_request("only base64 images are supported (Codex cannot fetch remote "
+                          "images); send the image inline", where)
+    media = field(source, "media_type", (str,), f"{where}.source.media_type", "image/png")
+    data = field(source, "data", (str,), f"{where}.source.data", "")
+    if not re.fullmatch(r"image/[a-zA-Z0-9.+-]+", media) or not data:
+        raise bad_request(f"{where} needs a media_type image/... and base64 data", where)
+    return f"data:{media};base64,{data}"
+
+
+def anthropic_text(content, where, images=None):
+    """A string or a list of text (and image) blocks -> text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of blocks", "messages")
+    texts = []
+    for n, block in enumerate(content):
+        at = f"{where}[{n}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(field(block, "text", (str,), f"{at}.text", ""))
+        elif kind == "image" and images is not None:
+            images.append(anthropic_image(block, at))
+        else:
+            raise bad_request(f"{at} must be a text block" + (" or an image" if images is not None
+                                                               else ""), "messages")
+    return "\n".join(t for t in texts if t)
+
+
+def anthropic_message(raw, index):
+    """One Messages API message -> [Message]: a user turn's tool results
+    first (as tool messages), then its text and images."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise bad_request(f"{where} must be an object", "messages")
+    role = raw.get("role")
+    if role not in ("user", "assistant", "system"):
+        raise bad_request(f"{where}.role must be user, assistant or system", "messages")
+    content = raw.get("content")
+    if role == "system" or isinstance(content, str):
+        return [Message(role, anthropic_text(content, f"{where}.content"))]
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or a list of blocks", "messages")
+    out, main = [], Message(role)
+    texts = []
+    for n, block in enumerate(content):
+        at = f"{where}.content[{n}]"
+        if not isinstance(block, dict):
+            raise bad_request(f"{at} must be an object", "messages")
+        kind = field(block, "type", (str,), f"{at}.type")
+        if kind == "text":
+            texts.append(field(block, "text", (str,), f"{at}.text", ""))
+        elif kind == "image" and role == "user":
+            main.images.append(anthropic_image(block, at))
+        elif kind == "tool_result" and role == "user":
+            images = []
+            text = anthropic_text(block.get("content") or "", f"{at}.content", images)
+            call_id = field(block, "tool_use_id", (str,), f"{at}.tool_use_id")
+            if not call_id:
+                raise bad_request(f"{at}.tool_use_id is required", "messages")
+            if block.get("is_error") is True:
+                text = "Error: " + text
+            out.append(Message("tool", text, tool_call_id=call_id, images=images))
+        elif kind == "tool_use" and role == "assistant":
+            name = field(block, "name", (str,), f"{at}.name")
+            if not name:
+                raise bad_request(f"{at}.name is required", "messages")
+            tool_input = field(block, "input", (dict,), f"{at}.input", {})
+            main.tool_calls.append(ToolCall(field(block, "id", (str,), f"{at}.id", ""), name,
+                                            json.dumps(tool_input, ensure_ascii=False)))
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            reasoning = reasoning_from_signature(block.get("signature") or block.get("data"))
+            if reasoning is not None:
+                main.reasoning.append(reasoning)
+        else:
+            raise bad_request(f"{at} has type {kind!r}, which a {role} message cannot carry "
+                              "here (text, image, tool_use, tool_result and thinking can)",
+                              "messages")
+    main.text = "\n".join(t for t in texts if t)
+    if main.text or main.images or main.tool_calls or main.reasoning or not out:
+        out.append(main)
+    return out
+
+
+def anthropic_tools(tools):
+    """Messages API tools -> the OpenAI tool shape normalize_tools reads;
+    server tools (web_search_...) have no client side."""
+    if tools is None:
+        return [], []
+    if not isinstance(tools, list):
+        raise bad_request("tools must be a list", "tools")
+    shaped, hosted = [], []
+    for n, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise bad_request(f"tools[{n}] must be an object", "tools")
+        kind = tool.get("type")
+        if kind not in (None, "custom"):
+            hosted.append(str(kind))
+            continue
+        schema = field(tool, "input_schema", (dict,), f"tools[{n}].input_schema", {})
+        schema = {k: v for k, v in schema.items() if k != "$schema"}
+        shaped.append({"type": "function", "name": tool.get("name"),
+                       "description": field(tool, "description", (str,),
+                                            f"tools[{n}].description", ""),
+                       "parameters": schema})
+    return shaped, hosted
+
+
+def anthropic_tool_choice(choice):
+    """-> (tool_choice as the other APIs say it, parallel calls allowed)."""
+    if choice is None:
+        return "auto", True
+    if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        raise bad_request('tool_choice must be {"type": "auto" | "any" | "tool" | "none"}',
+                          "tool_choice")
+    parallel = not choice.get("disable_parallel_tool_use")
+    kind = choice["type"]
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request('tool_choice of type "tool" needs a name', "tool_choice")
+        return {"name": name}, parallel
+    return {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
+
+
+def anthropic_reasoning(body):
+    """thinking and output_config.effort -> (effort, summary)."""
+    thinking = field(body, "thinking", (dict,), default={})
+    config = field(body, "output_config", (dict,), default={})
+    kind = thinking.get("type")
+    if kind not in (None, "enabled", "adaptive", "disabled"):
+        raise bad_request("thinking.type must be enabled, adaptive or disabled", "thinking")
+    effort = None
+    if kind == "enabled":
+        budget = field(thinking, "budget_tokens", (int,), "thinking.budget_tokens", 8192)
+        effort = "low" if budget < 2048 else "medium" if budget < 16384 else "high"
+    elif kind == "disabled":
+        effort = "low"
+    effort = ANTHROPIC_EFFORTS.get(config.get("effort"), effort)
+    return effort, "auto" if kind in ("enabled", "adaptive") else None
+
+
+def parse_messages_request(body):
+    """Validate an Anthropic Messages API body -> ProxyRequest."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    system = body.get("system")
+    messages = [Message("system", anthropic_text(system, "system"))] if system else []
+    for n, raw in enumerate(raw_messages):
+        messages += anthropic_message(raw, n)
+    field(body, "max_tokens", (int,), "max_tokens")
+    field(body, "metadata", (dict,), "metadata")
+    request = ProxyRequest(api="messages", model=parse_model(body), messages=messages)
+    request.stream = bool(field(body, "stream", (bool,), default=False))
+    tools, request.ignored_tools = anthropic_tools(body.get("tools"))
+    request.tools = normalize_tools(tools)
+    request.tool_choice, request.parallel_tool_calls = anthropic_tool_choice(
+        body.get("tool_choice"))
+    request.reasoning_effort, request.reasoning_summary = anthropic_reasoning(body)
+    fmt = field(body, "output_config", (dict,), default={}).get("format")
+    if fmt is not None:
+        fmt = {"type": "json_schema", "json_schema": fmt} if isinstance(fmt, dict) and \
+            fmt.get("type") == "json_schema" else fmt
+    request.output_schema, request.output_instruction, request.output_note = \
+        parse_text_format(fmt, "output_config.format")
+    request.stop = parse_stop(field(body, "stop_sequences", (list,), "stop_sequences"))
+    return check_request(request)
+
+
+def count_tokens_estimate(body):
+    """An honest estimate of a Messages request's input tokens: about four
+    characters a token over everything the model would read."""
+    request = parse_messages_request(dict(body, max_tokens=1))
+    chars = sum(len(m.text) for m in request.messages) + \
+        sum(len(c.arguments) for m in request.messages for c in m.tool_calls) + \
+        len(json.dumps([dataclasses.astuple(t) for t in request.tools], default=str))
+    images = sum(len(m.images) for m in request.messages)
+    return max(1, chars // 4 + 1500 * images)
+
+
+IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"),
+               (b"RIFF", "image/webp"))
+
+
+def ollama_image(data, where):
+    """Ollama's base64 image (no data: prefix) -> a data URL with its type."""
+    if not isinstance(data, str) or not data:
+        raise bad_request(f"{where} must be base64 image data", "messages")
+    try:
+        head = base64.b64decode(data[:64] + "=" * (-len(data[:64]) % 4))
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{where} is not base64 image data", "messages")
+    media = next((kind for magic, kind in IMAGE_MAGIC if head.startswith(magic)), "image/png")
+    return f"data:{media};base64,{data}"
+
+
+def ollama_messages(raw_messages):
+    """Ollama chat messages -> [Message].  The library drops call ids, so a
+    call gets an id from its place, and a tool result is matched to its
+    call by tool_name, else by order."""
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    messages, open_calls = [], []
+    for n, raw in enumerate(raw_messages):
+        where = f"messages[{n}]"
+        if not isinstance(raw, dict):
+            raise bad_request(f"{where} must be an object", "messages")
+        role = raw.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad_request(f"{where}.role must be system, user, assistant or tool",
+                              "messages")
+        text = field(raw, "content", (str,), f"{where}.content", "")
+        images = [ollama_image(d, f"{where}.images[{i}]") for i, d in
+                  enumerate(field(raw, "images", (list,), f"{where}.images", []))]
+        msg = Message(role, text, images=images if role in ("user", "tool") else [])
+        if role == "assistant":
+            calls = field(raw, "tool_calls", (list,), f"{where}.tool_calls", [])
+            for i, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise bad_request(f"{where}.tool_calls[{i}] needs a function name",
+                                      "messages")
+                msg.tool_calls.append(ToolCall(f"ollama_{n}_{i}", fn["name"],
+                                               call_arguments(fn.get("arguments"))))
+            open_calls = list(msg.tool_calls)
+        elif role == "tool":
+            name = field(raw, "tool_name", (str,), f"{where}.tool_name")
+            match = next((c for c in open_calls if c.name == name), None) if name else None
+            match = match or (open_calls[0] if open_calls else None)
+            if match is None:
+                msg = Message("user", f"Tool output ({name or 'a tool'}):\n{text}",
+                              images=images)
+            else:
+                open_calls.remove(match)
+                msg.tool_call_id = match.id
+        messages.append(msg)
+    return messages
+
+
+def ollama_reasoning(think):
+    """think: true, false or a level -> (effort, summary)."""
+    if think is None or think is False:
+        return None, None
+    if think is True:
+        return None, "auto"
+    if think in ("low", "medium", "high"):
+        return think, "auto"
+    raise bad_request('think must be true, false, "low", "medium" or "high"', "think")
+
+
+def ollama_common(body, request):
+    """What /api/chat and /api/generate share."""
+    request.model = parse_model(body)
+    request.stream = field(body, "stream", (bool,), default=True)   # Ollama streams by default
+    request.reasoning_effort, request.reasoning_summary = ollama_reasoning(body.get("think"))
+    fmt = body.get("format")
+    if fmt == "json":
+        fmt = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        fmt = {"type": "json_schema", "json_schema": {"schema": fmt}}
+    elif fmt not in (None, ""):
+        raise bad_request('format must be "json" or a JSON schema object', "format")
+    request.output_schema, request.output_instruction, request.output_note = \
+        parse_text_format(fmt or None, "format")
+    options = field(body, "options", (dict,), default={})
+    request.stop = parse_stop(options.get("stop"))
+    return check_request(request)
+
+
+def parse_ollama_chat(body):
+    """Validate an Ollama /api/chat body -> ProxyRequest."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    request = ProxyRequest(api="ollama_chat", model=None,
+                           messages=ollama_messages(body.get("messages")))
+    tools = field(body, "tools", (list,), default=[])
+    request.tools = normalize_tools(tools)
+    request.ignored_tools = hosted_tools(tools)
+    return ollama_common(body, request)
+
+
+def parse_ollama_generate(body):
+    """Validate an Ollama /api/generate body -> ProxyRequest."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    system = field(body, "system", (str,), default="")
+    prompt = field(body, "prompt", (str,), default="")
+    images = [ollama_image(d, f"images[{i}]") for i, d in
+              enumerate(field(body, "images", (list,), default=[]))]
+    messages = ([Message("system", system)] if system else []) + \
+        [Message("user", prompt, images=images)]
+    return ollama_common(body, ProxyRequest(api="ollama_generate", model=None,
+                                            messages=messages))
 
 
 # ---------------------------------------------------------------------------
@@ -1261,15 +1612,16 @@ def conversation_key(messages):
     into several); an assistant entry with calls is known by its calls (some
     clients drop the text beside them), otherwise by its text without think
     blocks; reasoning, empty versus null content and surrounding whitespace
-    do not count.  System messages are not part of it (they are the
-    instructions, compared as the request's fingerprint)."""
+    do not count, nor do call ids (calls and results are known by their
+    place).  System messages are not part of it (they are the instructions,
+    compared as the request's fingerprint)."""
     entries, ends = [], []
     for index, m in enumerate(messages):
         if m.role == "system":
             continue
         if m.role == "assistant":
             text = THINK_BLOCK.sub("", m.text).strip()
-            calls = [(c.id, c.name, canonical_arguments(c.arguments)) for c in m.tool_calls]
+            calls = [(c.name, canonical_arguments(c.arguments)) for c in m.tool_calls]
             if entries and entries[-1][0] == "assistant":
                 _, last_text, last_calls = entries.pop()
                 ends.pop()
@@ -1279,8 +1631,8 @@ def conversation_key(messages):
         elif m.role == "user":
             entries.append(("user", m.text.strip(), [hashlib.sha256(url.encode()).hexdigest()
                                                       for url in m.images]))
-        else:
-            entries.append(("tool", m.tool_call_id, m.text.strip()))
+        else:       # call ids do not count: some clients (Ollama's) drop them
+            entries.append(("tool", "", m.text.strip()))
         ends.append(index + 1)
     key = []
     for kind, first, second in entries:
@@ -2160,6 +2512,8 @@ class CodexRun:
         text           (item key, delta): answer text; the key changes
                        between Codex's messages
         reasoning      (item key, part index, delta): the reasoning summary
+        reasoning_item the model's reasoning as an item with encrypted_content,
+                       which gives it back to a later thread (app-server)
         usage          the turn's usage so far, as a dict with Codex's names
                        (input_tokens, cached_input_tokens, output_tokens,
                        reasoning_output_tokens)
@@ -2257,6 +2611,11 @@ class CodexRun:
     def knows_call(self, call_id):
         with self._lock:
             return call_id in self._used_ids
+
+    def open_calls(self):
+        """The calls the client has and has not answered, in the order made."""
+        with self._lock:
+            return [p.call for p in self._calls.values() if p.sent and not p.done.is_set()]
 
     def open_call_ids(self, sent_only=True):
         with self._lock:
@@ -2936,6 +3295,10 @@ class AppServerEvents:
         self.signals_responses = True
         if method == "rawResponseItem/completed":
             item = params.get("item") or {}
+            if item.get("type") == "reasoning" and item.get("encrypted_content"):
+                return [("reasoning_item", {"type": "reasoning",
+                                            "summary": item.get("summary") or [],
+                                            "encrypted_content": item["encrypted_content"]})]
             if item.get("type") in ("function_call", "custom_tool_call"):
                 if self.names.from_codex(item.get("namespace"), item.get("name")):
                     self._response_calls.add(item.get("call_id"))
@@ -3620,6 +3983,18 @@ class ParkedTurns:
                     return run
         return None
 
+    def claim_calls(self, calls):
+        """Take out the run whose open calls are these [(name, arguments)],
+        in order: for clients that drop call ids (Ollama's)."""
+        wanted = [(name, canonical_arguments(args)) for name, args in calls]
+        with self._lock:
+            for run_id, (run, _) in self._runs.items():
+                if [(c.name, canonical_arguments(c.arguments))
+                        for c in run.open_calls()] == wanted:
+                    del self._runs[run_id]
+                    return run
+        return None
+
     def take_mentioning(self, call_ids):
         """Take out runs whose open calls appear in an edited history."""
         call_ids = set(call_ids)
@@ -3819,6 +4194,8 @@ class Responder:
         self.created = int(time.time())
         self.calls = []                     # [ToolCall] sent
         self.content = []                   # the answer text as sent
+        self.reasoning_items = []           # encrypted reasoning, when Codex gives it
+        self.stop_sequence = None           # the stop sequence that ended the answer
         self.on_finish = None
 
     def keepalive(self):
@@ -3856,6 +4233,7 @@ class StopFilter:
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
         self.hit = False
+        self.matched = None         # the stop sequence that ended the answer
         self._held = ""
 
     def feed(self, text):
@@ -3863,10 +4241,11 @@ class StopFilter:
         if self.hit:
             return ""
         buffer = self._held + text
-        found = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        found = [(i, s) for i, s in ((buffer.find(s), s) for s in self.stops) if i >= 0]
         if found:
+            at, self.matched = min(found)
             self.hit, self._held = True, ""
-            return buffer[:min(found)]
+            return buffer[:at]
         keep = 0
         for stop in self.stops:
             for size in range(min(len(stop) - 1, len(buffer)), keep, -1):
@@ -4232,7 +4611,242 @@ class ResponsesResponder(Responder):
         self.handler.end_chunks()
 
 
-RESPONDERS = {"chat": ChatResponder, "responses": ResponsesResponder}
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(error):
+    """A ProxyError in the Messages API's error shape."""
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status) or \
+        ("invalid_request_error" if error.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def ollama_error(error):
+    """A ProxyError in the Ollama API's error shape."""
+    return {"error": error.message}
+
+
+# Each API's error body; the handler picks one by the request's path.
+ERROR_BODIES = {"openai": ProxyError.body, "anthropic": anthropic_error, "ollama": ollama_error}
+
+
+def anthropic_usage(usage):
+    """Codex turn usage -> Messages API usage (input_tokens there leaves out
+    what was read from the cache)."""
+    prompt, cached, completion, _ = token_counts(usage)
+    return {"input_tokens": max(0, prompt - cached), "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0, "output_tokens": completion}
+
+
+def call_input(call):
+    """A call's arguments as the object tool_use (and Ollama) want."""
+    try:
+        value = json.loads(call.arguments)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"input": call.arguments}
+
+
+class MessagesResponder(Responder):
+    """The Anthropic Messages API: the SSE events the SDKs and Claude Code
+    read (each with its `event:` line: message_start, content_block_start /
+    _delta / _stop, message_delta, message_stop, ping), or one Message.  The
+    model's reasoning summary is a thinking block, shown when the request
+    asked for thinking; its signature carries Codex's encrypted reasoning,
+    so that a returned block gives the model its reasoning back."""
+
+    STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use"}
+
+    def __init__(self, handler, request, reasoning_mode):
+        super().__init__(handler, request, reasoning_mode)
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.show_thinking = request.reasoning_summary is not None
+        self.blocks = []            # finished content blocks
+        self._block = None          # the block being written
+        self._key = None
+
+    def _event(self, kind, **fields):
+        if self.stream:
+            self.handler.write_chunk(sse(dict(type=kind, **fields), kind))
+
+    def _message(self, stop_reason=None, usage=None):
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": self.blocks if stop_reason else [], "stop_reason": stop_reason,
+                "stop_sequence": self.stop_sequence if stop_reason else None,
+                "usage": anthropic_usage(usage or {})}
+
+    def open(self):
+        if self.stream:
+            self.handler.start_event_stream()
+            self._event("message_start", message=self._message())
+
+    def _begin(self, block, key=None):
+        self._close()
+        self._block, self._key = block, key
+        self._event("content_block_start", index=len(self.blocks), content_block=dict(
+            block, **({"text": ""} if block["type"] == "text" else
+                      {"thinking": "", "signature": ""} if block["type"] == "thinking" else
+                      {"input": {}})))
+
+    def _close(self):
+        block, self._block = self._block, None
+        if block is None:
+            return
+        if block["type"] == "thinking":
+            used = sum(1 for b in self.blocks if b["type"] == "thinking")
+            item = self.reasoning_items[used] if used < len(self.reasoning_items) else None
+            block["signature"] = reasoning_signature(item) if item else ""
+            self._event("content_block_delta", index=len(self.blocks),
+                        delta={"type": "signature_delta", "signature": block["signature"]})
+        self._event("content_block_stop", index=len(self.blocks))
+        self.blocks.append(block)
+
+    def text(self, key, delta):
+        if not delta:
+            return
+        if self._block is None or self._block["type"] != "text" or self._key != key:
+            self._begin({"type": "text", "text": ""}, key)
+        self._block["text"] += delta
+        self.content.append(delta)
+        self._event("content_block_delta", index=len(self.blocks),
+                    delta={"type": "text_delta", "text": delta})
+
+    def reasoning(self, item, part, delta):
+        if not delta or not self.show_thinking:
+            return
+        if self._block is None or self._block["type"] != "thinking" or self._key != item:
+            self._begin({"type": "thinking", "thinking": ""}, item)
+        elif self._block["thinking"] and part != self._block.get("part"):
+            delta = "\n\n" + delta
+        self._block["part"] = part
+        self._block["thinking"] += delta
+        self._event("content_block_delta", index=len(self.blocks),
+                    delta={"type": "thinking_delta", "thinking": delta})
+
+    def tool_calls(self, calls):
+        self.calls += calls
+        for call in calls:
+            self._begin({"type": "tool_use", "id": call.id, "name": call.name})
+            self._block["input"] = call_input(call)
+            self._event("content_block_delta", index=len(self.blocks), delta={
+                "type": "input_json_delta",
+                "partial_json": json.dumps(self._block["input"], ensure_ascii=False)})
+        self._close()
+
+    def finish(self, reason, usage):
+        self._close()
+        for block in self.blocks:
+            block.pop("part", None)
+        self._finishing()
+        stop = "stop_sequence" if self.stop_sequence else self.STOP_REASONS.get(reason, reason)
+        if not self.stream:
+            self.handler.send_json(200, self._message(stop, usage))
+            return
+        self._event("message_delta", delta={"stop_reason": stop,
+                                            "stop_sequence": self.stop_sequence},
+                    usage=anthropic_usage(usage))
+        self._event("message_stop")
+        self.handler.end_chunks()
+
+    def fail_stream(self, error):
+        self._event("error", error=anthropic_error(error)["error"])
+        self.handler.end_chunks()
+
+    def keepalive(self):
+        self._event("ping")
+
+
+def ollama_time():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+class OllamaResponder(Responder):
+    """The Ollama API: NDJSON lines (no blank line, no comment: the library
+    parses every line) with `done: false`, then one `done: true` line with
+    the counts; or that last object alone.  /api/chat writes `message`
+    (content, thinking, tool_calls with object arguments); /api/generate
+    writes `response` and `thinking`."""
+
+    def __init__(self, handler, request, reasoning_mode):
+        super().__init__(handler, request, reasoning_mode)
+        self.chat = request.api == "ollama_chat"
+        self.show_thinking = request.reasoning_summary is not None
+        self.thinking = []
+        self.started = time.monotonic()
+
+    def _line(self, done=False, content="", thinking="", calls=(), extra=None):
+        line = {"model": self.model or "", "created_at": ollama_time()}
+        if self.chat:
+            message = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = [{"function": {"name": c.name,
+                                                       "arguments": call_input(c)}}
+                                         for c in calls]
+            line["message"] = message
+        else:
+            line["response"] = content
+            if thinking:
+                line["thinking"] = thinking
+        line["done"] = done
+        line.update(extra or {})
+        return line
+
+    def _write(self, line):
+        if self.stream:
+            self.handler.write_chunk(json.dumps(line).encode() + b"\n")
+
+    def open(self):
+        if self.stream:
+            self.handler.start_event_stream("application/x-ndjson")
+
+    def text(self, key, delta):
+        if delta:
+            self.content.append(delta)
+            self._write(self._line(content=delta))
+
+    def reasoning(self, item, part, delta):
+        if delta and self.show_thinking:
+            self.thinking.append(delta)
+            self._write(self._line(thinking=delta))
+
+    def tool_calls(self, calls):
+        self.calls += calls
+        if calls:
+            self._write(self._line(calls=calls))
+
+    def finish(self, reason, usage):
+        self._finishing()
+        prompt, _, completion, _ = token_counts(usage)
+        elapsed = int((time.monotonic() - self.started) * 1e9)
+        counts = {"done_reason": "stop", "total_duration": elapsed, "load_duration": 0,
+                  "prompt_eval_count": prompt, "prompt_eval_duration": 0,
+                  "eval_count": completion, "eval_duration": elapsed}
+        if not self.chat:
+            counts["context"] = []
+        if not self.stream:
+            self.handler.send_json(200, self._line(True, "".join(self.content),
+                                                   "".join(self.thinking), self.calls, counts))
+            return
+        self._write(self._line(True, extra=counts))
+        self.handler.end_chunks()
+
+    def fail_stream(self, error):
+        self._write({"error": error.message})
+        self.handler.end_chunks()
+
+    def keepalive(self):
+        self._write(self._line())        # an empty piece: NDJSON has no comments
+
+
+RESPONDERS = {"chat": ChatResponder, "responses": ResponsesResponder,
+              "messages": MessagesResponder, "ollama_chat": OllamaResponder,
+              "ollama_generate": OllamaResponder}
 
 # ---------------------------------------------------------------------------
 # The pump: one run's events -> one responder
@@ -4380,6 +4994,8 @@ class TurnPump:
             self.out.reasoning(*payload)
         elif kind == "model_call":
             self.model_called(payload)
+        elif kind == "reasoning_item":
+            self.out.reasoning_items.append(payload)
         elif kind == "usage":
             self.usage = payload
         elif kind == "warning":
@@ -4444,6 +5060,7 @@ class TurnPump:
         if emit:
             self.out.text(key, emit)
         if self.stop.hit:
+            self.out.stop_sequence = self.stop.matched
             return self.finish("stopped", "stop")
         return None
 
@@ -4674,8 +5291,10 @@ class Turns:
         """The parked run these tool results answer, with the results
         delivered; None when no parked turn of this conversation matches."""
         results = trailing_tool_results(request.messages)
-        history_ids = request.history_ids()
         run = self.parked.claim(r.tool_call_id for r in results) if results else None
+        if run is None and results and request.api.startswith("ollama"):
+            run = self._claim_by_calls(request, results)
+        history_ids = request.history_ids()
         for stale in self.parked.take_mentioning(history_ids):
             self.expire(stale, "history_changed")
         if run is None:
@@ -4698,6 +5317,21 @@ class Turns:
         self.logs.add(LogEvent.TURN_RESUMED, request_id, turn=run.id, results=answered)
         with self._lock:
             self._active += 1
+        return run
+
+    def _claim_by_calls(self, request, results):
+        """The parked run whose calls the request's last assistant message
+        repeats (the ids were lost on the way); the request's ids become the
+        run's."""
+        asked = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
+        run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls]) \
+            if asked is not None and asked.tool_calls else None
+        if run is not None:
+            ids = dict(zip([c.id for c in asked.tool_calls], [c.id for c in run.open_calls()]))
+            for call in asked.tool_calls:
+                call.id = ids.get(call.id, call.id)
+            for result in results:
+                result.tool_call_id = ids.get(result.tool_call_id, result.tool_call_id)
         return run
 
     # -- parking, keeping and ending ---------------------------------------------
@@ -5374,6 +6008,7 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
         self._chunked = True        # streams are chunked, but for HTTP/1.0
         self._expect = False        # the client waits for 100 Continue before its body
         self._linger = False        # drain what the client still sends before closing
+        self.dialect = "openai"     # whose error shape: openai, anthropic or ollama
 
     def finish(self):
         if self._selector is not None:
@@ -5493,8 +6128,9 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def send_error_body(self, error):
-        """The one place an error body is written."""
-        self.send_json(error.status, error.body(), error.headers)
+        """The one place an error body is written, in the shape of the API
+        the request's path belongs to."""
+        self.send_json(error.status, ERROR_BODIES[self.dialect](error), error.headers)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found before routing (a bad request line or header, an
@@ -5508,10 +6144,10 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def start_event_stream(self):
+    def start_event_stream(self, content_type="text/event-stream"):
         self.connection.settimeout(WRITE_STALL_SECONDS)
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
         if self._chunked:
             self.send_header("Transfer-Encoding", "chunked")
@@ -5632,6 +6268,67 @@ def endpoint_responses(handler):
     server.turns.serve(handler, parse_responses_request(body, server.turns.responses))
 
 
+def endpoint_messages(handler):
+    server = handler.server
+    server.turns.serve(handler, parse_messages_request(handler.read_json_body()))
+
+
+def endpoint_count_tokens(handler):
+    handler.send_json(200, {"input_tokens": count_tokens_estimate(handler.read_json_body())})
+
+
+def endpoint_root(handler):
+    """What Ollama answers at / (clients probe it); Claude Code sends HEAD."""
+    data = b"Ollama is running"
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/plain; charset=utf-8")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+
+
+def endpoint_ollama_chat(handler):
+    handler.server.turns.serve(handler, parse_ollama_chat(handler.read_json_body()))
+
+
+def endpoint_ollama_generate(handler):
+    handler.server.turns.serve(handler, parse_ollama_generate(handler.read_json_body()))
+
+
+OLLAMA_DETAILS = {"parent_model": "", "format": "codex", "family": "gpt", "families": ["gpt"],
+                  "parameter_size": "", "quantization_level": ""}
+
+
+def endpoint_ollama_tags(handler):
+    handler.send_json(200, {"models": [
+        {"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+         "digest": hashlib.sha256(name.encode()).hexdigest(), "details": OLLAMA_DETAILS}
+        for name in handler.server.launcher.model_names()]})
+
+
+def endpoint_ollama_show(handler):
+    body = handler.read_json_body()
+    name = field(body if isinstance(body, dict) else {}, "model", (str,), "model") or \
+        field(body if isinstance(body, dict) else {}, "name", (str,), "name")
+    if not name:
+        raise bad_request("model is required", "model")
+    handler.send_json(200, {"license": "", "modelfile": "", "parameters": "", "template": "",
+                            "details": OLLAMA_DETAILS,
+                            "model_info": {"general.architecture": "codex",
+                                           "general.basename": name},
+                            "capabilities": ["completion", "tools", "thinking", "vision"],
+                            "modified_at": "1970-01-01T00:00:00Z"})
+
+
+def endpoint_ollama_version(handler):
+    handler.send_json(200, {"version": OLLAMA_VERSION})
+
+
+def endpoint_ollama_ps(handler):
+    handler.send_json(200, {"models": []})      # nothing is loaded: Codex holds the models
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     methods: tuple
@@ -5643,10 +6340,26 @@ ROUTES = {
     "/chat/completions": Route(("POST",), endpoint_chat),
     "/responses": Route(("POST",), endpoint_responses),
     "/models": Route(("GET",), endpoint_models),
+    "/messages": Route(("POST",), endpoint_messages),
+    "/messages/count_tokens": Route(("POST",), endpoint_count_tokens),
+    "/api/chat": Route(("POST",), endpoint_ollama_chat),
+    "/api/generate": Route(("POST",), endpoint_ollama_generate),
+    "/api/tags": Route(("GET",), endpoint_ollama_tags),
+    "/api/show": Route(("POST",), endpoint_ollama_show),
+    "/api/version": Route(("GET",), endpoint_ollama_version),
+    "/api/ps": Route(("GET",), endpoint_ollama_ps),
+    "/": Route(("GET", "HEAD"), endpoint_root, key="none"),
     "/health": Route(("GET",), endpoint_health, key="none"),
     "/logs": Route(("GET",), endpoint_logs, key="endpoint"),
     "/logs/stream": Route(("GET",), endpoint_logs_stream),
 }
+
+
+def dialect_of(path):
+    """Whose error shape a path's answers take."""
+    if path == "/messages" or path.startswith("/messages/"):
+        return "anthropic"
+    return "ollama" if path.startswith("/api/") else "openai"
 
 
 class ProxyHandler(HttpHandler):
@@ -5657,6 +6370,7 @@ class ProxyHandler(HttpHandler):
 
     def dispatch(self, method):
         self.request_id = "req_" + secrets.token_hex(5)
+        self.dialect = dialect_of(self.route)
         server = self.server
         try:
             try:
@@ -5695,8 +6409,8 @@ class ProxyHandler(HttpHandler):
         route = ROUTES.get(path)
         if route is None:
             raise ProxyError(404, f"no route {method} {path}; this proxy serves "
-                             "/v1/chat/completions, /v1/responses and /v1/models",
-                             code="not_found")
+                             "/v1/chat/completions, /v1/responses, /v1/messages, /v1/models, "
+                             "/api/chat, /api/generate and /api/tags", code="not_found")
         if method == "OPTIONS":
             return None
         if method not in route.methods:
