@@ -1551,7 +1551,7 @@ class FakeHandler:
         self.gone = gone
         self.close_connection = False
 
-    def start_event_stream(self):
+    def start_event_stream(self, content_type="text/event-stream"):
         self.started = True
 
     def write_chunk(self, data):
@@ -2311,6 +2311,243 @@ def test_cursors_responses_shaped_chat_body_gets_its_usage_chunk(proxy, fake_cod
     chunks = [e for e in sse_events(raw) if e != "[DONE]"]
     assert status == 200 and chunks[-1]["usage"]["total_tokens"] == 18
     assert fake_codex.wait_records(1)[0]["turn"]["effort"] == "high"
+
+
+# ---------------------------------------------------------------------------
+# The Anthropic and Ollama dialects: parsing and writing, by hand
+# ---------------------------------------------------------------------------
+
+def test_a_claude_code_turn_parses_into_the_request_model():
+    png = base64.b64encode(tiny_png()).decode()
+    enc = cp.reasoning_signature({"summary": [{"type": "summary_text", "text": "hm"}],
+                                  "encrypted_content": "ENC"})
+    request = cp.parse_messages_request({
+        "model": "claude-opus-4-8", "max_tokens": 64000, "stream": True,
+        "system": [{"type": "text", "text": "billing tag"},
+                   {"type": "text", "text": "You are Claude Code.",
+                    "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<system-reminder>x"},
+                                         {"type": "text", "text": "read it",
+                                          "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "Available agent types: none"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": enc},
+                {"type": "text", "text": "Reading."},
+                {"type": "tool_use", "id": "toolu_1", "name": "Read",
+                 "input": {"file_path": "/p/hello.txt"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                    {"type": "text", "text": "1\thello"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": png}}]},
+                {"type": "text", "text": "thanks"}]}],
+        "tools": [{"name": "Read", "description": "Read a file", "input_schema": {
+            "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "properties": {"file_path": {"type": "string"}}, "required": ["file_path"],
+            "additionalProperties": False}}, {"type": "web_search_20250305", "name": "web"}],
+        "thinking": {"type": "adaptive"}, "output_config": {"effort": "max"},
+        "metadata": {"user_id": "{}"}, "context_management": {"edits": []}})
+    assert request.api == "messages" and request.stream and request.model == "claude-opus-4-8"
+    assert [m.role for m in request.messages] == ["system", "user", "system", "assistant",
+                                                  "tool", "user"]
+    assert request.messages[0].text == "billing tag\nYou are Claude Code."
+    assert request.messages[3].tool_calls[0].arguments == '{"file_path": "/p/hello.txt"}'
+    assert request.messages[3].reasoning[0]["encrypted_content"] == "ENC"
+    tool = request.messages[4]
+    assert tool.tool_call_id == "toolu_1" and tool.text == "1\thello" and len(tool.images) == 1
+    assert request.tools[0].name == "Read" and "$schema" not in request.tools[0].parameters
+    assert request.ignored_tools == ["web_search_20250305"]
+    assert (request.reasoning_effort, request.reasoning_summary) == ("xhigh", "auto")
+    assert cp.resolve_model(request.model, {}) == (None, None)         # Codex's default
+    assert cp.resolve_model("claude-opus-4-8", {"claude-opus-4-8": "gpt-5.5"})[0] == "gpt-5.5"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://x/a.png"}}]}]}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "some"}},
+     "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "deep"}}, "thinking"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
+])
+def test_bad_messages_requests_are_400s(body, param):
+    with pytest.raises(cp.ProxyError) as error:
+        cp.parse_messages_request(body)
+    assert error.value.status == 400 and (param is None or error.value.param == param)
+    assert cp.anthropic_error(error.value)["error"]["type"] == "invalid_request_error"
+
+
+def test_anthropic_tool_choice_thinking_and_format_map_to_the_shared_fields():
+    base = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+    request = cp.parse_messages_request(dict(base, tool_choice={
+        "type": "tool", "name": "f", "disable_parallel_tool_use": True},
+        tools=[{"name": "f", "input_schema": {"type": "object"}}],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        output_config={"format": {"type": "json_schema", "schema": {
+            "type": "object", "properties": {"t": {"type": "string"}}, "required": ["t"],
+            "additionalProperties": False}}},
+        stop_sequences=["END"]))
+    assert request.tool_choice == {"name": "f"} and not request.parallel_tool_calls
+    assert (request.reasoning_effort, request.reasoning_summary) == ("low", "auto")
+    assert request.output_schema["properties"] == {"t": {"type": "string"}}
+    assert request.stop == ["END"] and cp.forces_tool(request)
+    assert cp.parse_messages_request(dict(base, thinking={"type": "disabled"})
+                                     ).reasoning_summary is None
+    assert cp.count_tokens_estimate(dict(base, system="s" * 4000)) >= 1000
+
+
+def test_thinking_signatures_carry_encrypted_reasoning_and_nothing_else():
+    item = {"summary": [{"type": "summary_text", "text": "a"}], "encrypted_content": "E" * 500}
+    signature = cp.reasoning_signature(item)
+    assert signature.startswith("cxp1.") and len(signature) < 200        # compressed
+    assert cp.reasoning_from_signature(signature)["encrypted_content"] == "E" * 500
+    for foreign in ("", "EqQBCkYIBRgC", "cxp1.!!!", "cxp1." + base64.urlsafe_b64encode(
+            zlib.compress(b"[1]")).decode(), None):
+        assert cp.reasoning_from_signature(foreign) is None
+
+
+def test_the_messages_responder_streams_blocks_in_the_order_the_sdk_asserts():
+    handler = FakeHandler()
+    request = cp.parse_messages_request({"messages": [{"role": "user", "content": "x"}],
+                                         "stream": True, "thinking": {"type": "adaptive"},
+                                         "model": "claude-x"})
+    out = cp.MessagesResponder(handler, request, "content")
+    out.open()
+    out.reasoning_items.append({"summary": [], "encrypted_content": "ENC"})
+    out.reasoning("r", 0, "Hm.")
+    out.text("m", "Hel")
+    out.text("m", "lo")
+    out.tool_calls([cp.ToolCall("toolu_1", "Read", '{"file_path": "a"}')])
+    out.finish("tool_calls", {"input_tokens": 10, "cached_input_tokens": 4, "output_tokens": 3})
+    raw = handler.body().decode()
+    names = re.findall(r"^event: (\S+)$", raw, re.M)
+    assert names == ["message_start", "content_block_start", "content_block_delta",
+                     "content_block_delta", "content_block_stop", "content_block_start",
+                     "content_block_delta", "content_block_delta", "content_block_stop",
+                     "content_block_start", "content_block_delta", "content_block_stop",
+                     "message_delta", "message_stop"]
+    events = sse_events(handler.body())
+    assert events[0]["message"]["model"] == "claude-x" and "usage" in events[0]["message"]
+    assert events[3]["delta"]["type"] == "signature_delta"
+    assert cp.reasoning_from_signature(events[3]["delta"]["signature"])["encrypted_content"] == "ENC"
+    assert events[10]["delta"] == {"type": "input_json_delta",
+                                   "partial_json": '{"file_path": "a"}'}
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2]["usage"] == {"input_tokens": 6, "cache_read_input_tokens": 4,
+                                   "cache_creation_input_tokens": 0, "output_tokens": 3}
+
+
+def test_the_messages_responder_without_a_stream_and_at_a_stop_sequence():
+    handler = FakeHandler()
+    request = cp.parse_messages_request({"messages": [{"role": "user", "content": "x"}],
+                                         "model": "m"})
+    out = cp.MessagesResponder(handler, request, "content")
+    out.reasoning("r", 0, "not asked for")
+    out.text("m", "answer")
+    out.stop_sequence = "END"
+    out.finish("stop", {})
+    status, message = handler.json
+    assert status == 200 and message["content"] == [{"type": "text", "text": "answer"}]
+    assert message["stop_reason"] == "stop_sequence" and message["stop_sequence"] == "END"
+    handler = FakeHandler()
+    out = cp.MessagesResponder(handler, cp.parse_messages_request(
+        {"messages": [{"role": "user", "content": "x"}], "stream": True}), "content")
+    out.open()
+    out.keepalive()
+    out.fail(cp.ProxyError(429, "limit", "rate_limit_error", "usage_limit_reached"))
+    raw = handler.body().decode()
+    assert "event: ping" in raw and "event: error" in raw and '"rate_limit_error"' in raw
+
+
+def test_ollama_messages_match_results_to_calls_by_name_and_order():
+    png = base64.b64encode(tiny_png()).decode()
+    request = cp.parse_ollama_chat({"model": "gpt-5.5:latest", "messages": [
+        {"role": "user", "content": "weather?", "images": [png]},
+        {"role": "assistant", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "content": "12:00", "tool_name": "get_time"},
+        {"role": "tool", "content": "Sunny"}], "tools": [], "think": "high",
+        "format": {"type": "object", "properties": {"a": {"type": "string"}},
+                   "required": ["a"], "title": "A"}, "options": {"stop": ["\n\n"],
+                                                               "num_ctx": 8192}})
+    calls = request.messages[1].tool_calls
+    assert [(m.role, m.tool_call_id) for m in request.messages[2:]] == [
+        ("tool", calls[1].id), ("tool", calls[0].id)]
+    assert request.messages[0].images[0].startswith("data:image/png;base64,")
+    assert calls[0].arguments == '{"city": "Paris"}' and request.stream      # Ollama's default
+    assert (request.reasoning_effort, request.reasoning_summary) == ("high", "auto")
+    assert request.output_schema["required"] == ["a"] and request.stop == ["\n\n"]
+    assert cp.resolve_model("gpt-5.5:latest", {}) == ("gpt-5.5", None)
+    generate = cp.parse_ollama_generate({"model": "m", "prompt": "p", "system": "s",
+                                         "stream": False, "format": "json"})
+    assert [m.role for m in generate.messages] == ["system", "user"] and not generate.stream
+    assert generate.output_instruction
+    with pytest.raises(cp.ProxyError):
+        cp.parse_ollama_chat({"model": "m", "messages": [{"role": "user", "content": 5}]})
+
+
+def test_the_ollama_responder_writes_ndjson_lines_the_library_reads():
+    handler = FakeHandler()
+    request = cp.parse_ollama_chat({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                    "think": True})
+    out = cp.OllamaResponder(handler, request, "content")
+    out.open()
+    out.reasoning("r", 0, "Hm.")
+    out.text("m", "Hi")
+    out.keepalive()
+    out.tool_calls([cp.ToolCall("c1", "f", '{"a": 1}')])
+    out.finish("tool_calls", {"input_tokens": 5, "output_tokens": 2})
+    lines = handler.body().decode().split("\n")
+    assert lines[-1] == "" and all(lines[:-1])          # one object a line, no blank line
+    objects = [json.loads(line) for line in lines[:-1]]
+    assert objects[0]["message"]["thinking"] == "Hm." and objects[1]["message"]["content"] == "Hi"
+    assert objects[3]["message"]["tool_calls"] == [{"function": {"name": "f",
+                                                                 "arguments": {"a": 1}}}]
+    assert objects[-1]["done"] and objects[-1]["eval_count"] == 2
+    assert not any(o["done"] for o in objects[:-1])
+    handler = FakeHandler()
+    out = cp.OllamaResponder(handler, cp.parse_ollama_generate(
+        {"model": "m", "prompt": "x", "stream": False}), "content")
+    out.text("m", "whole")
+    out.finish("stop", {})
+    assert handler.json[1]["response"] == "whole" and handler.json[1]["done"]
+
+
+def test_each_dialect_answers_errors_in_its_own_shape(proxy, fake_codex):
+    status, _, raw = http_request(proxy.base, "POST", "/v1/messages?beta=true", {"messages": 5})
+    assert status == 400 and json.loads(raw)["type"] == "error"
+    status, _, raw = http_request(proxy.base, "POST", "/api/chat", {"messages": 5})
+    assert status == 400 and set(json.loads(raw)) == {"error"}
+    status, _, raw = http_request(proxy.base, "GET", "/api/embed")
+    assert status == 404 and set(json.loads(raw)) == {"error"}
+    assert http_request(proxy.base, "HEAD", "/")[0] == 200
+    fake_codex.scenario([{"thread": True}, {"fail": "You've hit your usage limit.",
+                                            "info": "usageLimitExceeded"}])
+    status, headers, raw = http_request(proxy.base, "POST", "/v1/messages", {
+        "model": "claude-x", "max_tokens": 9, "messages": [{"role": "user", "content": "x"}]})
+    assert status == 429 and json.loads(raw)["error"]["type"] == "rate_limit_error"
+
+
+def test_ollama_tool_results_resume_the_parked_turn_without_ids(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_w"}]},
+        {"text": "It is {results}"}, {"complete": {}}])
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    first = json.loads(http_request(proxy.base, "POST", "/api/chat", {
+        "model": "gpt-5.5", "stream": False, "messages": messages, "tools": tools})[2])
+    call = first["message"]["tool_calls"][0]
+    assert call == {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages += [{"role": "assistant", "tool_calls": [call]},
+                 {"role": "tool", "content": "Sunny", "tool_name": "get_weather"}]
+    final = json.loads(http_request(proxy.base, "POST", "/api/chat", {
+        "model": "gpt-5.5", "stream": False, "messages": messages, "tools": tools})[2])
+    assert final["message"]["content"] == "It is Sunny" and proxy.events("turn_resumed")
 
 
 # ---------------------------------------------------------------------------
