@@ -5019,8 +5019,8 @@ def sdk_client(openai_sdk, base, **extra):
 
 
 def developer_text(body):
-    return "\n".join(part["text"] for item in body["input"]
-                     if item.get("role") == "developer" for part in item["content"])
+    return "\n".join(part.get("text", "") for item in body["input"]
+                     if item.get("role") == "developer" for part in item.get("content") or [])
 
 
 def tool_names(body):
@@ -5892,6 +5892,206 @@ def test_e2e_a_parked_turn_whose_codex_was_killed_is_answered_fresh(e2e, openai_
     final = client.chat.completions.create(model="5.5-tpg", messages=messages, tools=TOOLS)
     assert final.choices[0].message.content == "fresh answer: CONTENT-A"
     assert proxy.events("parked_expired")[0]["reason"] == "codex_exited"
+
+
+@pytest.fixture
+def anthropic_sdk():
+    try:
+        import anthropic
+    except ImportError:
+        anthropic = None
+    require("the anthropic Python SDK", anthropic)
+    return anthropic
+
+
+@pytest.fixture
+def ollama_lib():
+    try:
+        import ollama
+    except ImportError:
+        ollama = None
+    require("the ollama Python library", ollama)
+    return ollama
+
+
+def anthropic_client(anthropic_sdk, proxy):
+    return anthropic_sdk.Anthropic(base_url=proxy.base, api_key="unused", max_retries=0,
+                                   timeout=60)
+
+
+def upstream_texts(body):
+    """The text of every message item an upstream request holds."""
+    return [part.get("text", "") for item in body["input"] if item.get("type") == "message"
+            for part in item["content"] if isinstance(part, dict)]
+
+
+def test_e2e_the_anthropic_sdk_creates_messages(e2e, anthropic_sdk):
+    e2e.responder = lambda body, index: [upstream_message("Hello from upstream", index)]
+    e2e.write_config('model = "gpt-5.5"\n')          # the user's default model
+    proxy = e2e.proxy()
+    client = anthropic_client(anthropic_sdk, proxy)
+    message = client.messages.create(model="claude-opus-4-8", max_tokens=100, system="Be brief.",
+                                     messages=[{"role": "user", "content": "Say hello"}])
+    assert message.model == "claude-opus-4-8" and message.stop_reason == "end_turn"
+    assert message.content[0].text == "Hello from upstream"
+    assert message.usage.input_tokens == 60 and message.usage.cache_read_input_tokens == 40
+    assert message.usage.output_tokens == 20
+    body = e2e.upstream.bodies()[0]
+    assert body["model"] == "gpt-5.5" and "Be brief." in developer_text(body)  # config.toml's
+    raw = client.messages.with_raw_response.create(          # Claude Code's query and
+        model="claude-opus-4-8", max_tokens=10, extra_query={"beta": "true"},  # system turn
+        messages=[{"role": "user", "content": "hi"},
+                  {"role": "system", "content": "MID-CONVERSATION SYSTEM"},
+                  {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": "again"}])
+    assert raw.http_response.status_code == 200
+    assert "MID-CONVERSATION SYSTEM" in developer_text(e2e.upstream.bodies()[-1])
+    assert client.messages.count_tokens(model="claude-opus-4-8", messages=[
+        {"role": "user", "content": "count me " * 100}]).input_tokens > 100
+    with pytest.raises(anthropic_sdk.BadRequestError) as error:
+        client.messages.create(model="claude-opus-4-8", max_tokens=10, messages=[])
+    assert error.value.body["type"] == "error"
+    assert error.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_e2e_the_anthropic_sdk_streams_text_as_it_is_written(e2e, anthropic_sdk):
+    e2e.responder = lambda body, index: ("drip", 0.05, WORDS, None)
+    proxy = e2e.proxy()
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+    client = anthropic_client(anthropic_sdk, proxy)
+    start, times = time.monotonic(), []
+    with client.messages.stream(model="claude-opus-4-8", max_tokens=500,
+                                messages=[{"role": "user", "content": "count"}]) as stream:
+        for _ in stream.text_stream:
+            times.append(time.monotonic() - start)
+        final = stream.get_final_message()
+    assert len(times) >= 10 and times[0] <= 0.3 * times[-1]
+    assert final.content[0].text == "".join(WORDS) and final.stop_reason == "end_turn"
+
+
+def test_e2e_the_anthropic_sdk_tool_round_image_format_and_thinking(e2e, anthropic_sdk):
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(f"the file says {outputs[-1]}", index)]
+        if "read it" in json.dumps(body["input"]):
+            return [function_call_item("Read", {"file_path": "/p/a.txt"}, "call_r")]
+        return [reasoning_item("Pondering."), upstream_message('{"title": "ok"}', index)]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = anthropic_client(anthropic_sdk, proxy)
+    tools = [{"name": "Read", "description": "Read a file", "input_schema": {
+        "type": "object", "properties": {"file_path": {"type": "string"}},
+        "required": ["file_path"]}}]
+    messages = [{"role": "user", "content": "read it"}]
+    first = client.messages.create(model="claude-opus-4-8", max_tokens=100, tools=tools,
+                                   messages=messages)
+    assert first.stop_reason == "tool_use" and first.content[-1].input == {"file_path": "/p/a.txt"}
+    messages += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "content": "hello file",
+                                               "tool_use_id": first.content[-1].id}]}]
+    final = client.messages.create(model="claude-opus-4-8", max_tokens=100, tools=tools,
+                                   messages=messages)
+    assert final.content[-1].text == "the file says hello file"
+    png = base64.b64encode(tiny_png()).decode()
+    shaped = client.messages.create(
+        model="claude-opus-4-8", max_tokens=100, thinking={"type": "enabled", "budget_tokens": 4096},
+        output_config={"format": {"type": "json_schema", "schema": {
+            "type": "object", "properties": {"title": {"type": "string"}},
+            "required": ["title"], "additionalProperties": False}}},
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": png}}]}])
+    assert [b.type for b in shaped.content] == ["thinking", "text"]
+    assert shaped.content[0].thinking == "Pondering."
+    body = e2e.upstream.bodies()[-1]
+    assert body["reasoning"]["summary"] == "auto" and body["reasoning"]["effort"] == "medium"
+    assert body["text"]["format"]["type"] == "json_schema"
+    parts = [p for item in body["input"] if item.get("role") == "user" for p in item["content"]]
+    assert any(p["type"] == "input_image" for p in parts)
+
+
+def test_e2e_a_usage_limit_is_an_anthropic_rate_limit_error(e2e, anthropic_sdk):
+    e2e.responder = lambda body, index: ("status", 429, {"error": {
+        "type": "usage_limit_reached", "message": "The usage limit has been reached",
+        "resets_in_seconds": 120}})
+    proxy = e2e.proxy()
+    with pytest.raises(anthropic_sdk.RateLimitError) as error:
+        anthropic_client(anthropic_sdk, proxy).messages.create(
+            model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert error.value.body["error"]["type"] == "rate_limit_error"
+
+
+def test_e2e_the_ollama_library_lists_shows_chats_and_generates(e2e, ollama_lib):
+    e2e.responder = lambda body, index: [upstream_message(
+        "echo: " + upstream_texts(body)[-1], index)]
+    proxy = e2e.proxy()
+    client = ollama_lib.Client(host=proxy.base)
+    names = [m.model for m in client.list().models]
+    assert "gpt-5.5" in names
+    assert client.show("gpt-5.5").modelinfo is not None
+    assert json.loads(http_request(proxy.base, "GET", "/api/version")[2])["version"]
+    reply = client.chat(model="gpt-5.5", messages=[{"role": "user", "content": "hi there"}])
+    assert reply.message.content == "echo: hi there" and reply.done
+    generated = client.generate(model="gpt-5.5", prompt="just a prompt", system="Be brief.")
+    assert generated.response == "echo: just a prompt"
+    assert "Be brief." in developer_text(e2e.upstream.bodies()[-1])
+    e2e.responder = lambda body, index: ("status", 429, {"error": {
+        "type": "usage_limit_reached", "message": "The usage limit has been reached"}})
+    with pytest.raises(ollama_lib.ResponseError) as error:
+        client.chat(model="gpt-5.5", messages=[{"role": "user", "content": "x"}])
+    assert error.value.status_code == 429
+
+
+def test_e2e_the_ollama_library_streams_pieces_as_they_are_written(e2e, ollama_lib):
+    e2e.responder = lambda body, index: ("drip", 0.05, WORDS, None)
+    proxy = e2e.proxy()
+    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+    start, times, text = time.monotonic(), [], ""
+    for piece in ollama_lib.Client(host=proxy.base).chat(
+            model="gpt-5.5", messages=[{"role": "user", "content": "count"}], stream=True):
+        if piece.message.content:
+            times.append(time.monotonic() - start)
+            text += piece.message.content
+    assert len(times) >= 10 and times[0] <= 0.3 * times[-1] and text == "".join(WORDS)
+
+
+def test_e2e_the_ollama_library_tools_images_format_and_thinking(e2e, ollama_lib):
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(f"weather: {outputs[-1]}", index)]
+        if "weather" in json.dumps(body["input"]):
+            return [function_call_item("get_weather", {"city": "Paris"}, "call_w")]
+        return [reasoning_item("Pondering."), upstream_message('{"a": "b"}', index)]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = ollama_lib.Client(host=proxy.base)
+
+    def get_weather(city: str) -> str:
+        """Get the weather.
+
+        Args:
+            city: The city
+        """
+        return "Sunny"
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    reply = client.chat(model="gpt-5.5", messages=messages, tools=[get_weather])
+    call = reply.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    messages += [reply.message, {"role": "tool", "content": "Sunny", "tool_name": "get_weather"}]
+    final = client.chat(model="gpt-5.5", messages=messages, tools=[get_weather])
+    assert final.message.content == "weather: Sunny"
+    png = base64.b64encode(tiny_png()).decode()
+    shaped = client.chat(model="gpt-5.5", think=True, format={
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+        messages=[{"role": "user", "content": "what is this", "images": [png]}])
+    assert shaped.message.thinking == "Pondering." and shaped.message.content == '{"a": "b"}'
+    body = e2e.upstream.bodies()[-1]
+    assert body["text"]["format"]["type"] == "json_schema"
+    parts = [p for item in body["input"] if item.get("role") == "user" for p in item["content"]]
+    assert any(p["type"] == "input_image" for p in parts)
 
 
 # ---------------------------------------------------------------------------
