@@ -159,11 +159,11 @@ __all__ = [
     "framing_error", "body_framing", "endpoint_health", "endpoint_models",
     "endpoint_logs", "since_of", "endpoint_logs_stream", "endpoint_chat",
     "endpoint_responses", "endpoint_messages", "endpoint_count_tokens", "endpoint_root",
-    "endpoint_ollama_chat", "endpoint_ollama_generate", "endpoint_ollama_tags",
-    "endpoint_ollama_show", "endpoint_ollama_version", "endpoint_ollama_ps",
-    "dialect_of", "env_flag", "parse_addr", "parse_alias", "split_env_list",
-    "read_key_file", "build_parser", "config_from_args", "is_loopback",
-    "raise_descriptor_limit", "banner", "main",
+    "endpoint_favicon", "endpoint_ollama_chat", "endpoint_ollama_generate",
+    "endpoint_ollama_tags", "endpoint_ollama_show", "endpoint_ollama_version",
+    "endpoint_ollama_ps", "dialect_of", "env_flag", "parse_addr", "parse_alias",
+    "split_env_list", "read_key_file", "build_parser", "config_from_args",
+    "is_loopback", "raise_descriptor_limit", "banner", "main",
 ]
 
 # ---------------------------------------------------------------------------
@@ -4891,6 +4891,7 @@ class TurnPump:
         self.stop = StopFilter(request.stop) if request.stop else None
         self.on_complete = None     # called with the responder when the turn completes
         self.heard_model = False    # anything from the model since this response began
+        self.first_output = None    # when the first text, reasoning or call reached the client
         self.unknown_streak = 0     # model calls in a row of tools nobody declared
         self.silent_calls = 0       # model calls since something reached the client
         self._text_key = None
@@ -4962,6 +4963,7 @@ class TurnPump:
         without that sign, a quiet spell of --tool-quiet-ms ends the batch."""
         if kind == "tool_call":
             self.silent_calls = 0
+            self.first_output = self.first_output or time.monotonic()
             self.calls.append(payload)
             self.logs.add(LogEvent.TOOL_CALL_FORWARDED, self.handler.request_id,
                           turn=self.run_.id, name=payload.call.name,
@@ -4987,9 +4989,11 @@ class TurnPump:
                      effort=run.effort, pid=run.proc.pid if run.proc else None)
         elif kind == "text":
             self.silent_calls = 0
+            self.first_output = self.first_output or time.monotonic()
             return self.text(*payload)
         elif kind == "reasoning":
             self.silent_calls = 0
+            self.first_output = self.first_output or time.monotonic()
             self.reasoning_chars += len(payload[-1])
             self.out.reasoning(*payload)
         elif kind == "model_call":
@@ -5197,8 +5201,10 @@ class Turns:
         try:
             out.open()
             outcome, usage, reason = pump.run()
+            first = pump.first_output
             logs.add(LogEvent.CURSOR_RESPONSE, request_id, turn=run.id, api=request.api,
                      finish_reason=reason, duration_ms=int((time.monotonic() - started) * 1000),
+                     first_token_ms=int((first - started) * 1000) if first else None,
                      usage=openai_usage(usage) if outcome != "parked" else None,
                      tool_calls=len(out.calls),
                      **({"answer": out.answer_text()[-4000:]} if self.config.log_bodies
@@ -6288,6 +6294,14 @@ def endpoint_root(handler):
         handler.wfile.write(data)
 
 
+def endpoint_favicon(handler):
+    """The log page carries its own icon; a browser that asks anyway gets
+    nothing, and no error row in the log."""
+    handler.send_response(204)
+    handler.send_header("Cache-Control", "max-age=86400")
+    handler.end_headers()
+
+
 def endpoint_ollama_chat(handler):
     handler.server.turns.serve(handler, parse_ollama_chat(handler.read_json_body()))
 
@@ -6349,6 +6363,7 @@ ROUTES = {
     "/api/version": Route(("GET",), endpoint_ollama_version),
     "/api/ps": Route(("GET",), endpoint_ollama_ps),
     "/": Route(("GET", "HEAD"), endpoint_root, key="none"),
+    "/favicon.ico": Route(("GET",), endpoint_favicon, key="none"),
     "/health": Route(("GET",), endpoint_health, key="none"),
     "/logs": Route(("GET",), endpoint_logs, key="endpoint"),
     "/logs/stream": Route(("GET",), endpoint_logs_stream),

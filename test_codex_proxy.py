@@ -6262,6 +6262,107 @@ def test_logs_page_reconnects_after_a_proxy_restart(make_proxy, fake_codex, brow
     assert types().count("cursor_response") == 2 and status() == "live"
 
 
+def page_text(browser, element_id):
+    return browser.js("return document.getElementById(arguments[0]).textContent", element_id)
+
+
+def test_logs_page_sums_up_the_buffer_and_keeps_it_live(make_proxy, browser):
+    proxy = make_proxy()
+    logs = proxy.server.logs
+    for n, (tokens_in, tokens_out, first) in enumerate([(100, 20, 100), (200, 30, 300),
+                                                        (50, 5, 200)]):
+        logs.add("incoming_request", f"req_{n}", api="chat", model="m", stream=False,
+                 messages=1, tools=0, client="127.0.0.1")
+        logs.add("cursor_response", f"req_{n}", turn=f"turn_{n}", finish_reason="stop",
+                 duration_ms=first + 50, first_token_ms=first, tool_calls=0,
+                 usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out})
+    logs.add("tool_call_forwarded", "req_0", turn="turn_0", name="f", call_id="c1",
+             argument_bytes=2)
+    logs.add("stream_codex_error", "req_1", turn="turn_1", status=502, code="codex_error",
+             message="boom")
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: page_text(browser, "s-requests") == "3", 15)
+    assert page_text(browser, "s-errors") == "1" and page_text(browser, "s-tools") == "1"
+    assert page_text(browser, "s-tokens-in") == "350" and page_text(browser, "s-tokens-out") == "55"
+    assert page_text(browser, "s-p50") == "200 ms" and page_text(browser, "s-p95") == "300 ms"
+    text = page_text(browser, "summary")
+    assert "requests 3" in text and "errors 1" in text and "350 in / 55 out" in text
+    logs.add("incoming_request", "req_9", api="messages", model="claude-x", stream=True,
+             messages=2, tools=0, client="127.0.0.1")                  # live, as it comes
+    assert wait_until(lambda: page_text(browser, "s-requests") == "4", 10)
+
+
+def test_logs_page_draws_a_tool_round_trip_as_a_timeline(make_proxy, fake_codex, browser):
+    proxy = make_proxy()
+    fake_codex.scenario(TOOL_TURN)
+    messages = [{"role": "user", "content": "read a.py"}]
+    _, message, _, _ = tool_round(proxy, messages)
+    assert tool_round(proxy, messages + [message, *results_for(message)])[2] == "stop"
+    turn = proxy.wait_event("turn_resumed")[0]["turn"]
+    proxy.wait_event("cursor_response", 2)
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: page_text(browser, "s-requests") == "2", 15)
+    browser.js("[...document.querySelectorAll('td.turn a')]"
+               ".find(a => a.textContent === arguments[0]).click();", turn)
+    assert wait_until(lambda: browser.js(
+        "return document.querySelectorAll('#timeline .round').length") == 2, 5)
+    steps = browser.js("return [...document.querySelectorAll('#timeline .steps')]"
+                       ".map(s => s.textContent)")
+    assert "Codex starts" in steps[0] and "first token" in steps[0]
+    assert "tool call out read_file" in steps[0] and "end (tool_calls)" in steps[0]
+    assert "result back call_m1" in steps[1] and "end (stop)" in steps[1]
+    assert re.search(r"\+\d+ ms", steps[1])                  # durations are printed
+    marks = browser.js("return document.querySelectorAll('#timeline .mark').length")
+    assert marks >= 6
+
+
+def test_logs_page_collapses_a_repeated_warning_into_one_row(make_proxy, fake_codex, browser):
+    proxy = make_proxy()
+    fake_codex.scenario([{"thread": True}] + [{"notice": "The model was rerouted."}] * 3 +
+                        [{"text": "ok"}, {"complete": {}}])
+    assert post_chat(proxy.base, chat_body())[0] == 200
+    proxy.wait_event("codex_warning", 3)
+    assert not [e for e in proxy.events("codex_warning")
+                if e["message"].startswith("{") or '\\"' in e["message"]]
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: [r for r in browser.js(ROWS_JS)
+                               if r["cells"][1] == "codex_warning"], 15)
+    warnings = [r for r in browser.js(ROWS_JS) if r["cells"][1] == "codex_warning"]
+    assert len(warnings) == 1 and warnings[0]["cells"][4] == "×3 The model was rerouted."
+
+
+def test_opening_the_logs_page_logs_no_error_of_its_own(make_proxy, browser):
+    proxy = make_proxy()
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: page_text(browser, "status") == "live", 15)
+    assert http_request(proxy.base, "GET", "/favicon.ico")[0] == 204
+    assert browser.js("return document.querySelector('link[rel=icon]').href"
+                      ).startswith("data:image/png;base64,")
+    events = json.loads(http_request(proxy.base, "GET", "/logs?format=json")[2])["events"]
+    assert not [e for e in events if e["type"] in ("request_rejected", "auth_rejected")]
+
+
+def test_logs_page_stays_responsive_on_a_full_buffer(make_proxy, browser):
+    proxy = make_proxy(log_size=2000)
+    for n in range(2000):
+        proxy.server.logs.add("tool_result_received", f"req_{n}", turn=f"turn_{n % 7}",
+                              call_id=f"c{n}", result_chars=n)
+    browser.go(proxy.base + "/logs")
+    assert wait_until(lambda: "of 2000 events" in page_text(browser, "count"), 20)
+    assert browser.js("return document.querySelectorAll('#rows tr').length") == 300
+    for second in range(3):                            # 20 events a second come in
+        for n in range(20):
+            proxy.server.logs.add("tool_result_received", f"req_live_{second}_{n}",
+                                  call_id="c", result_chars=1)
+        time.sleep(1)
+    assert wait_until(lambda: browser.js(ROWS_JS)[-1]["cells"][2] == "req_live_2_19", 10)
+    assert browser.js("return document.querySelectorAll('#rows tr').length") == 300
+    browser.js("document.getElementById('more').click()")
+    assert browser.js("return document.querySelectorAll('#rows tr').length") == 600
+    html = open(os.path.join(HERE, "logs.html")).read()
+    assert "http://" not in html and "https://" not in html      # nothing from outside
+
+
 # ---------------------------------------------------------------------------
 # Benchmarks: python3 test_codex_proxy.py --bench    (figures, no assertions)
 # Stress:     python3 test_codex_proxy.py --stress
