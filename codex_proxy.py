@@ -2404,10 +2404,13 @@ class CodexInfo:
 
 
 def build_model_catalog(codex_argv, env, state_dir, version):
-    """Write Codex's model catalog with tool search and apply_patch turned off.
+    """Write Codex's model catalog with tool search, apply_patch, code mode and
+    Codex's experimental tools turned off.
 
     Catalog models otherwise see MCP tools only behind `tool_search` (exec),
-    and would be offered Codex's own apply_patch (both engines).
+    would be offered Codex's own apply_patch and experimental tools (both
+    engines), and newer ones would reach the client's tools only through a
+    JavaScript `exec` tool of Codex's (code mode).
     Returns (path, [model slugs listed for users]) or (None, [])."""
     safe = re.sub(r"[^A-Za-z0-9.]+", "-", version or "unknown")
     path = os.path.join(state_dir, f"model-catalog-{safe}.json")
@@ -2431,6 +2434,10 @@ def build_model_catalog(codex_argv, env, state_dir, version):
     for model in data["models"]:
         model["supports_search_tool"] = False
         model["apply_patch_tool_type"] = None
+        # "code mode" would hide the client's tools inside a JavaScript tool
+        # of Codex's own, and the experimental tools are Codex's own too.
+        model["tool_mode"] = None
+        model["experimental_supported_tools"] = []
     os.makedirs(state_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -2452,6 +2459,8 @@ class PendingCall:
     result: tuple | None = None         # (text, is_error, [image data: URLs])
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     rpc_id: object = None               # app-server: the request id to answer
+    announced: bool = False             # a raw item of the model's response named it
+    codex_id: object = None             # the call id as Codex gave it (the client's may differ)
 
 
 @dataclasses.dataclass
@@ -2584,7 +2593,7 @@ class CodexRun:
         raise NotImplementedError
 
     # -- tool calls --------------------------------------------------------
-    def add_call(self, call_id, spec, arguments, rpc_id=None):
+    def add_call(self, call_id, spec, arguments, rpc_id=None, announced=False):
         """Register a call of a client tool and queue it for the client."""
         custom = spec.custom
         if custom and isinstance(arguments, dict):
@@ -2592,6 +2601,7 @@ class CodexRun:
             arguments = text if isinstance(text, str) else json.dumps(arguments)
         else:
             arguments = call_arguments(arguments)
+        codex_id = call_id
         if not isinstance(call_id, str) or not call_id or self.id_taken(call_id):
             call_id = None      # ids are unique across runs: a result finds one turn
         with self._lock:
@@ -2599,7 +2609,8 @@ class CodexRun:
                 call_id = "call_" + secrets.token_hex(12)
             self._used_ids.add(call_id)
             pending = PendingCall(ToolCall(call_id, spec.name, arguments, custom,
-                                           spec.namespace), rpc_id=rpc_id)
+                                           spec.namespace), rpc_id=rpc_id, announced=announced,
+                                  codex_id=codex_id)
             self._calls[call_id] = pending
         self.events.put(("tool_call", pending))
         return pending
@@ -3243,6 +3254,11 @@ class AppServerEvents:
     def begin_turn(self):
         self._base = self._total
 
+    def announced(self, call_id):
+        """Did the response being written name this call?  (A call that comes
+        from inside a tool of Codex's own was never in a response.)"""
+        return call_id in self._response_calls
+
     def request(self, method, params):
         if method == "item/tool/call":
             name = params.get("tool")
@@ -3505,7 +3521,8 @@ class AppServerRun(CodexRun):
             if reply is None:
                 self.add_call(params.get("callId"),
                               self.names.from_codex(params.get("namespace"), params.get("tool")),
-                              params.get("arguments"), message["id"])
+                              params.get("arguments"), message["id"],
+                              self.protocol.announced(params.get("callId")))
             else:
                 self.pipe.send(dict(reply, id=message["id"]))
             return
@@ -4974,9 +4991,9 @@ class TurnPump:
         if not self.calls:
             return None
         if self.expected is not None:
-            done = self.expected <= {p.call.id for p in self.calls}
+            done = self.expected <= {p.codex_id for p in self.calls}
             return now if done else now + self.config.tool_quiet
-        if self.run_.signals_responses:
+        if self.run_.signals_responses and all(p.announced for p in self.calls):
             return None         # the model may still be writing more calls
         return now + self.config.tool_quiet
 

@@ -851,6 +851,8 @@ def fake_codex_main(args):
         print(json.dumps({"models": [
             {"slug": "gpt-5.5", "visibility": "list", "supports_search_tool": True,
              "apply_patch_tool_type": "freeform"},
+            {"slug": "gpt-6-sol", "visibility": "list", "tool_mode": "code_mode_only",
+             "experimental_supported_tools": ["clock"]},
             {"slug": "secret-model", "visibility": "hide"}]}))
         return 0
     if args[0] == "app-server" and os.path.exists(os.path.join(state, "no_app_server")):
@@ -1741,6 +1743,15 @@ def test_pump_parks_when_the_model_has_finished_its_calls():
     assert turns.parked_runs == [run] and all(c.sent for c in calls)
     sent = assemble_stream(sse_events(handler.body()))["tool_calls"]
     assert [c["id"] for c in sent] == ["c1", "c2"]
+
+
+def test_pump_waits_only_briefly_for_a_call_no_response_announced():
+    """A call from inside a tool of Codex's own was never in a response: no
+    response_done will list it, so a quiet spell ends the batch."""
+    call = pending("c1")
+    p, turns, handler, run = pump([("tool_call", call)], tool_quiet=0.05)
+    run.signals_responses = True
+    assert p.run()[0] == "parked" and turns.parked_runs == [run]
 
 
 def test_pump_sends_one_call_when_the_client_takes_one_at_a_time():
@@ -2864,7 +2875,8 @@ def test_a_new_codex_version_gets_its_own_catalog(proxy, fake_codex, tmp_path):
     assert wait_until(catalog.exists, 10)
     models = json.loads(catalog.read_text())["models"]
     assert all(m["supports_search_tool"] is False and m["apply_patch_tool_type"] is None
-               for m in models)
+               and m["tool_mode"] is None and m["experimental_supported_tools"] == []
+               for m in models)        # the client's tools directly, none of Codex's own
     assert wait_until(lambda: proxy.server.launcher.catalog_path == str(catalog), 10)
     post_chat(proxy.base, chat_body())
     assert fake_codex.wait_records(2)[-1]["thread"]["config"]["model_catalog_json"] == str(catalog)
@@ -6092,6 +6104,71 @@ def test_e2e_the_ollama_library_tools_images_format_and_thinking(e2e, ollama_lib
     assert body["text"]["format"]["type"] == "json_schema"
     parts = [p for item in body["input"] if item.get("role") == "user" for p in item["content"]]
     assert any(p["type"] == "input_image" for p in parts)
+
+
+@pytest.fixture
+def claude_code():
+    path = shutil.which("claude")
+    require("Claude Code (claude on PATH; .ci/run installs it)", path)
+    return path
+
+
+def run_claude(claude, proxy, prompt, cwd, home, model=None):
+    """`claude -p` against the proxy, as a user would run it, offline."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ANTHROPIC_", "CLAUDE", "OPENAI_"))}
+    env.update(HOME=str(home), ANTHROPIC_BASE_URL=proxy.base, ANTHROPIC_AUTH_TOKEN="unused",
+               DISABLE_TELEMETRY="1", DISABLE_AUTOUPDATER="1", DISABLE_ERROR_REPORTING="1",
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", NO_PROXY="127.0.0.1,localhost")
+    if model:
+        env["ANTHROPIC_MODEL"] = model
+    done = subprocess.run([claude, "-p", prompt, "--output-format", "json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=150,
+                          stdin=subprocess.DEVNULL)
+    result = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+    return done.returncode, result, done.stdout + done.stderr
+
+
+def offered_call(body, name, arguments, call_id):
+    """A function call of the client tool `name` as this request offers it:
+    a plain function, or a child of a namespace (Codex's lite wire format
+    sends them in an `additional_tools` input item)."""
+    for item in body.get("input", []):
+        for tool in item.get("tools", []) if item.get("type") == "additional_tools" else []:
+            if any(child.get("name") == name for child in tool.get("tools", [])):
+                return function_call_item(name, arguments, call_id, tool["name"])
+    return function_call_item(name, arguments, call_id)
+
+
+@pytest.mark.parametrize("model", [None, "gpt-5.5"])
+def test_e2e_claude_code_answers_and_runs_its_own_read_tool(e2e, claude_code, tmp_path, model):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "hello.txt").write_text("hello file\n")
+
+    def responder(body, index):
+        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message("TOOL-SAID: " + json.dumps(outputs[-1]["output"]), index)]
+        if "hello.txt" in json.dumps(body["input"][-1]):
+            return [offered_call(body, "Read", {"file_path": str(project / "hello.txt")},
+                                 "call_read")]
+        return [upstream_message("PLAIN-OK", index)]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    home = tmp_path / "claude-home"
+    home.mkdir()
+    code, result, output = run_claude(claude_code, proxy, "say hello", project, home, model)
+    assert code == 0 and "PLAIN-OK" in result.get("result", ""), output[-3000:]
+    first = e2e.upstream.bodies()[0]
+    assert first["model"] == (model or first["model"]) and not first["model"].startswith("claude")
+    code, result, output = run_claude(claude_code, proxy, "show me hello.txt", project, home,
+                                      model)
+    assert code == 0 and "hello file" in result.get("result", ""), output[-3000:]
+    outputs = [i for i in e2e.upstream.bodies()[-1]["input"]
+               if i.get("type") == "function_call_output"]
+    assert "hello file" in json.dumps(outputs)        # the file's text reached the model
+    assert [e["name"] for e in proxy.events("tool_call_forwarded")] == ["Read"]
 
 
 # ---------------------------------------------------------------------------
