@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""codex-openai-proxy: the OpenAI Chat Completions and Responses APIs on top of Codex.
+"""codex-openai-proxy: the OpenAI, Anthropic and Ollama APIs on top of Codex.
 
-Use a ChatGPT Plus/Pro subscription from any OpenAI-compatible client (Cursor,
-the openai SDK, the Agents SDK, LangChain, Continue, Cline, Open WebUI...).
-Sign in once with `codex login`, then run:
+Use a ChatGPT Plus/Pro subscription from any AI client: Cursor, the openai SDK,
+the Agents SDK, LangChain (Chat Completions and Responses APIs), Claude Code
+and the Anthropic SDKs (Messages API), JetBrains AI, Zed, Open WebUI (Ollama
+API), all on one port.  Sign in once with `codex login`, then run:
 
     python3 codex_proxy.py            # serves http://127.0.0.1:11435/v1
 
-Every request is answered by one Codex CLI process.  The default engine is
-`codex app-server` (JSON-RPC on stdio): one process per request, started and
-initialized ahead of time, which streams the answer token by token and takes
-the client's tools as plain functions.  The fallback engine is `codex exec
+Every conversation is answered by one Codex CLI process.  The default engine
+is `codex app-server` (JSON-RPC on stdio): started and initialized ahead of
+time, it streams the answer token by token, takes the client's tools as plain
+functions, and keeps the conversation's thread for its next turn.  The fallback engine is `codex exec
 --json`, whose client tools reach the model through an MCP server that is this
 same file (`--mcp-bridge`).  Either way Codex runs with every setting that
 leaves the model no tool of Codex's own (no shell, no file reads, no web
@@ -35,9 +36,13 @@ How a request flows, and where each step lives (the sections, in file order):
     The request model        ToolSpec, ToolCall, Message, ProxyRequest
     Parsing requests         JSON checks; Chat Completions and Responses bodies
                              -> ProxyRequest (pure)
-    Prompt rendering         instructions and the transcript Codex gets (pure)
+    Parsing requests: Anthropic and Ollama
+                             Messages API and Ollama bodies -> ProxyRequest
+    Prompt rendering         instructions, and the transcript exec gets (pure)
+    Tool names               ToolNames: names Codex takes, aliases, and back
+    Native history           history_items (a thread's items), conversation_key
     Configuration            Config, TOML, $CODEX_HOME/config.toml, environment
-    The log                  event names, LogBuffer (/logs, /logs/stream, stderr)
+    The log                  LogEvent names, LogBuffer (/logs, /logs/stream, stderr)
     Codex failures           Codex's errors -> ProxyError (pure)
     Processes                process trees, finding Codex, CodexInfo, the catalog
     Runs                     the engine interface: CodexRun and its events,
@@ -46,18 +51,23 @@ How a request flows, and where each step lives (the sections, in file order):
                              and the MCP bridge that carries client tools
     Engine: app-server       `codex app-server`: JsonRpcPipe, AppServerEvents
                              (notifications -> events), AppServerRun,
-                             AppServerEngine, WarmPool
-    Launching Codex          CodexLauncher: engine choice, spawning, failures
-    Parked turns and stored responses
+                             AppServerEngine, WarmPool; ENGINES by name
+    Launching Codex          RunTable, CodexLauncher: engine choice, spawning,
+                             what failures mean
+    Parked turns, kept conversations and stored responses
+                             ParkedTurns, KeptConversations, ResponseStore
     Responders               one per API: Responder (the contract),
-                             ChatResponder, ResponsesResponder, their shapes
+                             ChatResponder, ResponsesResponder,
+                             MessagesResponder, OllamaResponder; error bodies
     The pump                 TurnPump: one run's events -> one responder
-    Turns                    Turns: admission, resume, park, expire; one request
-                             served from start to end
+    Turns                    Turns: admission, resume, continue, park, expire;
+                             one request served from start to end
     Access, connections and rate limits
-                             AccessPolicy, ConnectionTable, RateLimits
-    HTTP                     framing (pure), HttpHandler (plumbing), endpoints,
-                             routes, ProxyHandler (routing and errors)
+                             AccessPolicy, ConnectionTable, BodyBudget,
+                             RateLimits
+    HTTP                     framing (pure), BodyReader and HttpHandler
+                             (plumbing), endpoints, ROUTES, ProxyHandler
+                             (routing and errors)
     The server               ProxyServer: wiring and lifecycle
     Command line             flags, banner, main()
 """
@@ -3962,7 +3972,7 @@ class CodexLauncher:
         return self.user_config.read().get("model")
 
 # ---------------------------------------------------------------------------
-# Parked turns and stored responses
+# Parked turns, kept conversations and stored responses
 # ---------------------------------------------------------------------------
 
 
