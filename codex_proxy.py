@@ -203,7 +203,7 @@ POLL_SECONDS = 0.25                # how often a waiting handler looks around
 CLIENT_LOOK_SECONDS = 0.5          # how often a turn checks that its client is still there
 REQUEST_READ_SECONDS = 30.0        # a request's line and headers must arrive within this, in all
 BODY_READ_SECONDS = 30.0           # a body gets this long, then must keep up BODY_FLOOR_RATE
-BODY_FLOOR_RATE = 256 * 1024       # bytes per second, on average, a slow upload must keep up
+BODY_FLOOR_RATE = 64 * 1024        # bytes per second, on average, a slow upload must keep up
 DEFAULT_BODY_BUDGET = 256 * 1024 * 1024    # bytes all request bodies in flight may hold
 LINGER_SECONDS = 10.0              # after an early answer, how long a client may still send
 MAX_HEADER_LINES = 100
@@ -297,6 +297,11 @@ class ProxyError(Exception):
     def body(self):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
+
+
+# SDKs (openai, anthropic) and Claude Code retry 5xx and even 401: not these,
+# whose retry would only spend the plan's quota again or fail again.
+NO_RETRY = {"x-should-retry": "false"}
 
 
 def bad_request(message, param=None, code=None):
@@ -1042,6 +1047,7 @@ def trailing_tool_results(messages):
 ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh",
                      "xhigh": "xhigh"}
 SIGNATURE_PREFIX = "cxp1."      # a thinking block's signature that holds Codex's reasoning
+MAX_SIGNATURE_BYTES = 4 * 1024 * 1024      # what one may inflate to
 
 
 def reasoning_signature(item):
@@ -1057,8 +1063,12 @@ def reasoning_from_signature(signature):
     if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
         return None
     try:
-        data = json.loads(zlib.decompress(base64.urlsafe_b64decode(
-            signature[len(SIGNATURE_PREFIX):].encode()), bufsize=1 << 16))
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(base64.urlsafe_b64decode(
+            signature[len(SIGNATURE_PREFIX):].encode()), MAX_SIGNATURE_BYTES)
+        if inflate.unconsumed_tail:
+            return None                 # a bomb, not a signature of ours
+        data = json.loads(raw)
     except (ValueError, zlib.error, binascii.Error):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("encrypted_content"), str):
@@ -1209,7 +1219,8 @@ def anthropic_reasoning(body):
         effort = "low" if budget < 2048 else "medium" if budget < 16384 else "high"
     elif kind == "disabled":
         effort = "low"
-    effort = ANTHROPIC_EFFORTS.get(config.get("effort"), effort)
+    wanted = field(config, "effort", (str,), "output_config.effort")
+    effort = ANTHROPIC_EFFORTS.get(wanted, effort)
     return effort, "auto" if kind in ("enabled", "adaptive") else None
 
 
@@ -1246,6 +1257,8 @@ def parse_messages_request(body):
 def count_tokens_estimate(body):
     """An honest estimate of a Messages request's input tokens: about four
     characters a token over everything the model would read."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
     request = parse_messages_request(dict(body, max_tokens=1))
     chars = sum(len(m.text) for m in request.messages) + \
         sum(len(c.arguments) for m in request.messages for c in m.tool_calls) + \
@@ -1504,7 +1517,8 @@ class ToolNames:
                  and not t.name.startswith("mcp__")}
         for tool in plain:          # names Codex takes as they are keep them
             flat = tool.name if tool.namespace is None else f"{tool.namespace}__{tool.name}"
-            name = codex_safe(flat, taken - {flat}, CODEX_SHADOWED)
+            mine = {flat} if tool.namespace is None else set()
+            name = codex_safe(flat, taken - mine, CODEX_SHADOWED)
             taken.add(name)
             self._add(tool, None, name)
         spaces = {}
@@ -1619,23 +1633,24 @@ def conversation_key(messages):
     the index in `messages` just past it.
 
     Consecutive assistant messages are one entry (an API may split an answer
-    into several); an assistant entry with calls is known by its calls (some
-    clients drop the text beside them), otherwise by its text without think
-    blocks; reasoning, empty versus null content and surrounding whitespace
-    do not count, nor do call ids (calls and results are known by their
+    into several, and a client may join them any way); an assistant entry
+    with calls is known by its calls (some clients drop the text beside
+    them), otherwise by its text without think blocks and whitespace;
+    reasoning, empty versus null content and surrounding whitespace do not
+    count, nor do call ids (calls and results are known by their
     place).  System messages are not part of it (they are the instructions,
     compared as the request's fingerprint)."""
     entries, ends = [], []
     for index, m in enumerate(messages):
         if m.role == "system":
             continue
-        if m.role == "assistant":
-            text = THINK_BLOCK.sub("", m.text).strip()
+        if m.role == "assistant":       # an answer split in parts joins any way
+            text = re.sub(r"\s+", "", THINK_BLOCK.sub("", m.text))
             calls = [(c.name, canonical_arguments(c.arguments)) for c in m.tool_calls]
             if entries and entries[-1][0] == "assistant":
                 _, last_text, last_calls = entries.pop()
                 ends.pop()
-                text = "\n\n".join(t for t in (last_text, text) if t)
+                text = last_text + text
                 calls = last_calls + calls
             entries.append(("assistant", text, calls))
         elif m.role == "user":
@@ -2491,8 +2506,11 @@ class RunSpec:
 
     def settings(self):
         """What a kept thread must share with a request that continues it,
-        beside the request's fingerprint."""
-        return (self.model, self.effort, self.summary)
+        beside the request's fingerprint: what thread/start fixed (its
+        instructions, its tools) and what the turn sets."""
+        instructions = hashlib.sha256(self.instructions.encode("utf-8", "surrogatepass"))
+        offered = tuple((ns, name) for ns, name, _ in self.names.offered())
+        return (self.model, self.effort, self.summary, instructions.hexdigest(), offered)
 
 
 def run_spec(request, aliases, nested=False, messages=None):
@@ -2543,7 +2561,9 @@ class CodexRun:
                        the model answered one request (app-server) or Codex
                        refused its call of a tool nobody declared (exec)
         warning        text worth logging (Codex retries, notices)
-        unexpected     what Codex should never do here (a tool of its own)
+        unexpected     what Codex should not ask here (an approval, which is
+                       declined; one of the user's MCP servers starting)
+        codex_tool     Codex ran a tool of its own: the turn is stopped
         completed      None: the turn ended
         interrupted    None: the turn was interrupted
         failed         {"message", "codexErrorInfo"?, "additionalDetails"?}
@@ -2570,11 +2590,15 @@ class CodexRun:
         self.warm = False           # started ahead of its request
         self.fingerprint = None     # ProxyRequest.fingerprint() of its conversation
         self.match = None           # ... and its settings: what a continuation shares
+        self.parked_key = None      # conversation_key() of what a parked run has seen
         self.names = ToolNames([], False)   # the client's tools, as Codex knows them
         self.id_taken = lambda call_id: False   # does another run know this call id?
         self.exited = threading.Event()
-        # _lock guards _calls and _used_ids; reader threads and handlers share them.
+        self._stopped = threading.Event()       # set once stop() has finished
+        # _lock guards _calls, _used_ids and _stopping; reader threads and
+        # handlers share them.
         self._lock = threading.Lock()
+        self._stopping = False
         self._calls = {}
         self._used_ids = set()
 
@@ -2665,19 +2689,28 @@ class CodexRun:
 
     def stop(self, reason="The request ended before the tool result arrived.", grace=0.0):
         """Answer open calls with an error, stop the process tree, remove files.
+        Once: a second caller (a shutdown racing a handler) waits for the first.
 
         `grace` lets a Codex that has finished its turn exit on its own first."""
-        if grace:
+        with self._lock:
+            first, self._stopping = not self._stopping, True
+        if not first:
+            self._stopped.wait(2 * KILL_GRACE_SECONDS + 5)
+            return
+        try:
+            if grace:
+                self.close_input()
+                self.exited.wait(grace)
+            else:
+                self.interrupt()
+            for call_id in self.open_call_ids(sent_only=False):
+                self.answer(call_id, reason, True)
             self.close_input()
-            self.exited.wait(grace)
-        else:
-            self.interrupt()
-        for call_id in self.open_call_ids(sent_only=False):
-            self.answer(call_id, reason, True)
-        self.close_input()
-        if self.proc is not None:
-            stop_process_tree(self.proc)
-        shutil.rmtree(self.tempdir, ignore_errors=True)
+            if self.proc is not None:
+                stop_process_tree(self.proc)
+            shutil.rmtree(self.tempdir, ignore_errors=True)
+        finally:
+            self._stopped.set()
 
 
 class Engine:
@@ -2705,9 +2738,10 @@ class Engine:
         """-> (ok, reason): whether the Codex at `argv` runs this engine."""
         return True, f"chosen with --engine {self.name}"
 
-    def start(self, spec, register):
-        """Start a run for `spec` -> the CodexRun; `register(run)` is called
-        before the process starts, so that the run can be found at once."""
+    def start(self, spec, prepare):
+        """Start a run for `spec` -> the CodexRun; `prepare(run)` (its tools,
+        its conversation's fingerprint, and its place in the run table) is
+        called before the process starts, so that the run can be found at once."""
         raise NotImplementedError
 
     def spawn(self):
@@ -2756,7 +2790,7 @@ def translate_codex_event(event):
     if itype == "reasoning":
         return [("reasoning", (item.get("id"), 0, item.get("text") or ""))]
     if itype in ("command_execution", "file_change", "web_search"):
-        return [("unexpected", itype)]
+        return [("codex_tool", itype)]
     return []
 
 
@@ -3012,21 +3046,21 @@ class BridgeListener(socketserver.ThreadingTCPServer):
         self.find_run = find_run        # run id -> CodexRun or None
         self.stopping = stopping
         self.max_line = max_line
-        # _lock guards _open, the number of relay connections being served.
+        # _lock guards _open, the relay connections being served.
         self._lock = threading.Lock()
-        self._open = 0
+        self._open = set()
         super().__init__(("127.0.0.1", 0), BridgeRelayHandler)
 
     def verify_request(self, request, client_address):
         with self._lock:
-            if self._open >= BRIDGE_MAX_CONNECTIONS:
+            if len(self._open) >= BRIDGE_MAX_CONNECTIONS:
                 return False
-            self._open += 1
+            self._open.add(request)
         return True
 
     def shutdown_request(self, request):
-        with self._lock:
-            self._open = max(0, self._open - 1)
+        with self._lock:            # refused connections end here too: count only ours
+            self._open.discard(request)
         super().shutdown_request(request)
 
 
@@ -3294,7 +3328,7 @@ class AppServerEvents:
             return self._completed_item(params.get("item") or {})
         if method == "item/started":
             kind = (params.get("item") or {}).get("type")
-            return [("unexpected", kind)] if kind in self.CODEX_TOOL_ITEMS else []
+            return [("codex_tool", kind)] if kind in self.CODEX_TOOL_ITEMS else []
         if method in ("rawResponseItem/completed", "rawResponse/completed"):
             return self._raw(method, params)
         if method == "thread/tokenUsage/updated":
@@ -3446,11 +3480,13 @@ class AppServerRun(CodexRun):
                                                 "version": __version__},
                                  "capabilities": {"experimentalApi": True}}, timeout)
         self.pipe.send({"method": "initialized"})
-        try:
+        try:        # fail closed: unread, the user's MCP servers could not be switched off
             effective = self.call("config/read", {"includeLayers": False}, timeout)
-            self.user_overrides = user_config_overrides(effective.get("config") or {})
-        except RpcError:
-            self.user_overrides = {}
+        except RpcError as exc:
+            raise ProxyError(502, "Codex app-server did not report its configuration, so what "
+                             f"config.toml adds could not be switched off: {exc}", "api_error",
+                             "codex_error")
+        self.user_overrides = user_config_overrides(effective.get("config") or {})
         return self
 
     def thread_params(self, instructions, names, thread_config, model=None):
@@ -3586,9 +3622,10 @@ def user_config_overrides(effective):
 
 
 class AppServerEngine(Engine):
-    """`codex app-server`, one process per request, started and initialized
-    ahead of time (warm spares): answers stream token by token, and the
-    client's tools are the thread's dynamic tools."""
+    """`codex app-server`, one process per conversation, started and
+    initialized ahead of time (warm spares): answers stream token by token,
+    the client's tools are the thread's dynamic tools, and a completed turn's
+    thread can take the conversation's next turn."""
 
     name = "app-server"
     warms = True
@@ -3657,7 +3694,8 @@ class AppServerEngine(Engine):
                              "codex_not_found")
         run = self._new_run(argv)
         try:
-            run.launch().initialize()
+            with refused_by_codex():
+                run.launch().initialize()
         except OSError as exc:
             run.stop("failed to start")
             raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
@@ -3694,7 +3732,7 @@ class WarmPool:
     A request takes one whose key (Codex binary and version, login and
     config files) still matches; a background thread keeps `size` spares,
     replacing those whose key changed or that sat unused too long.  A spare
-    serves one request and is never reused."""
+    serves one conversation and never another."""
 
     def __init__(self, size, spawn, key, max_idle=WARM_MAX_IDLE_SECONDS,
                  clock=time.monotonic, on_error=None):
@@ -3929,7 +3967,7 @@ class CodexLauncher:
         if not logged_in and not uses_custom_provider(user_config, self.config.codex_config):
             raise ProxyError(401, "Codex is not logged in: run `codex login` on the "
                              "proxy's machine (with your ChatGPT account), then retry",
-                             "authentication_error", "codex_not_logged_in")
+                             "authentication_error", "codex_not_logged_in", headers=NO_RETRY)
         return argv, user_config
 
     def start(self, spec, prepare):
@@ -3948,6 +3986,7 @@ class CodexLauncher:
         error.message = self.redact(clean_codex_output(error.message) or error.message)
         if error.status == 401:
             self.codex.expire()
+            error.headers.update(NO_RETRY)      # a retry cannot log Codex in
         return error
 
     def redact(self, text):
@@ -4010,14 +4049,16 @@ class ParkedTurns:
                     return run
         return None
 
-    def claim_calls(self, calls):
+    def claim_calls(self, calls, key):
         """Take out the run whose open calls are these [(name, arguments)],
-        in order: for clients that drop call ids (Ollama's)."""
+        in order, in a conversation whose key is `key`: for clients that drop
+        call ids (Ollama's).  The key keeps one user's results from another
+        user's run that happens to make the same calls."""
         wanted = [(name, canonical_arguments(args)) for name, args in calls]
         with self._lock:
             for run_id, (run, _) in self._runs.items():
-                if [(c.name, canonical_arguments(c.arguments))
-                        for c in run.open_calls()] == wanted:
+                if run.parked_key == key and [(c.name, canonical_arguments(c.arguments))
+                                              for c in run.open_calls()] == wanted:
                     del self._runs[run_id]
                     return run
         return None
@@ -5032,10 +5073,15 @@ class TurnPump:
         elif kind == "warning":
             self.last_warning = payload or self.last_warning
             if self.turns.first_time(payload):
-                logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id, message=payload[:500])
+                logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id,
+                         message=self.turns.launcher.redact(payload)[:500])
         elif kind == "unexpected":
             logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id,
                      message=f"Codex produced {payload}; it should have no such tool")
+        elif kind == "codex_tool":      # fail closed: a forwarder that runs tools is a hole
+            raise ProxyError(502, f"Codex ran a tool of its own ({payload}), which it must "
+                             "never do here; the turn was stopped", "api_error",
+                             "codex_tool_used", headers=NO_RETRY)
         elif kind == "completed":
             self.flush_text()
             return self.finish("done", "stop")
@@ -5073,12 +5119,13 @@ class TurnPump:
             raise ProxyError(502, f"the model called {', '.join(sorted(set(unknown)))}, which "
                              f"the client did not declare, {self.unknown_streak} times in a "
                              "row; the turn was stopped so that it does not loop on your "
-                             "plan's quota (--max-unknown-calls)", "api_error", "model_loop")
+                             "plan's quota (--max-unknown-calls)", "api_error", "model_loop",
+                             headers=NO_RETRY)
         if self.silent_calls > cfg.max_silent_calls:
             raise ProxyError(502, f"the model made {self.silent_calls} calls without anything "
                              "reaching the client; the turn was stopped so that it does not "
                              "loop on your plan's quota (--max-silent-calls)", "api_error",
-                             "model_loop")
+                             "model_loop", headers=NO_RETRY)
 
     def text(self, key, delta):
         if self.stop is None:
@@ -5123,6 +5170,8 @@ class TurnPump:
         for pending in calls:
             pending.sent = True
         self.flush_text()
+        self.run_.parked_key = conversation_key(self.request.messages + [Message(
+            "assistant", self.out.answer_text(), tool_calls=[p.call for p in calls])])[0]
         if forces_tool(self.request):
             # The extraction pattern: the client wanted the call's arguments
             # and sends no result; should it, the result is answered fresh.
@@ -5237,6 +5286,7 @@ class Turns:
                      **({"answer": out.answer_text()[-4000:]} if self.config.log_bodies
                         else {}))
         except ProxyError as error:
+            error.message = self.launcher.redact(error.message)
             logs.add(LogEvent.STREAM_CODEX_ERROR, request_id, turn=run.id,
                      status=error.status, code=error.code, message=error.message[:500])
             try:
@@ -5357,8 +5407,10 @@ class Turns:
         repeats (the ids were lost on the way); the request's ids become the
         run's."""
         asked = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
-        run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls]) \
-            if asked is not None and asked.tool_calls else None
+        if asked is None or not asked.tool_calls:
+            return None
+        key = conversation_key(request.messages[:len(request.messages) - len(results)])[0]
+        run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls], key)
         if run is not None:
             ids = dict(zip([c.id for c in asked.tool_calls], [c.id for c in run.open_calls()]))
             for call in asked.tool_calls:
@@ -5767,9 +5819,11 @@ class BodyBudget:
         self._lock = threading.Lock()
         self._used = 0
 
-    def reserve(self, size):
+    def reserve(self, size, already=0):
+        """Room for `size` more bytes of a body that holds `already` -> False
+        when a body past DRAIN_LIMIT would overrun the budget."""
         with self._lock:
-            if size > DRAIN_LIMIT and self._used + size > self.limit:
+            if already + size > DRAIN_LIMIT and self._used + size > self.limit:
                 return False
             self._used += size
             return True
@@ -5863,6 +5917,11 @@ def parse_head(requestline, lines):
     return match.group(1), match.group(2), match.group(3), headers
 
 
+def busy_receiving():
+    return ProxyError(503, "the proxy is receiving too many large bodies at once; retry "
+                      "shortly", "server_error", "busy_receiving", headers={"Retry-After": "2"})
+
+
 def framing_error(message):
     return ProxyError(400, message, code="bad_framing")
 
@@ -5896,22 +5955,21 @@ class BodyReader:
     def read_json_body(self):
         """The body, parsed; its bytes are let go (and their share of the
         body budget given back) once parsed."""
-        reserved = self._reserve_body()
+        self._reserved = self._reserve_body()
         try:
             return parse_json_body(self.read_body())
         finally:
-            self.server.body_budget.release(reserved)
+            self.server.body_budget.release(self._reserved)
+            self._reserved = 0
 
     def _reserve_body(self):
         kind, length = self._framing
         if kind == "length" and length > self.server.config.max_body:
             self.close_connection = self._linger = True
             raise self.too_large()
-        if kind == "length" and not self.server.body_budget.reserve(length):
+        if kind == "length" and not self.server.body_budget.reserve(length, 0):
             self.close_connection = self._linger = True
-            raise ProxyError(503, "the proxy is receiving too many large bodies at once; "
-                             "retry shortly", "server_error", "busy_receiving",
-                             headers={"Retry-After": "2"})
+            raise busy_receiving()
         return length if kind == "length" else 0
 
     def read_body(self):
@@ -5924,12 +5982,10 @@ class BodyReader:
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
         self.server.connections.phase(self.connection, "body")
-        try:
-            if kind == "length":
-                return self._read_exact(length)
-            return self._read_chunked()
-        finally:
-            self.server.connections.phase(self.connection, "busy")
+        body = self._read_exact(length) if kind == "length" else self._read_chunked()
+        if not self.server.connections.phase(self.connection, "busy"):
+            raise ClientGone()          # the reaper cut it (and answered 408) meanwhile
+        return body
 
     def too_large(self):
         return ProxyError(413, f"request body over {self.server.config.max_body} bytes "
@@ -5947,36 +6003,34 @@ class BodyReader:
         return buffer
 
     def _read_chunked(self):
+        """A chunked body; what it holds is reserved as it comes, and given
+        back after parsing (read_json_body)."""
         parts, total, budget = [], 0, self.server.body_budget
-        try:
-            while True:
-                line = self.rfile.readline(1026)
-                size = line.split(b";", 1)[0].strip()
-                if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
-                    self.close_connection = True
-                    raise framing_error("bad chunk size in a chunked body")
-                size = int(size, 16)
-                if size == 0:
-                    for _ in range(32):     # trailers, then the empty line
-                        if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
-                            return b"".join(parts)
-                    self.close_connection = True
-                    raise framing_error("too many trailer lines")
-                if total + size > self.server.config.max_body:
-                    self.close_connection = self._linger = True
-                    raise self.too_large()
-                if not budget.reserve(size):
-                    self.close_connection = self._linger = True
-                    raise ProxyError(503, "the proxy is receiving too many large bodies at "
-                                     "once; retry shortly", "server_error", "busy_receiving",
-                                     headers={"Retry-After": "2"})
-                total += size
-                parts.append(self._read_exact(size))
-                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                    self.close_connection = True
-                    raise framing_error("a chunk is longer than its size says")
-        finally:
-            budget.release(total)
+        while True:
+            line = self.rfile.readline(1026)
+            size = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
+                self.close_connection = True
+                raise framing_error("bad chunk size in a chunked body")
+            size = int(size, 16)
+            if size == 0:
+                for _ in range(32):     # trailers, then the empty line
+                    if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
+                        return b"".join(parts)
+                self.close_connection = True
+                raise framing_error("too many trailer lines")
+            if total + size > self.server.config.max_body:
+                self.close_connection = self._linger = True
+                raise self.too_large()
+            if not budget.reserve(size, total):
+                self.close_connection = self._linger = True
+                raise busy_receiving()
+            total += size
+            self._reserved += size
+            parts.append(self._read_exact(size))
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise framing_error("a chunk is longer than its size says")
 
     def settle_body(self):
         """A body nobody read: drop it if small, else close the connection
@@ -6042,6 +6096,8 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
         self._expect = False        # the client waits for 100 Continue before its body
         self._linger = False        # drain what the client still sends before closing
         self.dialect = "openai"     # whose error shape: openai, anthropic or ollama
+        self._reserved = 0          # bytes of the body budget this request holds
+        self.answered = False       # a status line went out for this request
 
     def finish(self):
         if self._selector is not None:
@@ -6072,7 +6128,7 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
                 first = b""
             self.raw_requestline = first + self.rfile.readline(65537)
             self._served += 1
-            self.headers = None
+            self.headers, self.answered = None, False
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(414)
@@ -6105,12 +6161,12 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
         lines = []
         while True:
             raw = self.rfile.readline(65537)
-            if len(raw) > 65536 or len(lines) >= MAX_HEADER_LINES:
-                self.send_error(431, "request header fields too large")
-                return False
             line = str(raw, "iso-8859-1")
             if line in ("\r\n", "\n", ""):
                 break
+            if len(raw) > 65536 or len(lines) >= MAX_HEADER_LINES:
+                self.send_error(431, "request header fields too large")
+                return False
             lines.append(line[:-2] if line.endswith("\r\n") else line.rstrip("\n"))
         try:
             self.command, self.path, self.request_version, self.headers = \
@@ -6122,7 +6178,8 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
                   for t in v.split(",")}
         self.close_connection = self.request_version == "HTTP/1.0" or "close" in tokens
         self._chunked = self.request_version != "HTTP/1.0"
-        self._expect = (self.headers.get("Expect") or "").lower() == "100-continue"
+        self._expect = self.request_version == "HTTP/1.1" and \
+            (self.headers.get("Expect") or "").lower() == "100-continue"
         return True
 
     def dispatch(self, method):
@@ -6151,14 +6208,21 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
 
     def send_json(self, status, body, headers=None):
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (OSError, ValueError) as exc:
+            raise ClientGone() from exc
+
+    def send_response(self, code, message=None):
+        self.answered = True        # from here on, an error can only close the connection
+        super().send_response(code, message)
 
     def send_error_body(self, error):
         """The one place an error body is written, in the shape of the API
@@ -6174,7 +6238,7 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
                              client=self.client_address[0], message=message[:300])
         try:
             self.send_error_body(ProxyError(code, message, code="bad_framing"))
-        except OSError:
+        except DISCONNECT_ERRORS + (OSError,):
             pass
 
     def start_event_stream(self, content_type="text/event-stream"):
@@ -6436,10 +6500,13 @@ class ProxyHandler(HttpHandler):
         except DISCONNECT_ERRORS:
             self.close_connection = True
         except Exception as exc:   # never a traceback to the client
-            server.logs.add(LogEvent.INTERNAL_ERROR, self.request_id,
-                            error=f"{type(exc).__name__}: {exc}"[:500])
-            self.reject(ProxyError(500, "internal proxy error; see the proxy's log",
-                                   "server_error"), log=False)
+            server.logs.add(LogEvent.INTERNAL_ERROR, self.request_id, error=server.launcher.redact(
+                f"{type(exc).__name__}: {exc}")[:500])
+            if self.answered:       # a response is under way: all that is left is to close
+                self.close_connection = True
+            else:
+                self.reject(ProxyError(500, "internal proxy error; see the proxy's log",
+                                       "server_error"), log=False)
         finally:
             self.settle_body()
             if server.stopping.is_set():
@@ -6464,6 +6531,7 @@ class ProxyHandler(HttpHandler):
     def reject(self, error, log=True):
         """Answer with an error before any response started, and log it."""
         self.settle_body()
+        error.message = self.server.launcher.redact(error.message)
         if log:
             self.server.logs.add(
                 LogEvent.AUTH_REJECTED if error.code in ACCESS_CODES

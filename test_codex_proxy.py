@@ -647,7 +647,10 @@ class FakeAppServer:
         pass
 
     def on_config_read(self, mid, params):
-        self.reply(mid, {"config": self.fake.read_json("effective_config.json", {})})
+        if self.fake.read_json("no_config_read"):
+            self.reply(mid, error={"code": -32601, "message": "unknown config/read"})
+        else:
+            self.reply(mid, {"config": self.fake.read_json("effective_config.json", {})})
 
     def on_account_rateLimits_read(self, mid, params):
         limits = self.fake.read_json("rate_limits.json")
@@ -1197,7 +1200,7 @@ def test_translate_codex_event_table():
     assert t({"type": "turn.completed", "usage": {"input_tokens": 1}}) == \
         [("usage", {"input_tokens": 1}), ("completed", None)]
     assert t({"type": "item.completed", "item": {"type": "command_execution"}}) == \
-        [("unexpected", "command_execution")]
+        [("codex_tool", "command_execution")]
 
 
 def test_usage_maps_every_field_for_both_apis():
@@ -1698,7 +1701,7 @@ class FakeTurns:
         self.config = cp.Config(**dict({"keepalive": 30.0, "tool_quiet": 0.05}, **config))
         self.logs = cp.LogBuffer(100)
         self.launcher = types.SimpleNamespace(failure=lambda payload: cp.classify_codex_error(
-            payload))
+            payload), redact=lambda text: text)
         self.parked_runs = []
         self.parked = types.SimpleNamespace(discard=lambda run: True)
         self.stopping = threading.Event()
@@ -1827,7 +1830,7 @@ def test_app_server_notifications_become_the_runs_events():
         [("warning", "retrying: slow")]
     assert n("error", {"error": {"message": "dead"}, "willRetry": False}) == []
     assert n("item/started", {"item": {"type": "commandExecution"}}) == \
-        [("unexpected", "commandExecution")]
+        [("codex_tool", "commandExecution")]
     assert n("something/new", {}) == []
 
 
@@ -2561,6 +2564,95 @@ def test_ollama_tool_results_resume_the_parked_turn_without_ids(proxy, fake_code
     assert final["message"]["content"] == "It is Sunny" and proxy.events("turn_resumed")
 
 
+def test_a_signature_that_inflates_too_far_is_not_read():
+    bomb = "cxp1." + base64.urlsafe_b64encode(zlib.compress(b" " * (64 * 1024 * 1024))).decode()
+    started = time.monotonic()
+    assert cp.reasoning_from_signature(bomb) is None and time.monotonic() - started < 5
+
+
+def test_a_flattened_namespace_tool_and_a_function_of_its_name_stay_apart():
+    specs = cp.normalize_tools([{"type": "namespace", "name": "ns", "tools": [
+        {"type": "function", "name": "x"}]}, {"type": "function", "name": "ns__x"}])
+    flat = cp.ToolNames(specs, nested=False)
+    names = [name for _, name, _ in flat.offered()]
+    assert len(set(names)) == 2 and "ns__x" in names
+    assert {flat.from_codex(None, n).namespace for n in names} == {"ns", None}
+
+
+def test_bodies_that_are_not_objects_are_400s_on_every_route(proxy):
+    for path in ("/v1/messages/count_tokens", "/v1/messages", "/api/chat", "/api/generate",
+                 "/api/show", "/v1/responses", "/v1/chat/completions"):
+        assert http_request(proxy.base, "POST", path, [1, 2])[0] == 400, path
+    status, _, _ = http_request(proxy.base, "POST", "/v1/messages", {
+        "messages": [{"role": "user", "content": "x"}], "output_config": {"effort": ["x"]}})
+    assert status == 400
+
+
+def test_a_hundred_headers_are_fine_and_a_hundred_and_one_are_not(proxy, fake_codex):
+    for count, status in ((98, b"HTTP/1.1 200"), (101, b"HTTP/1.1 431")):
+        extra = b"".join(b"X-H%d: v\r\n" % n for n in range(count))   # with Host: count + 1
+        raw = raw_exchange(proxy.base, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                           extra + b"\r\n", half_close=False)
+        assert raw.startswith(status), (count, raw[:60])
+
+
+def test_small_chunks_cannot_slip_past_the_body_budget(make_proxy):
+    proxy = make_proxy(max_body_memory=200 * 1024, max_body=4 * 1024 * 1024)
+    stalled = socket.create_connection(("127.0.0.1", port_of(proxy.base)), timeout=10)
+    try:
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Length: 150000\r\n\r\n" + b"x" * 1000)
+        assert wait_until(lambda: proxy.server.body_budget._used >= 150000, 10)
+        chunk = b"%x\r\n%s\r\n" % (30000, b" " * 30000)
+        body = chunk * 10 + b"0\r\n\r\n"
+        raw = raw_exchange(proxy.base, request_bytes(b"Transfer-Encoding: chunked\r\n", body),
+                           half_close=False)
+        assert raw.startswith(b"HTTP/1.1 503") and b"busy_receiving" in raw
+    finally:
+        stalled.close()
+    assert wait_until(lambda: proxy.server.body_budget._used == 0, 10)
+
+
+def test_a_kept_thread_is_not_continued_with_other_tools_offered(proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    messages = [{"role": "user", "content": "one"}]
+    answer, _ = converse(proxy, messages, tools=TOOLS, tool_choice="none")
+    converse(proxy, messages + [answer, {"role": "user", "content": "two"}], tools=TOOLS)
+    first, second = fake_codex.wait_records(2)
+    assert first["pid"] != second["pid"] and tool_names_of(second) == {
+        "read_file", "list_dir", "ApplyPatch"}
+    assert proxy.wait_event("conversation_started", 2)[1]["reason"].startswith("other")
+
+
+def test_ollama_results_never_resume_another_users_turn(proxy, fake_codex):
+    fake_codex.scenario(("alice", [{"thread": True}, {"calls": [
+        {"name": "get_time", "arguments": {}, "id": "c_a"}]},
+        {"text": "alice got {results}"}, {"complete": {}}]),
+        ("bob", [{"thread": True}, {"calls": [{"name": "get_time", "arguments": {}, "id": "c_b"}]},
+                 {"text": "bob got {results}"}, {"complete": {}}]))
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}}}}]
+    chats = {}
+    for who in ("alice", "bob"):
+        messages = [{"role": "user", "content": f"{who} asks the time"}]
+        first = json.loads(http_request(proxy.base, "POST", "/api/chat", {
+            "model": "m", "stream": False, "messages": messages, "tools": tools})[2])
+        messages += [{"role": "assistant", "tool_calls": first["message"]["tool_calls"]},
+                     {"role": "tool", "content": f"{who.upper()}-TIME", "tool_name": "get_time"}]
+        chats[who] = messages
+    for who in ("bob", "alice"):
+        final = json.loads(http_request(proxy.base, "POST", "/api/chat", {
+            "model": "m", "stream": False, "messages": chats[who], "tools": tools})[2])
+        assert final["message"]["content"] == f"{who} got {who.upper()}-TIME"
+
+
+def test_an_app_server_that_cannot_report_its_config_is_not_used(make_proxy, fake_codex):
+    fake_codex.write("no_config_read", True)
+    proxy = make_proxy()
+    health = json.loads(http_request(proxy.base, "GET", "/health")[2])
+    assert health["engine"] == "exec" and "configuration" in health["engine_reason"]
+
+
 # ---------------------------------------------------------------------------
 # Chat completions against the fake codex
 # ---------------------------------------------------------------------------
@@ -2972,12 +3064,22 @@ def test_reasoning_none_hides_the_summary(make_proxy, fake_codex):
 
 def test_warnings_are_logged_not_shown(both, fake_codex):
     fake_codex.scenario([{"thread": True}, {"warning": "Reconnecting... 1/5"},
-                         {"text": "ok"}, {"command": "ls"}, {"complete": {}}])
+                         {"text": "ok"}, {"complete": {}}])
     _, _, raw = post_chat(both.base, chat_body(stream=True))
     assert b"Reconnecting" not in raw and b"ok" in raw
-    messages = [e["message"] for e in both.wait_event("codex_warning", 2)]
+    messages = [e["message"] for e in both.wait_event("codex_warning")]
     assert any("Reconnecting... 1/5" in m for m in messages)
-    assert any("should have no such tool" in m for m in messages)
+
+
+def test_a_codex_that_runs_a_tool_of_its_own_is_stopped(both, fake_codex):
+    """Fail closed: Codex must never run anything itself."""
+    fake_codex.scenario([{"thread": True}, {"command": "ls"}, {"text": "ran ls"},
+                         {"complete": {}}])
+    status, headers, raw = post_chat(both.base, chat_body())
+    assert status == 502 and json.loads(raw)["error"]["code"] == "codex_tool_used"
+    assert headers["x-should-retry"] == "false"
+    record = fake_codex.wait_records(1)[0]
+    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
 
 
 def open_raw_stream(proxy, body, path="/v1/chat/completions"):
