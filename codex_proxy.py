@@ -122,59 +122,50 @@ except ImportError:         # pragma: no cover - Windows
 __version__ = "0.3.0"
 
 # What the module offers a reader, a test or a script that imports it.
-__all__ = [
-    # classes
-    "ProxyError", "ClientGone", "ToolSpec", "ToolCall", "Message", "ProxyRequest",
-    "ToolNames", "Config", "TomlError", "CodexConfigFile", "LogEvent", "LogBuffer",
-    "CodexInfo", "PendingCall", "RunSpec", "CodexRun", "Engine", "ExecRun",
-    "ExecEngine", "BridgeRelayHandler", "BridgeListener", "RpcError", "JsonRpcPipe",
-    "AppServerEvents", "AppServerRun", "AppServerEngine", "WarmPool", "RunTable",
-    "CodexLauncher", "ParkedTurns", "Kept", "KeptConversations", "ResponseStore",
-    "Responder", "StopFilter", "ChatResponder", "ResponsesResponder",
-    "MessagesResponder", "OllamaResponder", "TurnPump", "Turns", "AccessPolicy",
-    "ConnectionTable", "BodyBudget", "RateLimits", "BodyReader", "HttpHandler", "Route",
-    "ProxyHandler", "ProxyServer",
-    # functions
-    "bad_request", "too_deep", "check_json_value", "parse_json_body", "field",
-    "image_url_of", "content_to_text", "tool_spec", "tool_name", "hosted_tools",
-    "normalize_tools", "check_schema", "parse_tool_choice", "parse_stop",
-    "parse_effort", "parse_model", "call_arguments", "parse_message",
-    "parse_input_items", "resolve_reference", "input_message", "input_call",
-    "reasoning_item", "parse_text_format", "schema_instruction", "strict_schema",
-    "common_fields", "parse_chat_request", "parse_responses_request", "check_request",
-    "resolve_model", "trailing_tool_results", "reasoning_signature",
-    "reasoning_from_signature", "anthropic_image", "anthropic_text",
-    "anthropic_message", "anthropic_tools", "anthropic_tool_choice",
-    "anthropic_reasoning", "parse_messages_request", "count_tokens_estimate",
-    "ollama_image", "ollama_messages", "ollama_reasoning", "ollama_common",
-    "parse_ollama_chat", "parse_ollama_generate", "tool_choice_instruction",
-    "render_instructions", "request_instructions", "render_prompt", "codex_safe",
-    "split_turn", "history_items", "user_parts", "call_item", "message_chars",
-    "canonical_arguments", "conversation_key", "toml_value", "read_toml",
-    "global_agents_file", "uses_custom_provider", "default_state_dir",
-    "child_environment", "escape_controls", "retry_after_seconds", "usage_limit_error",
-    "format_duration", "classify_failure", "classify_codex_error", "clean_codex_output",
-    "redact_paths", "popen_group_kwargs", "stop_process_tree", "native_codex",
-    "resolve_codex", "run_quick", "build_model_catalog", "run_spec", "check_input_size",
-    "translate_codex_event", "write_run_files", "codex_argv", "mcp_tool_list",
-    "run_mcp_bridge", "usage_from_app_server", "notice_text", "dynamic_tools",
-    "turn_input", "refused_by_codex", "user_config_overrides", "new_run_id",
-    "token_counts", "openai_usage", "new_completion_id", "make_chunk",
-    "tool_call_chunks", "make_completion", "sse", "responses_usage",
-    "output_message_item", "output_reasoning_item", "output_call_item", "make_response",
-    "anthropic_error", "ollama_error", "anthropic_usage", "call_input", "ollama_time",
-    "signal_name", "forces_tool", "is_local_name", "split_host", "host_allowed",
-    "origin_allowed", "well_formed_origin", "tunnel_headers", "offered_keys",
-    "own_host_names", "own_addresses", "connection_budget", "parse_head",
-    "framing_error", "body_framing", "endpoint_health", "endpoint_models",
-    "endpoint_logs", "since_of", "endpoint_logs_stream", "endpoint_chat",
-    "endpoint_responses", "endpoint_messages", "endpoint_count_tokens", "endpoint_root",
-    "endpoint_favicon", "endpoint_ollama_chat", "endpoint_ollama_generate",
-    "endpoint_ollama_tags", "endpoint_ollama_show", "endpoint_ollama_version",
-    "endpoint_ollama_ps", "dialect_of", "env_flag", "parse_addr", "parse_alias",
-    "split_env_list", "read_key_file", "build_parser", "config_from_args",
-    "is_loopback", "raise_descriptor_limit", "banner", "main",
-]
+__all__ = """
+    ProxyError bad_request ClientGone ToolSpec ToolCall Message ProxyRequest
+    too_deep check_json_value parse_json_body field objects image_url_of
+    content_to_text tool_spec tool_name hosted_tools normalize_tools check_schema
+    parse_tool_choice parse_stop parse_effort parse_model call_arguments
+    parse_message parse_input_items resolve_reference input_message input_call
+    reasoning_item parse_text_format schema_instruction strict_schema common_fields
+    parse_chat_request parse_responses_request check_request resolve_model
+    trailing_tool_results reasoning_signature reasoning_from_signature
+    anthropic_image anthropic_text anthropic_message anthropic_tools
+    anthropic_tool_choice anthropic_reasoning parse_messages_request
+    count_tokens_estimate ollama_image ollama_messages ollama_reasoning
+    ollama_common parse_ollama_chat parse_ollama_generate tool_choice_instruction
+    render_instructions request_instructions render_prompt codex_safe ToolNames
+    split_turn history_items user_parts call_item message_chars canonical_arguments
+    conversation_key Config toml_value TomlError read_toml CodexConfigFile
+    global_agents_file uses_custom_provider default_state_dir child_environment
+    LogEvent escape_controls LogBuffer retry_after_seconds usage_limit_error
+    format_duration classify_failure classify_codex_error clean_codex_output
+    redact_paths popen_group_kwargs stop_process_tree native_codex resolve_codex
+    run_quick CodexInfo build_model_catalog PendingCall RunSpec run_spec
+    check_input_size CodexRun Engine translate_codex_event ExecRun write_run_files
+    codex_argv ExecEngine BridgeRelayHandler BridgeListener mcp_tool_list
+    run_mcp_bridge RpcError usage_from_app_server JsonRpcPipe notice_text
+    AppServerEvents dynamic_tools turn_input refused_by_codex AppServerRun
+    user_config_overrides AppServerEngine WarmPool new_run_id RunTable CodexLauncher
+    ParkedTurns Kept KeptConversations ResponseStore Responder StopFilter
+    token_counts openai_usage new_completion_id make_chunk tool_call_chunks
+    make_completion sse ChatResponder responses_usage output_message_item
+    output_reasoning_item output_call_item make_response ResponsesResponder
+    anthropic_error ollama_error anthropic_usage call_input MessagesResponder
+    ollama_time OllamaResponder signal_name forces_tool TurnPump Turns is_local_name
+    split_host host_allowed origin_allowed well_formed_origin tunnel_headers
+    offered_keys own_host_names own_addresses AccessPolicy connection_budget
+    ConnectionTable BodyBudget RateLimits parse_head busy_receiving framing_error
+    body_framing BodyReader HttpHandler endpoint_health endpoint_models
+    endpoint_logs since_of endpoint_logs_stream endpoint_chat endpoint_responses
+    endpoint_messages endpoint_count_tokens endpoint_root endpoint_favicon
+    endpoint_ollama_chat endpoint_ollama_generate endpoint_ollama_tags
+    endpoint_ollama_show endpoint_ollama_version endpoint_ollama_ps Route dialect_of
+    ProxyHandler ProxyServer env_flag parse_addr parse_alias split_env_list
+    read_key_file build_parser config_from_args is_loopback raise_descriptor_limit
+    banner main
+""".split()
 
 # ---------------------------------------------------------------------------
 # Defaults
@@ -445,6 +436,15 @@ def field(body, key, kinds, where=None, default=None):
                             for k in kinds)
         raise bad_request(f"{where or key} must be {names}", key)
     return value
+
+
+def objects(values, name, param):
+    """(where, value) for each entry of a list that must hold objects."""
+    for n, value in enumerate(values):
+        where = f"{name}[{n}]"
+        if not isinstance(value, dict):
+            raise bad_request(f"{where} must be an object", param)
+        yield where, value
 
 
 def image_url_of(part, where):
@@ -728,10 +728,7 @@ def parse_input_items(items, lookup=None):
     if not isinstance(items, list):
         raise bad_request("input must be a string or a list of items", "input")
     messages, tools = [], []
-    for n, item in enumerate(items):
-        where = f"input[{n}]"
-        if not isinstance(item, dict):
-            raise bad_request(f"{where} must be an object", "input")
+    for where, item in objects(items, "input", "input"):
         kind = field(item, "type", (str,), f"{where}.type", "message")
         if kind == "item_reference":
             item, kind = resolve_reference(item, where, lookup)
@@ -1173,9 +1170,7 @@ def anthropic_tools(tools):
     if not isinstance(tools, list):
         raise bad_request("tools must be a list", "tools")
     shaped, hosted = [], []
-    for n, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise bad_request(f"tools[{n}] must be an object", "tools")
+    for n, (_, tool) in enumerate(objects(tools, "tools", "tools")):
         kind = tool.get("type")
         if kind not in (None, "custom"):
             hosted.append(str(kind))
@@ -1290,10 +1285,7 @@ def ollama_messages(raw_messages):
     if not isinstance(raw_messages, list) or not raw_messages:
         raise bad_request("messages must be a non-empty list", "messages")
     messages, open_calls = [], []
-    for n, raw in enumerate(raw_messages):
-        where = f"messages[{n}]"
-        if not isinstance(raw, dict):
-            raise bad_request(f"{where} must be an object", "messages")
+    for n, (where, raw) in enumerate(objects(raw_messages, "messages", "messages")):
         role = raw.get("role")
         if role not in ("system", "user", "assistant", "tool"):
             raise bad_request(f"{where}.role must be system, user, assistant or tool",
@@ -1675,37 +1667,49 @@ def conversation_key(messages):
 @dataclasses.dataclass
 class Config:
     """Everything `main` learned from flags and environment variables."""
+    # where it listens, and who may use it
     host: str = "127.0.0.1"
     port: int = 11435
-    codex_bin: str = "codex"
-    codex_home: str | None = None
-    engine: str = DEFAULT_ENGINE
-    warm: int = DEFAULT_WARM
     api_keys: tuple = ()
     insecure_no_key: bool = False
     allow_origins: tuple = ()
     allow_hosts: tuple = ()
+
+    # how Codex runs
+    codex_bin: str = "codex"
+    codex_home: str | None = None
+    engine: str = DEFAULT_ENGINE
+    warm: int = DEFAULT_WARM
+    codex_config: list = dataclasses.field(default_factory=list)
+    state_dir: str | None = None
+
+    # what clients send and get
+    aliases: dict = dataclasses.field(default_factory=dict)
+    reasoning: str = "content"          # content | think | none
     max_body: int = DEFAULT_MAX_BODY
     max_body_memory: int = DEFAULT_BODY_BUDGET
+
+    # how much at once, and for how long
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     keepalive: float = DEFAULT_KEEPALIVE
-    reasoning: str = "content"          # content | think | none
-    aliases: dict = dataclasses.field(default_factory=dict)
-    codex_config: list = dataclasses.field(default_factory=list)
+
+    # tools, loops and conversations
+    tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
+    max_parked: int = DEFAULT_MAX_PARKED
+    tool_quiet: float = DEFAULT_TOOL_QUIET
+    max_unknown_calls: int = DEFAULT_MAX_UNKNOWN_CALLS
+    max_silent_calls: int = DEFAULT_MAX_SILENT_CALLS
+
+    keep_conversations: int = DEFAULT_KEEP_CONVERSATIONS
+    conversation_ttl: float = DEFAULT_CONVERSATION_TTL
+
+    # the log
     log_size: int = DEFAULT_LOG_SIZE
     log_bodies: bool = False
     quiet: bool = False
-    tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
-    max_parked: int = DEFAULT_MAX_PARKED
-    max_unknown_calls: int = DEFAULT_MAX_UNKNOWN_CALLS
-    max_silent_calls: int = DEFAULT_MAX_SILENT_CALLS
-    keep_conversations: int = DEFAULT_KEEP_CONVERSATIONS
-    conversation_ttl: float = DEFAULT_CONVERSATION_TTL
-    tool_quiet: float = DEFAULT_TOOL_QUIET
-    state_dir: str | None = None
     logs_html: str | None = None
 
     @property
@@ -6672,12 +6676,48 @@ def read_key_file(path):
     return keys
 
 
+# The numeric flags: flag, environment variable, type, default, what it does.
+NUMBER_FLAGS = (
+    ("--max-body", "CODEX_PROXY_MAX_BODY", int, DEFAULT_MAX_BODY,
+     "largest request body in bytes"),
+    ("--max-body-memory", "CODEX_PROXY_MAX_BODY_MEMORY", int, DEFAULT_BODY_BUDGET,
+     "bytes all request bodies being received may hold together; past it a large body "
+     "gets 503"),
+    ("--max-concurrent", "CODEX_PROXY_MAX_CONCURRENT", int, DEFAULT_MAX_CONCURRENT,
+     "Codex runs at once; more get 429"),
+    ("--max-connections", "CODEX_PROXY_MAX_CONNECTIONS", int, DEFAULT_MAX_CONNECTIONS,
+     "open client connections; past it idle ones are closed first"),
+    ("--idle-timeout", "CODEX_PROXY_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT,
+     "seconds without progress from Codex before giving up"),
+    ("--request-timeout", "CODEX_PROXY_REQUEST_TIMEOUT", float, DEFAULT_REQUEST_TIMEOUT,
+     "seconds one response may take"),
+    ("--keepalive", "CODEX_PROXY_KEEPALIVE", float, DEFAULT_KEEPALIVE,
+     "seconds between SSE keepalive comments"),
+    ("--tool-result-timeout", "CODEX_PROXY_TOOL_RESULT_TIMEOUT", float,
+     DEFAULT_TOOL_RESULT_TIMEOUT, "seconds a turn waits for the client's tool results"),
+    ("--max-unknown-calls", "CODEX_PROXY_MAX_UNKNOWN_CALLS", int, DEFAULT_MAX_UNKNOWN_CALLS,
+     "end a turn whose model calls tools nobody declared more than this many times in a row"),
+    ("--max-silent-calls", "CODEX_PROXY_MAX_SILENT_CALLS", int, DEFAULT_MAX_SILENT_CALLS,
+     "end a turn after this many model calls with nothing for the client"),
+    ("--keep-conversations", "CODEX_PROXY_KEEP_CONVERSATIONS", int,
+     DEFAULT_KEEP_CONVERSATIONS, "app-server threads kept alive between a conversation's "
+     "turns, so the next turn continues them (warm prompt cache); 0 turns it off"),
+    ("--conversation-ttl", "CODEX_PROXY_CONVERSATION_TTL", float, DEFAULT_CONVERSATION_TTL,
+     "seconds an unused kept conversation lives"),
+    ("--max-parked", "CODEX_PROXY_MAX_PARKED", int, DEFAULT_MAX_PARKED,
+     "turns waiting on tool results at once; past it the oldest ends"),
+    ("--tool-quiet-ms", "CODEX_PROXY_TOOL_QUIET_MS", int, int(DEFAULT_TOOL_QUIET * 1000),
+     "milliseconds to wait for sibling tool calls"),
+    ("--log-size", "CODEX_PROXY_LOG_SIZE", int, DEFAULT_LOG_SIZE, "events kept for /logs"),
+)
+
+
 def build_parser():
     e = os.environ.get
     p = argparse.ArgumentParser(
         prog="codex_proxy.py",
-        description="OpenAI Chat Completions and Responses APIs backed by Codex "
-                    "(your ChatGPT subscription). Every flag has an environment variable.")
+        description="OpenAI, Anthropic and Ollama APIs backed by Codex (your ChatGPT "
+                    "subscription). Every flag has an environment variable.")
     p.add_argument("--addr", type=parse_addr, default=e("CODEX_OPENAI_PROXY_ADDR", DEFAULT_ADDR),
                    help=f"HOST:PORT to listen on (env CODEX_OPENAI_PROXY_ADDR; default {DEFAULT_ADDR})")
     p.add_argument("--codex-bin", default=e("CODEX_BIN", "codex"),
@@ -6711,54 +6751,11 @@ def build_parser():
                    help="extra `codex -c KEY=VALUE`; repeatable (env CODEX_PROXY_CODEX_CONFIG, ';'-separated)")
     p.add_argument("--reasoning", choices=("content", "think", "none"), default=e("CODEX_PROXY_REASONING", "content"),
                    help="reasoning summary as delta.reasoning_content, as <think> in content, or not at all (env CODEX_PROXY_REASONING; default content)")
-    p.add_argument("--max-body", type=int, default=e("CODEX_PROXY_MAX_BODY", str(DEFAULT_MAX_BODY)),
-                   help=f"largest request body in bytes (env CODEX_PROXY_MAX_BODY; default {DEFAULT_MAX_BODY})")
-    p.add_argument("--max-body-memory", type=int,
-                   default=e("CODEX_PROXY_MAX_BODY_MEMORY", str(DEFAULT_BODY_BUDGET)),
-                   help=f"bytes all request bodies being received may hold together; past it a "
-                        f"large body gets 503 (env CODEX_PROXY_MAX_BODY_MEMORY; default "
-                        f"{DEFAULT_BODY_BUDGET})")
-    p.add_argument("--max-concurrent", type=int, default=e("CODEX_PROXY_MAX_CONCURRENT", str(DEFAULT_MAX_CONCURRENT)),
-                   help=f"Codex runs at once; more get 429 (env CODEX_PROXY_MAX_CONCURRENT; default {DEFAULT_MAX_CONCURRENT})")
-    p.add_argument("--max-connections", type=int,
-                   default=e("CODEX_PROXY_MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
-                   help=f"open client connections; past it idle ones are closed first "
-                        f"(env CODEX_PROXY_MAX_CONNECTIONS; default {DEFAULT_MAX_CONNECTIONS})")
-    p.add_argument("--idle-timeout", type=float, default=e("CODEX_PROXY_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
-                   help=f"seconds without a Codex event before giving up (env CODEX_PROXY_IDLE_TIMEOUT; default {DEFAULT_IDLE_TIMEOUT:g})")
-    p.add_argument("--request-timeout", type=float, default=e("CODEX_PROXY_REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT)),
-                   help=f"seconds one response may take (env CODEX_PROXY_REQUEST_TIMEOUT; default {DEFAULT_REQUEST_TIMEOUT:g})")
-    p.add_argument("--keepalive", type=float, default=e("CODEX_PROXY_KEEPALIVE", str(DEFAULT_KEEPALIVE)),
-                   help=f"seconds between SSE keepalive comments (env CODEX_PROXY_KEEPALIVE; default {DEFAULT_KEEPALIVE:g})")
-    p.add_argument("--tool-result-timeout", type=float,
-                   default=e("CODEX_PROXY_TOOL_RESULT_TIMEOUT", str(DEFAULT_TOOL_RESULT_TIMEOUT)),
-                   help=f"seconds a turn waits for the client's tool results (env CODEX_PROXY_TOOL_RESULT_TIMEOUT; default {DEFAULT_TOOL_RESULT_TIMEOUT:g})")
-    p.add_argument("--max-unknown-calls", type=int,
-                   default=e("CODEX_PROXY_MAX_UNKNOWN_CALLS", str(DEFAULT_MAX_UNKNOWN_CALLS)),
-                   help=f"end a turn whose model calls tools nobody declared more than this many "
-                        f"times in a row (env CODEX_PROXY_MAX_UNKNOWN_CALLS; default "
-                        f"{DEFAULT_MAX_UNKNOWN_CALLS})")
-    p.add_argument("--max-silent-calls", type=int,
-                   default=e("CODEX_PROXY_MAX_SILENT_CALLS", str(DEFAULT_MAX_SILENT_CALLS)),
-                   help=f"end a turn after this many model calls with nothing for the client "
-                        f"(env CODEX_PROXY_MAX_SILENT_CALLS; default {DEFAULT_MAX_SILENT_CALLS})")
-    p.add_argument("--keep-conversations", type=int,
-                   default=e("CODEX_PROXY_KEEP_CONVERSATIONS", str(DEFAULT_KEEP_CONVERSATIONS)),
-                   help=f"app-server threads kept alive between a conversation's turns, so the "
-                        f"next turn continues them (warm prompt cache); 0 turns it off "
-                        f"(env CODEX_PROXY_KEEP_CONVERSATIONS; default {DEFAULT_KEEP_CONVERSATIONS})")
-    p.add_argument("--conversation-ttl", type=float,
-                   default=e("CODEX_PROXY_CONVERSATION_TTL", str(DEFAULT_CONVERSATION_TTL)),
-                   help=f"seconds an unused kept conversation lives (env CODEX_PROXY_CONVERSATION_TTL; "
-                        f"default {DEFAULT_CONVERSATION_TTL:g})")
-    p.add_argument("--max-parked", type=int, default=e("CODEX_PROXY_MAX_PARKED", str(DEFAULT_MAX_PARKED)),
-                   help=f"turns waiting on tool results at once; past it the oldest ends (env CODEX_PROXY_MAX_PARKED; default {DEFAULT_MAX_PARKED})")
-    p.add_argument("--tool-quiet-ms", type=int, default=e("CODEX_PROXY_TOOL_QUIET_MS", str(int(DEFAULT_TOOL_QUIET * 1000))),
-                   help=f"milliseconds to wait for sibling tool calls (env CODEX_PROXY_TOOL_QUIET_MS; default {int(DEFAULT_TOOL_QUIET * 1000)})")
+    for flag, env, kind, default, text in NUMBER_FLAGS:
+        p.add_argument(flag, type=kind, default=e(env, str(default)),
+                       help=f"{text} (env {env}; default {default:g})")
     p.add_argument("--state-dir", default=e("CODEX_PROXY_STATE_DIR"),
                    help="folder for the proxy's model catalog (env CODEX_PROXY_STATE_DIR; default ~/.local/state/codex-openai-proxy)")
-    p.add_argument("--log-size", type=int, default=e("CODEX_PROXY_LOG_SIZE", str(DEFAULT_LOG_SIZE)),
-                   help=f"events kept for /logs (env CODEX_PROXY_LOG_SIZE; default {DEFAULT_LOG_SIZE})")
     p.add_argument("--log-bodies", action="store_true", default=env_flag("CODEX_PROXY_LOG_BODIES"),
                    help="also log prompt and answer text (env CODEX_PROXY_LOG_BODIES=1)")
     p.add_argument("--quiet", action="store_true", default=env_flag("CODEX_PROXY_QUIET"),

@@ -2058,24 +2058,6 @@ def test_two_requests_for_one_kept_conversation_at_once_get_two_threads(proxy, f
     assert len(proxy.events("conversation_continued")) == 1
 
 
-def test_the_same_call_ids_in_two_conversations_never_cross(proxy, fake_codex):
-    fake_codex.scenario(("alpha", [{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "alpha"}, "id": "call_same"}]},
-        {"text": "alpha got {results}"}, {"complete": {}}]),
-        ("beta", [{"thread": True}, {"calls": [
-            {"name": "read_file", "arguments": {"path": "beta"}, "id": "call_same"}]},
-            {"text": "beta got {results}"}, {"complete": {}}]))
-    alpha = [{"role": "user", "content": "alpha"}]
-    beta = [{"role": "user", "content": "beta"}]
-    _, alpha_call, _, _ = tool_round(proxy, alpha)
-    _, beta_call, _, _ = tool_round(proxy, beta)
-    assert alpha_call["tool_calls"][0]["id"] != beta_call["tool_calls"][0]["id"]
-    _, beta_final, _, _ = tool_round(proxy, beta + [beta_call, *results_for(beta_call, "B")])
-    _, alpha_final, _, _ = tool_round(proxy, alpha + [alpha_call, *results_for(alpha_call, "A")])
-    assert beta_final["content"] == 'beta got B:read_file:{"path": "beta"}'
-    assert alpha_final["content"] == 'alpha got A:read_file:{"path": "alpha"}'
-
-
 def test_a_think_mode_echo_continues_the_thread(make_proxy, fake_codex):
     proxy = make_proxy(reasoning="think")
     fake_codex.scenario([{"thread": True}, {"reasoning": "Hm."}, {"text": "A1"}, {"complete": {}}])
@@ -4583,18 +4565,24 @@ def test_fallback_after_a_restart_replays_the_whole_conversation(make_proxy, fak
     assert proxy.events("fallback_transcript")
 
 
-def test_two_parked_turns_are_each_resumed_by_their_own_call_ids(proxy, fake_codex):
+@pytest.mark.parametrize("alpha_id, beta_id", [("call_alpha", "call_beta"),
+                                               ("call_same", "call_same")])
+def test_two_parked_turns_are_each_resumed_by_their_own_call_ids(proxy, fake_codex, alpha_id,
+                                                                 beta_id):
+    """Even when the model gives both conversations the same call id: the
+    second gets a fresh one, so nothing crosses."""
     fake_codex.scenario(("alpha", [{"thread": True}, {"calls": [
-        {"name": "read_file", "arguments": {"path": "alpha"}, "id": "call_alpha"}]},
+        {"name": "read_file", "arguments": {"path": "alpha"}, "id": alpha_id}]},
         {"text": "alpha got {results}"}, {"complete": {}}]),
         ("beta", [{"thread": True}, {"calls": [
-            {"name": "read_file", "arguments": {"path": "beta"}, "id": "call_beta"}]},
+            {"name": "read_file", "arguments": {"path": "beta"}, "id": beta_id}]},
             {"text": "beta got {results}"}, {"complete": {}}]))
     alpha = [{"role": "user", "content": "alpha"}]
     beta = [{"role": "user", "content": "beta"}]
     _, alpha_call, _, _ = tool_round(proxy, alpha)
     _, beta_call, _, _ = tool_round(proxy, beta)
     assert len(proxy.server.turns.parked) == 2
+    assert alpha_call["tool_calls"][0]["id"] != beta_call["tool_calls"][0]["id"]
     _, beta_final, _, _ = tool_round(proxy, beta + [beta_call, *results_for(beta_call, "B")])
     _, alpha_final, _, _ = tool_round(proxy, alpha + [alpha_call, *results_for(alpha_call, "A")])
     assert beta_final["content"] == 'beta got B:read_file:{"path": "beta"}'
@@ -5641,6 +5629,20 @@ def encrypted_reasoning(index):
             "summary": [{"type": "summary_text", "text": f"thinking {index}"}]}
 
 
+def one_tool_round(trigger, call, answer, otherwise):
+    """A model for one tool round: `call` (an item, or a function of the
+    request that makes one) when the last input holds `trigger`; `answer`
+    and the result once a result is there; else reasoning and `otherwise`."""
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(f"{answer}{outputs[-1]}", index)]
+        if trigger in json.dumps(body["input"][-1]):
+            return [call(body) if callable(call) else call]
+        return [reasoning_item("Pondering."), upstream_message(otherwise, index)]
+    return responder
+
+
 def session_responder(body, index):
     """The model: read the file the user's last message names, then answer
     with what the tool gave; every response starts with encrypted reasoning."""
@@ -5934,15 +5936,9 @@ def test_e2e_a_model_outside_the_catalog_is_warned_about_once(e2e, openai_sdk):
 
 
 def test_e2e_the_codex_cli_as_a_client_runs_its_own_shell_tool(e2e, tmp_path):
-    def responder(body, index):
-        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
-        if outputs:
-            return [upstream_message("done: " + json.dumps(outputs)[:200], index)]
-        if "run echo" in json.dumps(body["input"]):
-            return [function_call_item("client_exec_command", {"cmd": "echo CLIENT-SHELL-OK"},
-                                       "call_shell")]
-        return [upstream_message("plain answer from the proxy", index)]
-    e2e.responder = responder
+    e2e.responder = one_tool_round("run echo", function_call_item(
+        "client_exec_command", {"cmd": "echo CLIENT-SHELL-OK"}, "call_shell"), "done: ",
+        "plain answer from the proxy")
     proxy = e2e.proxy()
     home = tmp_path / "client-home"
     home.mkdir()
@@ -6084,14 +6080,8 @@ def test_e2e_the_anthropic_sdk_streams_text_as_it_is_written(e2e, anthropic_sdk)
 
 
 def test_e2e_the_anthropic_sdk_tool_round_image_format_and_thinking(e2e, anthropic_sdk):
-    def responder(body, index):
-        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
-        if outputs:
-            return [upstream_message(f"the file says {outputs[-1]}", index)]
-        if "read it" in json.dumps(body["input"]):
-            return [function_call_item("Read", {"file_path": "/p/a.txt"}, "call_r")]
-        return [reasoning_item("Pondering."), upstream_message('{"title": "ok"}', index)]
-    e2e.responder = responder
+    e2e.responder = one_tool_round("read it", function_call_item(
+        "Read", {"file_path": "/p/a.txt"}, "call_r"), "the file says ", '{"title": "ok"}')
     proxy = e2e.proxy()
     client = anthropic_client(anthropic_sdk, proxy)
     tools = [{"name": "Read", "description": "Read a file", "input_schema": {
@@ -6172,14 +6162,8 @@ def test_e2e_the_ollama_library_streams_pieces_as_they_are_written(e2e, ollama_l
 
 
 def test_e2e_the_ollama_library_tools_images_format_and_thinking(e2e, ollama_lib):
-    def responder(body, index):
-        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
-        if outputs:
-            return [upstream_message(f"weather: {outputs[-1]}", index)]
-        if "weather" in json.dumps(body["input"]):
-            return [function_call_item("get_weather", {"city": "Paris"}, "call_w")]
-        return [reasoning_item("Pondering."), upstream_message('{"a": "b"}', index)]
-    e2e.responder = responder
+    e2e.responder = one_tool_round("weather", function_call_item(
+        "get_weather", {"city": "Paris"}, "call_w"), "weather: ", '{"a": "b"}')
     proxy = e2e.proxy()
     client = ollama_lib.Client(host=proxy.base)
 
@@ -6248,15 +6232,9 @@ def test_e2e_claude_code_answers_and_runs_its_own_read_tool(e2e, claude_code, tm
     project.mkdir()
     (project / "hello.txt").write_text("hello file\n")
 
-    def responder(body, index):
-        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
-        if outputs:
-            return [upstream_message("TOOL-SAID: " + json.dumps(outputs[-1]["output"]), index)]
-        if "hello.txt" in json.dumps(body["input"][-1]):
-            return [offered_call(body, "Read", {"file_path": str(project / "hello.txt")},
-                                 "call_read")]
-        return [upstream_message("PLAIN-OK", index)]
-    e2e.responder = responder
+    e2e.responder = one_tool_round("hello.txt", lambda body: offered_call(
+        body, "Read", {"file_path": str(project / "hello.txt")}, "call_read"), "TOOL-SAID: ",
+        "PLAIN-OK")
     proxy = e2e.proxy()
     home = tmp_path / "claude-home"
     home.mkdir()
