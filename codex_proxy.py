@@ -141,8 +141,8 @@ __all__ = """
     global_agents_file uses_custom_provider default_state_dir child_environment
     LogEvent escape_controls LogBuffer retry_after_seconds usage_limit_error
     format_duration classify_failure classify_codex_error clean_codex_output
-    redact_paths popen_group_kwargs stop_process_tree native_codex resolve_codex
-    run_quick CodexInfo build_model_catalog PendingCall RunSpec run_spec
+    redact_paths popen_group_kwargs process_gone stop_process_tree native_codex
+    resolve_codex run_quick CodexInfo build_model_catalog PendingCall RunSpec run_spec
     check_input_size CodexRun Engine translate_codex_event ExecRun write_run_files
     codex_argv ExecEngine BridgeRelayHandler BridgeListener mcp_tool_list
     run_mcp_bridge RpcError usage_from_app_server JsonRpcPipe notice_text
@@ -2258,6 +2258,21 @@ def popen_group_kwargs():
     if os.name == "nt":
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
+
+
+def process_gone(proc):
+    """Has the child exited?  poll() says "not yet" while another thread sits
+    in wait() for it (it holds Popen's wait lock), so a child that died a
+    moment ago is looked at with waitid(WNOWAIT), which does not reap it."""
+    if proc.poll() is not None:
+        return True
+    if not hasattr(os, "waitid"):
+        return False
+    try:
+        return os.waitid(os.P_PID, proc.pid,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:       # the thread in wait() has just reaped it
+        return True
 
 
 def stop_process_tree(proc, grace=KILL_GRACE_SECONDS):
@@ -5389,7 +5404,7 @@ class Turns:
         if run.fingerprint != request.fingerprint():     # e.g. a handoff to another agent
             self.expire(run, "conversation_changed")
             return None
-        if run.exited.is_set() or (run.proc is not None and run.proc.poll() is not None):
+        if run.exited.is_set() or (run.proc is not None and process_gone(run.proc)):
             self.expire(run, "codex_exited")             # a fresh run answers instead
             return None
         run.remember_ids(history_ids)

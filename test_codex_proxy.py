@@ -63,11 +63,15 @@ def pid_alive(pid):
         return False
     except PermissionError:
         return True
-    try:    # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+    # A zombie is not alive, once its last thread is gone: a killed process's
+    # first thread turns zombie while the others are still exiting, and until
+    # they have, its parent cannot see the exit.
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
         return False
+    return not (status["State"].split()[0] == "Z" and int(status["Threads"]) <= 1)
 
 
 def port_of(base):
@@ -3894,6 +3898,18 @@ def test_a_parked_turn_whose_codex_died_is_answered_fresh(proxy, fake_codex):
     status, final, finish, _ = tool_round(proxy, messages + [call, *results_for(call)])
     assert status == 200 and finish == "stop" and "RESULT:read_file" in final["content"]
     assert proxy.wait_event("parked_expired")[0]["reason"] == "codex_exited"
+
+
+def test_a_child_that_died_is_gone_even_while_another_thread_waits_for_it():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        with proc._waitpid_lock:        # what a reader thread inside wait() holds
+            assert wait_until(lambda: not pid_alive(proc.pid), 10)     # a zombie now
+            assert proc.poll() is None      # the trap: poll() cannot look
+            assert cp.process_gone(proc)
+    finally:
+        proc.wait(10)
+    assert cp.process_gone(proc)
 
 
 def test_a_codex_killed_mid_turn_is_named_by_its_signal(proxy, fake_codex):
