@@ -190,6 +190,7 @@ DEFAULT_CONVERSATION_TTL = 1800.0  # seconds an unused kept thread lives
 DEFAULT_TOOL_QUIET = 0.15          # seconds to wait for sibling tool calls
 LOGIN_CACHE_SECONDS = 30.0
 KILL_GRACE_SECONDS = 2.0
+SHUTDOWN_ANSWER_SECONDS = 5.0      # at a shutdown, requests may say so this long before closing
 POLL_SECONDS = 0.25                # how often a waiting handler looks around
 CLIENT_LOOK_SECONDS = 0.5          # how often a turn checks that its client is still there
 REQUEST_READ_SECONDS = 30.0        # a request's line and headers must arrive within this, in all
@@ -5231,8 +5232,10 @@ class Turns:
                                       clock)
         self.responses = ResponseStore(clock=clock)
         # _lock guards _active, the runs answering a request right now, and
-        # _noted, the warnings of Codex said once (per model) and not again.
+        # _noted, the warnings of Codex said once (per model) and not again;
+        # _answered is told whenever _active drops.
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
         self._active = 0
         self._noted = set()
 
@@ -5346,8 +5349,7 @@ class Turns:
                               reason=why, history_messages=len(spec.messages) - 1)
             return run
         except BaseException:
-            with self._lock:
-                self._active -= 1
+            self._done_answering()
             raise
 
     def _prepare(self, run, request, spec):
@@ -5439,9 +5441,19 @@ class Turns:
         return run
 
     # -- parking, keeping and ending ---------------------------------------------
-    def _leave(self, run, outcome):
+    def _done_answering(self):
         with self._lock:
             self._active -= 1
+            self._answered.notify_all()
+
+    def wait_answered(self, timeout):
+        """Wait until no request is being answered, so that each has written
+        its last word (at a shutdown, that it is one) -> False after `timeout`."""
+        with self._lock:
+            return self._answered.wait_for(lambda: self._active <= 0, timeout)
+
+    def _leave(self, run, outcome):
+        self._done_answering()
         if outcome not in ("parked", "kept"):
             self.end_run(run, outcome)
 
@@ -6622,6 +6634,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.stopping.set()
         self.launcher.warm.close()
         self.turns.close()
+        self.turns.wait_answered(SHUTDOWN_ANSWER_SECONDS)    # before their sockets close
         self.connections.close_all()
         self.launcher.close()
         self.server_close()
