@@ -2924,6 +2924,10 @@ def codex_argv(prefix, *, model, effort, user_config, extra_config, workdir,
                   "default_tools_approval_mode": "approve",
                   "tool_timeout_sec": float(bridge_timeout) + 120.0,
                   "startup_timeout_sec": 30.0,
+                  # Codex does not wait for an MCP server unless it is
+                  # required: a bridge slower to start than Codex (a loaded
+                  # machine) would leave the client's tools out of the turn.
+                  "required": True,
                   "supports_parallel_tool_calls": True}
         for key, value in server.items():
             argv += ["-c", f"mcp_servers.client.{key}={toml_value(value)}"]

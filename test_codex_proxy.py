@@ -5271,6 +5271,19 @@ def test_e2e_upstream_sees_client_text_and_no_codex_prompt_or_host_tools(e2e, op
     assert expected in tool_names(second)
 
 
+def test_e2e_exec_waits_for_a_slow_bridge_so_the_client_tools_reach_the_model(
+        e2e, openai_sdk, tmp_path, monkeypatch):
+    slow = tmp_path / "slow-python.sh"          # a loaded machine: the bridge starts late
+    slow.write_text(f"#!/bin/sh\nsleep 2\nexec '{sys.executable}' \"$@\"\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow))     # the bridge's interpreter
+    proxy = e2e.proxy(engine="exec")
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    client.chat.completions.create(model="5.5-tpg", tools=TOOLS[:1], messages=[
+        {"role": "user", "content": "hi"}])
+    assert "mcp__client/read_file" in tool_names(e2e.upstream.bodies()[0])
+
+
 def test_e2e_the_users_own_mcp_servers_and_hooks_stay_off(e2e, openai_sdk, tmp_path):
     marker = tmp_path / "mcp-server-ran"
     server = tmp_path / "evil-mcp.sh"
