@@ -6102,18 +6102,40 @@ def test_e2e_the_anthropic_sdk_creates_messages(e2e, anthropic_sdk):
     assert error.value.body["error"]["type"] == "invalid_request_error"
 
 
+class GatedDrip:
+    """An upstream that writes 40 words 50 ms apart and holds after 20 until
+    the client has seen 10 of them: words held back to the end can never
+    arrive, so the stream fails instead of passing slowly.  Times are counted
+    from the upstream's first byte, leaving Codex's start-up (long on a loaded
+    machine) out of the first-to-last ratio."""
+
+    def __init__(self):
+        self.gate, self.began, self.times = threading.Event(), [], []
+
+    def __call__(self, body, index):
+        self.began.append(time.monotonic())
+        return ("drip", 0.05, WORDS, None, (20, self.gate))
+
+    def seen(self):
+        self.times.append(time.monotonic() - self.began[0])
+        if len(self.times) >= 10:
+            self.gate.set()
+
+    def streamed(self):
+        return len(self.times) >= 10 and self.times[0] <= 0.3 * self.times[-1]
+
+
 def test_e2e_the_anthropic_sdk_streams_text_as_it_is_written(e2e, anthropic_sdk):
-    e2e.responder = lambda body, index: ("drip", 0.05, WORDS, None)
+    e2e.responder = drip = GatedDrip()
     proxy = e2e.proxy()
     assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
     client = anthropic_client(anthropic_sdk, proxy)
-    start, times = time.monotonic(), []
     with client.messages.stream(model="claude-opus-4-8", max_tokens=500,
                                 messages=[{"role": "user", "content": "count"}]) as stream:
         for _ in stream.text_stream:
-            times.append(time.monotonic() - start)
+            drip.seen()
         final = stream.get_final_message()
-    assert len(times) >= 10 and times[0] <= 0.3 * times[-1]
+    assert drip.streamed(), drip.times
     assert final.content[0].text == "".join(WORDS) and final.stop_reason == "end_turn"
 
 
@@ -6187,16 +6209,17 @@ def test_e2e_the_ollama_library_lists_shows_chats_and_generates(e2e, ollama_lib)
 
 
 def test_e2e_the_ollama_library_streams_pieces_as_they_are_written(e2e, ollama_lib):
-    e2e.responder = lambda body, index: ("drip", 0.05, WORDS, None)
+    e2e.responder = drip = GatedDrip()
     proxy = e2e.proxy()
     assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
-    start, times, text = time.monotonic(), [], ""
+    text = ""
     for piece in ollama_lib.Client(host=proxy.base).chat(
             model="gpt-5.5", messages=[{"role": "user", "content": "count"}], stream=True):
         if piece.message.content:
-            times.append(time.monotonic() - start)
+            drip.seen()
             text += piece.message.content
-    assert len(times) >= 10 and times[0] <= 0.3 * times[-1] and text == "".join(WORDS)
+    assert drip.streamed(), drip.times
+    assert text == "".join(WORDS)
 
 
 def test_e2e_the_ollama_library_tools_images_format_and_thinking(e2e, ollama_lib):
