@@ -121,73 +121,11 @@ except ImportError:         # pragma: no cover - Windows
 
 __version__ = "0.3.0"
 
-# What the module offers a reader, a test or a script that imports it.
-__all__ = """
-    ProxyError bad_request ClientGone ToolSpec ToolCall Message ProxyRequest
-    too_deep check_json_value parse_json_body field objects image_url_of
-    content_to_text tool_spec tool_name hosted_tools normalize_tools check_schema
-    parse_tool_choice parse_stop parse_effort parse_model call_arguments
-    parse_message parse_input_items resolve_reference input_message input_call
-    reasoning_item parse_text_format schema_instruction strict_schema common_fields
-    parse_chat_request parse_responses_request check_request resolve_model
-    trailing_tool_results reasoning_signature reasoning_from_signature
-    anthropic_image anthropic_text anthropic_message anthropic_tools
-    anthropic_tool_choice anthropic_reasoning parse_messages_request
-    count_tokens_estimate ollama_image ollama_messages ollama_reasoning
-    ollama_common parse_ollama_chat parse_ollama_generate tool_choice_instruction
-    render_instructions request_instructions render_prompt codex_safe ToolNames
-    split_turn history_items user_parts call_item message_chars canonical_arguments
-    conversation_key Config toml_value TomlError read_toml CodexConfigFile
-    global_agents_file uses_custom_provider default_state_dir child_environment
-    LogEvent escape_controls LogBuffer retry_after_seconds usage_limit_error
-    format_duration classify_failure classify_codex_error clean_codex_output
-    redact_paths popen_group_kwargs process_gone stop_process_tree native_codex
-    resolve_codex run_quick CodexInfo build_model_catalog PendingCall RunSpec run_spec
-    check_input_size CodexRun Engine translate_codex_event ExecRun write_run_files
-    codex_argv ExecEngine BridgeRelayHandler BridgeListener mcp_tool_list
-    run_mcp_bridge RpcError usage_from_app_server JsonRpcPipe notice_text
-    AppServerEvents dynamic_tools turn_input refused_by_codex AppServerRun
-    user_config_overrides AppServerEngine WarmPool new_run_id RunTable CodexLauncher
-    ParkedTurns Kept KeptConversations ResponseStore Responder StopFilter
-    token_counts openai_usage new_completion_id make_chunk tool_call_chunks
-    make_completion sse ChatResponder responses_usage output_message_item
-    output_reasoning_item output_call_item make_response ResponsesResponder
-    anthropic_error ollama_error anthropic_usage call_input MessagesResponder
-    ollama_time OllamaResponder signal_name forces_tool TurnPump Turns is_local_name
-    split_host host_allowed origin_allowed well_formed_origin tunnel_headers
-    offered_keys own_host_names own_addresses AccessPolicy connection_budget
-    ConnectionTable BodyBudget RateLimits parse_head busy_receiving framing_error
-    body_framing BodyReader HttpHandler endpoint_health endpoint_models
-    endpoint_logs since_of endpoint_logs_stream endpoint_chat endpoint_responses
-    endpoint_messages endpoint_count_tokens endpoint_root endpoint_favicon
-    endpoint_ollama_chat endpoint_ollama_generate endpoint_ollama_tags
-    endpoint_ollama_show endpoint_ollama_version endpoint_ollama_ps Route dialect_of
-    ProxyHandler ProxyServer env_flag parse_addr parse_alias split_env_list
-    read_key_file build_parser config_from_args is_loopback raise_descriptor_limit
-    banner main
-""".split()
 
 # ---------------------------------------------------------------------------
 # Defaults
 # ---------------------------------------------------------------------------
 
-DEFAULT_ADDR = "127.0.0.1:11435"
-DEFAULT_ENGINE = "auto"            # auto | app-server | exec
-DEFAULT_WARM = 1                   # app-server processes initialized ahead of requests
-DEFAULT_MAX_BODY = 16 * 1024 * 1024
-DEFAULT_MAX_CONCURRENT = 4
-DEFAULT_MAX_CONNECTIONS = 1000
-DEFAULT_IDLE_TIMEOUT = 300.0
-DEFAULT_REQUEST_TIMEOUT = 1800.0
-DEFAULT_KEEPALIVE = 15.0
-DEFAULT_LOG_SIZE = 2000
-DEFAULT_TOOL_RESULT_TIMEOUT = 600.0
-DEFAULT_MAX_PARKED = 16
-DEFAULT_MAX_UNKNOWN_CALLS = 3     # model calls in a row of tools nobody declared
-DEFAULT_MAX_SILENT_CALLS = 30     # model calls in a row with nothing for the client
-DEFAULT_KEEP_CONVERSATIONS = 4     # threads kept alive between a conversation's turns
-DEFAULT_CONVERSATION_TTL = 1800.0  # seconds an unused kept thread lives
-DEFAULT_TOOL_QUIET = 0.15          # seconds to wait for sibling tool calls
 LOGIN_CACHE_SECONDS = 30.0
 KILL_GRACE_SECONDS = 2.0
 SHUTDOWN_ANSWER_SECONDS = 5.0      # at a shutdown, requests may say so this long before closing
@@ -196,7 +134,7 @@ CLIENT_LOOK_SECONDS = 0.5          # how often a turn checks that its client is 
 REQUEST_READ_SECONDS = 30.0        # a request's line and headers must arrive within this, in all
 BODY_READ_SECONDS = 30.0           # a body gets this long, then must keep up BODY_FLOOR_RATE
 BODY_FLOOR_RATE = 64 * 1024        # bytes per second, on average, a slow upload must keep up
-DEFAULT_BODY_BUDGET = 256 * 1024 * 1024    # bytes all request bodies in flight may hold
+DRAIN_LIMIT = 64 * 1024            # an unread body this small is read and dropped
 LINGER_SECONDS = 10.0              # after an early answer, how long a client may still send
 MAX_HEADER_LINES = 100
 KEEPALIVE_IDLE_SECONDS = 60.0      # a kept-alive connection may wait this long for its next request
@@ -1665,60 +1603,6 @@ def conversation_key(messages):
 # Configuration: flags, TOML, $CODEX_HOME/config.toml, the child environment
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Config:
-    """Everything `main` learned from flags and environment variables."""
-    # where it listens, and who may use it
-    host: str = "127.0.0.1"
-    port: int = 11435
-    api_keys: tuple = ()
-    insecure_no_key: bool = False
-    allow_origins: tuple = ()
-    allow_hosts: tuple = ()
-
-    # how Codex runs
-    codex_bin: str = "codex"
-    codex_home: str | None = None
-    engine: str = DEFAULT_ENGINE
-    warm: int = DEFAULT_WARM
-    codex_config: list = dataclasses.field(default_factory=list)
-    state_dir: str | None = None
-
-    # what clients send and get
-    aliases: dict = dataclasses.field(default_factory=dict)
-    reasoning: str = "content"          # content | think | none
-    max_body: int = DEFAULT_MAX_BODY
-    max_body_memory: int = DEFAULT_BODY_BUDGET
-
-    # how much at once, and for how long
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    keepalive: float = DEFAULT_KEEPALIVE
-
-    # tools, loops and conversations
-    tool_result_timeout: float = DEFAULT_TOOL_RESULT_TIMEOUT
-    max_parked: int = DEFAULT_MAX_PARKED
-    tool_quiet: float = DEFAULT_TOOL_QUIET
-    max_unknown_calls: int = DEFAULT_MAX_UNKNOWN_CALLS
-    max_silent_calls: int = DEFAULT_MAX_SILENT_CALLS
-
-    keep_conversations: int = DEFAULT_KEEP_CONVERSATIONS
-    conversation_ttl: float = DEFAULT_CONVERSATION_TTL
-
-    # the log
-    log_size: int = DEFAULT_LOG_SIZE
-    log_bodies: bool = False
-    quiet: bool = False
-    logs_html: str | None = None
-
-    @property
-    def codex_home_dir(self):
-        return self.codex_home or os.environ.get("CODEX_HOME") or \
-            os.path.join(os.path.expanduser("~"), ".codex")
-
-
 def toml_value(value):
     """A Python value as a TOML literal for `codex -c key=value`."""
     if isinstance(value, bool):
@@ -2895,7 +2779,7 @@ def write_run_files(run, instructions, images, output_schema):
 
 def codex_argv(prefix, *, model, effort, user_config, extra_config, workdir,
                instructions_path, images=(), bridge_config=None, catalog=None,
-               bridge_timeout=DEFAULT_TOOL_RESULT_TIMEOUT, output_schema=None, summary=None):
+               bridge_timeout, output_schema=None, summary=None):
     """The full `codex exec` command line for one run."""
     argv = [*prefix, "exec"]
     for path in images:
@@ -5921,8 +5805,6 @@ class RateLimits:
 # ---------------------------------------------------------------------------
 
 
-DRAIN_LIMIT = 64 * 1024           # an unread body this small is read and dropped
-
 
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -6670,12 +6552,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line: every setting once (FLAGS), Config, the parser, the banner
 # ---------------------------------------------------------------------------
-
-def env_flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
 
 def parse_addr(text):
     host, sep, port = text.rpartition(":")
@@ -6691,10 +6569,6 @@ def parse_alias(text):
     return name.strip(), model.strip()
 
 
-def split_env_list(name, sep=","):
-    return [p.strip() for p in os.environ.get(name, "").split(sep) if p.strip()]
-
-
 def read_key_file(path):
     """Keys from a file: one per line; blank lines and # comments skipped."""
     try:
@@ -6708,128 +6582,240 @@ def read_key_file(path):
     return keys
 
 
-# The numeric flags: flag, environment variable, type, default, what it does.
-NUMBER_FLAGS = (
-    ("--max-body", "CODEX_PROXY_MAX_BODY", int, DEFAULT_MAX_BODY,
-     "largest request body in bytes"),
-    ("--max-body-memory", "CODEX_PROXY_MAX_BODY_MEMORY", int, DEFAULT_BODY_BUDGET,
-     "bytes all request bodies being received may hold together; past it a large body "
-     "gets 503"),
-    ("--max-concurrent", "CODEX_PROXY_MAX_CONCURRENT", int, DEFAULT_MAX_CONCURRENT,
-     "Codex runs at once; more get 429"),
-    ("--max-connections", "CODEX_PROXY_MAX_CONNECTIONS", int, DEFAULT_MAX_CONNECTIONS,
-     "open client connections; past it idle ones are closed first"),
-    ("--idle-timeout", "CODEX_PROXY_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT,
-     "seconds without progress from Codex before giving up"),
-    ("--request-timeout", "CODEX_PROXY_REQUEST_TIMEOUT", float, DEFAULT_REQUEST_TIMEOUT,
-     "seconds one response may take"),
-    ("--keepalive", "CODEX_PROXY_KEEPALIVE", float, DEFAULT_KEEPALIVE,
-     "seconds between SSE keepalive comments"),
-    ("--tool-result-timeout", "CODEX_PROXY_TOOL_RESULT_TIMEOUT", float,
-     DEFAULT_TOOL_RESULT_TIMEOUT, "seconds a turn waits for the client's tool results"),
-    ("--max-unknown-calls", "CODEX_PROXY_MAX_UNKNOWN_CALLS", int, DEFAULT_MAX_UNKNOWN_CALLS,
-     "end a turn whose model calls tools nobody declared more than this many times in a row"),
-    ("--max-silent-calls", "CODEX_PROXY_MAX_SILENT_CALLS", int, DEFAULT_MAX_SILENT_CALLS,
-     "end a turn after this many model calls with nothing for the client"),
-    ("--keep-conversations", "CODEX_PROXY_KEEP_CONVERSATIONS", int,
-     DEFAULT_KEEP_CONVERSATIONS, "app-server threads kept alive between a conversation's "
-     "turns, so the next turn continues them (warm prompt cache); 0 turns it off"),
-    ("--conversation-ttl", "CODEX_PROXY_CONVERSATION_TTL", float, DEFAULT_CONVERSATION_TTL,
-     "seconds an unused kept conversation lives"),
-    ("--max-parked", "CODEX_PROXY_MAX_PARKED", int, DEFAULT_MAX_PARKED,
-     "turns waiting on tool results at once; past it the oldest ends"),
-    ("--tool-quiet-ms", "CODEX_PROXY_TOOL_QUIET_MS", int, int(DEFAULT_TOOL_QUIET * 1000),
-     "milliseconds to wait for sibling tool calls"),
-    ("--log-size", "CODEX_PROXY_LOG_SIZE", int, DEFAULT_LOG_SIZE, "events kept for /logs"),
+def mib(n):
+    return f"{n // (1024 * 1024)} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One setting, defined once: its flag and environment variable, the
+    Config field it sets and its default there, how its text is read, its
+    floor, and what it does.  The parser, Config, the clamps and README's
+    flag table all follow from FLAGS."""
+    flag: str                   # "--max-body"; the README adds `metavar`
+    env: str                    # its environment variable; the flag wins
+    field: str                  # Config's field
+    default: object             # Config's default (None: unset)
+    help: str                   # what it does: --help and README say the same
+    kind: str = "text"          # text | int | float | switch | choice | list
+    metavar: str = None
+    low: float = None           # numbers: a smaller value is raised to this
+    choices: tuple = ()
+    sep: str = ","              # list: how the variable separates its values
+    read: object = None         # text -> value (text and list flags)
+    scale: float = 1            # numbers: Config holds the flag's value times this
+    shown: str = None           # README's default, where the value says it badly
+
+    @property
+    def flag_default(self):
+        """The default as the flag says it (--tool-quiet-ms: milliseconds)."""
+        if self.kind in ("int", "float") and self.scale != 1:
+            return type(self.default)(round(self.default / self.scale))
+        return self.default
+
+
+FLAGS = (
+    Flag("--addr", "CODEX_OPENAI_PROXY_ADDR", "addr", ("127.0.0.1", 11435),
+         "where to listen", metavar="HOST:PORT", read=parse_addr, shown="`127.0.0.1:11435`"),
+    Flag("--codex-bin", "CODEX_BIN", "codex_bin", "codex",
+         "the Codex executable; an npm install is run through its native binary (on "
+         "Windows the `codex.cmd` shim's node script is the fallback)", metavar="PATH",
+         shown="`codex` on `PATH`"),
+    Flag("--codex-home", "CODEX_HOME", "codex_home", None,
+         "Codex's folder: login and `config.toml`", metavar="DIR", shown="`~/.codex`"),
+    Flag("--engine", "CODEX_PROXY_ENGINE", "engine", "auto",
+         "how Codex is run: `app-server` (streams tokens), `exec`, or `auto`: app-server "
+         "when its start-up probe passes (see Engines)", kind="choice",
+         choices=("auto",) + tuple(ENGINES), shown="`auto`"),
+    Flag("--warm", "CODEX_PROXY_WARM", "warm", 1,
+         "app-server processes started ahead of requests; 0 turns it off", kind="int",
+         metavar="N", low=0),
+    Flag("--api-key", "CODEX_PROXY_API_KEY", "api_keys", (),
+         "require this key, as `Authorization: Bearer KEY` (visible in `ps`: prefer the file "
+         "or the variable); repeatable, or comma-separated in the variable", kind="list",
+         metavar="KEY", shown="none"),
+    Flag("--api-key-file", "CODEX_PROXY_API_KEY_FILE", "api_key_file", None,
+         "require the keys in this file, one per line (`#` comments allowed)",
+         metavar="FILE", shown="none"),
+    Flag("--insecure-no-key", "CODEX_PROXY_INSECURE_NO_KEY", "insecure_no_key", False,
+         "allow a non-loopback `--addr` without a key", kind="switch"),
+    Flag("--allow-origin", "CODEX_PROXY_ALLOW_ORIGINS", "allow_origins", (),
+         "without a key, also let web pages from this origin (`https://chat.example`) use "
+         "the proxy; repeatable, or comma-separated in the variable", kind="list",
+         metavar="ORIGIN", read=lambda o: o.strip().lower().rstrip("/"), shown="none"),
+    Flag("--allow-host", "CODEX_PROXY_ALLOW_HOSTS", "allow_hosts", (),
+         "without a key, also accept this `Host` name; repeatable, or comma-separated in "
+         "the variable", kind="list", metavar="HOST", read=lambda h: h.strip().lower(),
+         shown="none"),
+    Flag("--alias", "CODEX_PROXY_ALIASES", "aliases", (),
+         "map a client's model name to a Codex model; repeatable, or comma-separated in "
+         "the variable", kind="list", metavar="NAME=MODEL", read=parse_alias, shown="none"),
+    Flag("--codex-config", "CODEX_PROXY_CODEX_CONFIG", "codex_config", (),
+         "an extra `codex -c KEY=VALUE` setting; repeatable, or `;`-separated in the "
+         "variable", kind="list", metavar="KEY=VALUE", sep=";", shown="none"),
+    Flag("--reasoning", "CODEX_PROXY_REASONING", "reasoning", "content",
+         "the reasoning summary as `delta.reasoning_content`, as `<think>...</think>` in "
+         "the content (stripped again from history), or not at all", kind="choice",
+         choices=("content", "think", "none"), shown="`content`"),
+    Flag("--max-body", "CODEX_PROXY_MAX_BODY", "max_body", 16 * 1024 * 1024,
+         "larger request bodies get 413", kind="int", metavar="BYTES",
+         shown=mib(16 * 1024 * 1024)),
+    Flag("--max-body-memory", "CODEX_PROXY_MAX_BODY_MEMORY", "max_body_memory",
+         256 * 1024 * 1024, "memory all request bodies being received may hold together; "
+         "past it a large body gets 503 with `Retry-After`", kind="int", metavar="BYTES",
+         low=DRAIN_LIMIT, shown=mib(256 * 1024 * 1024)),
+    Flag("--max-concurrent", "CODEX_PROXY_MAX_CONCURRENT", "max_concurrent", 4,
+         "Codex runs at once; more get 429 with `Retry-After`", kind="int", metavar="N",
+         low=1),
+    Flag("--max-connections", "CODEX_PROXY_MAX_CONNECTIONS", "max_connections", 1000,
+         "open client connections; past it the oldest idle one is closed, and with none "
+         "idle a newcomer gets 503", kind="int", metavar="N", low=8),
+    Flag("--idle-timeout", "CODEX_PROXY_IDLE_TIMEOUT", "idle_timeout", 300.0,
+         "give up when Codex makes no progress for this many seconds", kind="float",
+         metavar="S"),
+    Flag("--request-timeout", "CODEX_PROXY_REQUEST_TIMEOUT", "request_timeout", 1800.0,
+         "give up on a response that takes longer than this many seconds", kind="float",
+         metavar="S"),
+    Flag("--keepalive", "CODEX_PROXY_KEEPALIVE", "keepalive", 15.0,
+         "seconds between keepalives while Codex is silent (tunnels drop silent streams "
+         "after about 100 s)", kind="float", metavar="S", low=0.05),
+    Flag("--tool-result-timeout", "CODEX_PROXY_TOOL_RESULT_TIMEOUT", "tool_result_timeout",
+         600.0, "how long a parked turn waits for the client's tool results, in seconds",
+         kind="float", metavar="S"),
+    Flag("--max-parked", "CODEX_PROXY_MAX_PARKED", "max_parked", 16,
+         "turns waiting on tool results at once; past it the oldest ends", kind="int",
+         metavar="N", low=1),
+    Flag("--max-unknown-calls", "CODEX_PROXY_MAX_UNKNOWN_CALLS", "max_unknown_calls", 3,
+         "end a turn whose model calls tools nobody declared more than this many times in "
+         "a row (see Tools)", kind="int", metavar="N", low=0),
+    Flag("--max-silent-calls", "CODEX_PROXY_MAX_SILENT_CALLS", "max_silent_calls", 30,
+         "end a turn after this many model calls with nothing for the client", kind="int",
+         metavar="N", low=1),
+    Flag("--keep-conversations", "CODEX_PROXY_KEEP_CONVERSATIONS", "keep_conversations", 4,
+         "app-server threads kept alive between a conversation's turns (see "
+         "Conversations); past it the least recently used is let go; 0 turns it off",
+         kind="int", metavar="N", low=0),
+    Flag("--conversation-ttl", "CODEX_PROXY_CONVERSATION_TTL", "conversation_ttl", 1800.0,
+         "seconds an unused kept conversation lives", kind="float", metavar="S", low=1.0),
+    Flag("--tool-quiet-ms", "CODEX_PROXY_TOOL_QUIET_MS", "tool_quiet", 0.15,
+         "milliseconds to wait for sibling tool calls when Codex does not say the model "
+         "has finished its response", kind="int", metavar="MS", low=0, scale=0.001),
+    Flag("--state-dir", "CODEX_PROXY_STATE_DIR", "state_dir", None,
+         "where the proxy keeps its own files (the model catalog copy)", metavar="DIR",
+         shown="`~/.local/state/codex-openai-proxy` (`%LOCALAPPDATA%\\codex-openai-proxy` "
+               "on Windows)"),
+    Flag("--log-size", "CODEX_PROXY_LOG_SIZE", "log_size", 2000,
+         "events kept for `/logs`", kind="int", metavar="N", low=1),
+    Flag("--log-bodies", "CODEX_PROXY_LOG_BODIES", "log_bodies", False,
+         "also log prompt and answer text", kind="switch"),
+    Flag("--quiet", "CODEX_PROXY_QUIET", "quiet", False,
+         "no log lines on stderr", kind="switch"),
 )
 
 
+def make_config_class():
+    """Config: a field for each flag (its default from FLAGS), and what
+    `main` derives (host and port from --addr; every key; the log page)."""
+    fields = [("host", str, "127.0.0.1"), ("port", int, 11435),
+              ("logs_html", object, None)]
+    fields += [(f.field, object, f.default) for f in FLAGS if f.field != "addr"]
+    namespace = {
+        "__doc__": "Everything `main` learned from flags and environment variables: "
+                   "one field per entry of FLAGS (--addr gives host and port; keys from "
+                   "--api-key-file join api_keys).",
+        "codex_home_dir": property(lambda self: self.codex_home or os.environ.get(
+            "CODEX_HOME") or os.path.join(os.path.expanduser("~"), ".codex")),
+        "__module__": __name__}
+    return dataclasses.make_dataclass("Config", [
+        (name, kind, dataclasses.field(default_factory=dict) if name == "aliases" else
+         dataclasses.field(default=value, repr=name != "api_keys"))
+        for name, kind, value in fields],
+        namespace=namespace)
+
+
+Config = make_config_class()
+
+
+def default_text(flag):
+    """A flag's default as README and --help say it."""
+    if flag.shown:
+        return flag.shown
+    if flag.kind == "switch":
+        return "off"
+    value = flag.flag_default
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flag_table():
+    """README's flag table, as FLAGS says it (a test holds README to it)."""
+    rows = ["| flag | environment variable | default | what it does |",
+            "| --- | --- | --- | --- |"]
+    for f in FLAGS:
+        usage = f.flag + (f" {f.metavar}" if f.metavar else "") + \
+            (" " + "|".join(f.choices) if f.kind == "choice" else "")
+        usage = "`" + usage.replace("|", "\\|") + "`" + \
+            (" (repeatable)" if f.kind == "list" else "")
+        env = f"`{f.env}=1`" if f.kind == "switch" else f"`{f.env}`"
+        rows.append(f"| {usage} | {env} | {default_text(f)} | {f.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser():
-    e = os.environ.get
+    """The command line, from FLAGS: a flag not given reads its variable."""
     p = argparse.ArgumentParser(
         prog="codex_proxy.py",
         description="OpenAI, Anthropic and Ollama APIs backed by Codex (your ChatGPT "
-                    "subscription). Every flag has an environment variable.")
-    p.add_argument("--addr", type=parse_addr, default=e("CODEX_OPENAI_PROXY_ADDR", DEFAULT_ADDR),
-                   help=f"HOST:PORT to listen on (env CODEX_OPENAI_PROXY_ADDR; default {DEFAULT_ADDR})")
-    p.add_argument("--codex-bin", default=e("CODEX_BIN", "codex"),
-                   help="Codex executable (env CODEX_BIN; default: codex on PATH)")
-    p.add_argument("--codex-home", default=e("CODEX_HOME"),
-                   help="Codex's home folder with auth and config.toml (env CODEX_HOME; default ~/.codex)")
-    p.add_argument("--engine", choices=("auto", "app-server", "exec"),
-                   default=e("CODEX_PROXY_ENGINE", DEFAULT_ENGINE),
-                   help="how Codex is run: app-server (streams tokens), exec, or auto: app-server "
-                        "when its start-up probe passes (env CODEX_PROXY_ENGINE; default auto)")
-    p.add_argument("--warm", type=int, default=e("CODEX_PROXY_WARM", str(DEFAULT_WARM)),
-                   help=f"app-server processes started ahead of requests; 0 turns it off "
-                        f"(env CODEX_PROXY_WARM; default {DEFAULT_WARM})")
-    p.add_argument("--api-key", action="append", default=None,
-                   help="require this key as Authorization: Bearer KEY; repeatable; visible in "
-                        "`ps`, prefer --api-key-file (env CODEX_PROXY_API_KEY, comma-separated)")
-    p.add_argument("--api-key-file", default=e("CODEX_PROXY_API_KEY_FILE"),
-                   help="read the keys from this file, one per line "
-                        "(env CODEX_PROXY_API_KEY_FILE)")
-    p.add_argument("--insecure-no-key", action="store_true", default=env_flag("CODEX_PROXY_INSECURE_NO_KEY"),
-                   help="allow a non-loopback --addr without a key (env CODEX_PROXY_INSECURE_NO_KEY=1)")
-    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
-                   help="without a key, also let web pages from this origin use the proxy, e.g. "
-                        "https://chat.example; repeatable (env CODEX_PROXY_ALLOW_ORIGINS, comma-separated)")
-    p.add_argument("--allow-host", action="append", default=None, metavar="HOST",
-                   help="without a key, also accept this Host name; repeatable "
-                        "(env CODEX_PROXY_ALLOW_HOSTS, comma-separated)")
-    p.add_argument("--alias", action="append", type=parse_alias, default=None, metavar="NAME=MODEL",
-                   help="map a client model name to a Codex model; repeatable (env CODEX_PROXY_ALIASES, comma-separated)")
-    p.add_argument("--codex-config", action="append", default=None, metavar="KEY=VALUE",
-                   help="extra `codex -c KEY=VALUE`; repeatable (env CODEX_PROXY_CODEX_CONFIG, ';'-separated)")
-    p.add_argument("--reasoning", choices=("content", "think", "none"), default=e("CODEX_PROXY_REASONING", "content"),
-                   help="reasoning summary as delta.reasoning_content, as <think> in content, or not at all (env CODEX_PROXY_REASONING; default content)")
-    for flag, env, kind, default, text in NUMBER_FLAGS:
-        p.add_argument(flag, type=kind, default=e(env, str(default)),
-                       help=f"{text} (env {env}; default {default:g})")
-    p.add_argument("--state-dir", default=e("CODEX_PROXY_STATE_DIR"),
-                   help="folder for the proxy's model catalog (env CODEX_PROXY_STATE_DIR; default ~/.local/state/codex-openai-proxy)")
-    p.add_argument("--log-bodies", action="store_true", default=env_flag("CODEX_PROXY_LOG_BODIES"),
-                   help="also log prompt and answer text (env CODEX_PROXY_LOG_BODIES=1)")
-    p.add_argument("--quiet", action="store_true", default=env_flag("CODEX_PROXY_QUIET"),
-                   help="no log lines on stderr (env CODEX_PROXY_QUIET=1)")
+                    "subscription). Every flag has an environment variable; the flag wins.")
+    for f in FLAGS:
+        text = f"{f.help} (env {f.env}" + ("=1" if f.kind == "switch" else "")
+        text += "" if f.kind in ("switch", "list") else \
+            f"; default {default_text(f).replace('`', '')}"
+        text = (text + ")").replace("%", "%%")
+        if f.kind == "switch":
+            p.add_argument(f.flag, action="store_true", default=env_flag(f.env), help=text)
+        elif f.kind == "list":
+            p.add_argument(f.flag, action="append", default=None, metavar=f.metavar,
+                           type=f.read, help=text)
+        else:
+            given = os.environ.get(f.env)       # text: argparse reads it with `type`
+            p.add_argument(f.flag, type={"int": int, "float": float}.get(f.kind, f.read),
+                           choices=f.choices or None, metavar=f.metavar, help=text,
+                           default=given if given is not None else f.flag_default)
     p.add_argument("--mcp-bridge", metavar="FILE", help=argparse.SUPPRESS)
     return p
 
 
+def config_value(flag, value):
+    """A parsed flag value -> Config's: list flags from their variable when
+    not given, numbers clamped and scaled."""
+    if flag.kind == "list":
+        if value is None:
+            value = [flag.read(v) if flag.read else v for v in (
+                p.strip() for p in os.environ.get(flag.env, "").split(flag.sep)) if v]
+        return dict(value) if flag.field == "aliases" else tuple(
+            v for v in value if v != "")
+    if flag.kind in ("int", "float"):
+        if flag.low is not None:
+            value = max(flag.low, value)
+        return value * flag.scale if flag.scale != 1 else value
+    return value
+
+
 def config_from_args(args):
-    keys = args.api_key if args.api_key is not None else split_env_list("CODEX_PROXY_API_KEY")
-    if args.api_key_file:
-        keys = list(keys) + read_key_file(args.api_key_file)
-    aliases = args.alias if args.alias is not None else [
-        parse_alias(a) for a in split_env_list("CODEX_PROXY_ALIASES")]
-    extra = args.codex_config if args.codex_config is not None else \
-        split_env_list("CODEX_PROXY_CODEX_CONFIG", ";")
-    origins = args.allow_origin if args.allow_origin is not None else \
-        split_env_list("CODEX_PROXY_ALLOW_ORIGINS")
-    hosts = args.allow_host if args.allow_host is not None else \
-        split_env_list("CODEX_PROXY_ALLOW_HOSTS")
-    host, port = args.addr if isinstance(args.addr, tuple) else parse_addr(args.addr)
+    values = {f.field: config_value(f, getattr(args, f.flag[2:].replace("-", "_")))
+              for f in FLAGS}
+    host, port = values.pop("addr")
+    keys = list(values["api_keys"])
+    if values["api_key_file"]:
+        keys += read_key_file(values["api_key_file"])
+    values["api_keys"] = tuple(k.strip() for key in keys for k in key.split(",") if k.strip())
     html = os.path.join(os.path.dirname(os.path.abspath(__file__)), "logs.html")
-    return Config(
-        host=host, port=port, codex_bin=args.codex_bin, codex_home=args.codex_home,
-        engine=args.engine, warm=max(0, args.warm),
-        api_keys=tuple(k.strip() for key in keys for k in key.split(",") if k.strip()),
-        insecure_no_key=args.insecure_no_key,
-        allow_origins=tuple(o.strip().lower().rstrip("/") for o in origins if o.strip()),
-        allow_hosts=tuple(h.strip().lower() for h in hosts if h.strip()),
-        max_body=args.max_body, max_concurrent=max(1, args.max_concurrent),
-        max_body_memory=max(DRAIN_LIMIT, args.max_body_memory),
-        max_connections=max(8, args.max_connections), idle_timeout=args.idle_timeout,
-        request_timeout=args.request_timeout, keepalive=max(0.05, args.keepalive),
-        reasoning=args.reasoning, aliases=dict(aliases), codex_config=list(extra),
-        log_size=args.log_size, log_bodies=args.log_bodies, quiet=args.quiet,
-        tool_result_timeout=args.tool_result_timeout, max_parked=max(1, args.max_parked),
-        keep_conversations=max(0, args.keep_conversations),
-        max_unknown_calls=max(0, args.max_unknown_calls),
-        max_silent_calls=max(1, args.max_silent_calls),
-        conversation_ttl=max(1.0, args.conversation_ttl),
-        tool_quiet=max(0, args.tool_quiet_ms) / 1000.0, state_dir=args.state_dir,
-        logs_html=html if os.path.isfile(html) else None)
+    return Config(host=host, port=port, logs_html=html if os.path.isfile(html) else None,
+                  **values)
 
 
 def is_loopback(host):

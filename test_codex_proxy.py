@@ -4109,13 +4109,32 @@ def test_help_lists_an_environment_variable_for_every_flag():
 
 
 def test_readme_documents_every_flag_and_variable():
+    """README's table is FLAGS written out: regenerate it with
+    python3 -c "import codex_proxy; print(codex_proxy.flag_table())"."""
     readme = open(os.path.join(HERE, "README.md")).read()
-    for action in cp.build_parser()._actions:
-        if action.help in (None, cp.argparse.SUPPRESS) or "--help" in action.option_strings:
-            continue
-        assert action.option_strings[-1] in readme
-        for variable in re.findall(r"env ([A-Z_]+)", action.help):
-            assert variable in readme, variable
+    assert cp.flag_table() in readme
+    shown = [action.option_strings[-1] for action in cp.build_parser()._actions
+             if action.help not in (None, cp.argparse.SUPPRESS)
+             and "--help" not in action.option_strings]
+    assert shown == [f.flag for f in cp.FLAGS]
+    for flag in cp.FLAGS:
+        assert f"| `{flag.flag}" in readme and f"`{flag.env}" in readme, flag.flag
+
+
+def test_every_flag_reads_its_variable_and_is_clamped(monkeypatch):
+    for flag in cp.FLAGS:
+        if flag.kind in ("int", "float") and flag.low is not None:
+            monkeypatch.setenv(flag.env, "-5")
+    config = cp.config_from_args(cp.build_parser().parse_args([]))
+    for flag in cp.FLAGS:
+        if flag.kind in ("int", "float") and flag.low is not None:
+            assert getattr(config, flag.field) == flag.low * flag.scale, flag.flag
+    monkeypatch.setenv("CODEX_PROXY_TOOL_QUIET_MS", "250")
+    monkeypatch.setenv("CODEX_PROXY_CODEX_CONFIG", "a=1; b=2")
+    monkeypatch.setenv("CODEX_PROXY_ALIASES", "fast=gpt-5.5-low")
+    config = cp.config_from_args(cp.build_parser().parse_args(["--max-concurrent", "7"]))
+    assert config.tool_quiet == 0.25 and config.codex_config == ("a=1", "b=2")
+    assert config.aliases == {"fast": "gpt-5.5-low"} and config.max_concurrent == 7
 
 
 def test_readme_lists_every_log_event():
