@@ -5864,130 +5864,128 @@ def body_framing(headers):
     return ("length", int(value)) if int(value) else ("none", 0)
 
 
-class BodyReader:
-    """A request's body for HttpHandler: read within its framing, the body
-    budget (--max-body-memory) and the connection's deadlines, or dropped;
-    the connection closes after an early answer with a lingering close."""
+class RequestBody:
+    """One request's body: read within its framing, the body budget
+    (--max-body-memory) and the connection's deadlines, or dropped unread.
+    After an answer that comes before the body was read, the connection
+    must close (`close`), and with `linger` only after draining what the
+    client still sends, so that it reads the answer, not a reset."""
 
-    def read_json_body(self):
+    def __init__(self, handler, framing=("read", 0), expect=False):
+        server = handler.server
+        self._rfile, self._wfile, self._sock = handler.rfile, handler.wfile, handler.connection
+        self._connections, self._budget = server.connections, server.body_budget
+        self.max_body = server.config.max_body
+        self._framing = framing     # body_framing(), or ("read", 0) once read or dropped
+        self._expect = expect       # the client waits for 100 Continue before sending it
+        self._reserved = 0          # bytes of the body budget this body holds
+        self.close = False
+        self.linger = False
+
+    def read_json(self):
         """The body, parsed; its bytes are let go (and their share of the
         body budget given back) once parsed."""
-        self._reserved = self._reserve_body()
+        self._reserved = self._reserve()
         try:
-            return parse_json_body(self.read_body())
+            return parse_json_body(self.read())
         finally:
-            self.server.body_budget.release(self._reserved)
+            self._budget.release(self._reserved)
             self._reserved = 0
 
-    def _reserve_body(self):
+    def _early_close(self):
+        self.close = self.linger = True
+
+    def _reserve(self):
         kind, length = self._framing
-        if kind == "length" and length > self.server.config.max_body:
-            self.close_connection = self._linger = True
+        if kind == "length" and length > self.max_body:
+            self._early_close()
             raise self.too_large()
-        if kind == "length" and not self.server.body_budget.reserve(length, 0):
-            self.close_connection = self._linger = True
+        if kind == "length" and not self._budget.reserve(length, 0):
+            self._early_close()
             raise busy_receiving()
         return length if kind == "length" else 0
 
-    def read_body(self):
+    def read(self):
         kind, length = self._framing
         self._framing = ("read", 0)
         if kind not in ("length", "chunked"):
             return b""
         if self._expect:            # every check has passed: now the body may come
             self._expect = False
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.wfile.flush()
-        self.server.connections.phase(self.connection, "body")
+            self._wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._wfile.flush()
+        self._connections.phase(self._sock, "body")
         body = self._read_exact(length) if kind == "length" else self._read_chunked()
-        if not self.server.connections.phase(self.connection, "busy"):
+        if not self._connections.phase(self._sock, "busy"):
             raise ClientGone()          # the reaper cut it (and answered 408) meanwhile
         return body
 
     def too_large(self):
-        return ProxyError(413, f"request body over {self.server.config.max_body} bytes "
+        return ProxyError(413, f"request body over {self.max_body} bytes "
                           "(raise --max-body)", code="request_too_large")
 
     def _read_exact(self, size):
         buffer = bytearray(size)
         view, got = memoryview(buffer), 0
         while got < size:
-            count = self.rfile.readinto(view[got:got + 65536])
+            count = self._rfile.readinto(view[got:got + 65536])
             if not count:
                 raise ClientGone()
             got += count
-            self.server.connections.progress(self.connection, count)
+            self._connections.progress(self._sock, count)
         return buffer
 
     def _read_chunked(self):
         """A chunked body; what it holds is reserved as it comes, and given
-        back after parsing (read_json_body)."""
-        parts, total, budget = [], 0, self.server.body_budget
+        back after parsing (read_json)."""
+        parts, total = [], 0
         while True:
-            line = self.rfile.readline(1026)
+            line = self._rfile.readline(1026)
             size = line.split(b";", 1)[0].strip()
             if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size):
-                self.close_connection = True
+                self.close = True
                 raise framing_error("bad chunk size in a chunked body")
             size = int(size, 16)
             if size == 0:
                 for _ in range(32):     # trailers, then the empty line
-                    if self.rfile.readline(1026) in (b"\r\n", b"\n", b""):
+                    if self._rfile.readline(1026) in (b"\r\n", b"\n", b""):
                         return b"".join(parts)
-                self.close_connection = True
+                self.close = True
                 raise framing_error("too many trailer lines")
-            if total + size > self.server.config.max_body:
-                self.close_connection = self._linger = True
+            if total + size > self.max_body:
+                self._early_close()
                 raise self.too_large()
-            if not budget.reserve(size, total):
-                self.close_connection = self._linger = True
+            if not self._budget.reserve(size, total):
+                self._early_close()
                 raise busy_receiving()
             total += size
             self._reserved += size
             parts.append(self._read_exact(size))
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                self.close_connection = True
+            if self._rfile.readline(3) not in (b"\r\n", b"\n"):
+                self.close = True
                 raise framing_error("a chunk is longer than its size says")
 
-    def settle_body(self):
+    def settle(self):
         """A body nobody read: drop it if small, else close the connection
         (after draining what the client still sends), so it is never parsed
         as the next request."""
         kind, length = self._framing
         self._framing = ("read", 0)
         if self._expect:            # no 100 Continue went out: the body may never come
-            self.close_connection = True
+            self.close = True
             return
         if kind == "length" and length <= DRAIN_LIMIT:
             try:
-                self.connection.settimeout(5.0)
+                self._sock.settimeout(5.0)
                 self._read_exact(length)
                 return
             except (ClientGone, OSError):
                 pass
         if kind in ("length", "chunked"):
-            self.close_connection = self._linger = True
-
-    def _lingering_close(self):
-        """Close after an early answer so that a client still sending its
-        body reads the answer, not a reset: stop writing, then read and drop
-        what comes for a while."""
-        self._linger = False
-        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            while time.monotonic() < deadline and dropped < 4 * self.server.config.max_body:
-                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
-                data = self.connection.recv(65536)
-                if not data:
-                    break
-                dropped += len(data)
-        except OSError:
-            pass
+            self._early_close()
 
 
-class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
+class HttpHandler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 plumbing, knowing nothing of the APIs: strict parsing of a
     request's head, deadlines for its arrival (with the ConnectionTable's
     reaper), unambiguous framing, bodies read within a memory budget or
@@ -6006,14 +6004,12 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
         super().setup()
         self.request_id = None
         self.headers = None
-        self._framing = ("none", 0)
+        self.body = None            # this request's RequestBody
         self._selector = None
         self._served = 0
         self._chunked = True        # streams are chunked, but for HTTP/1.0
         self._expect = False        # the client waits for 100 Continue before its body
-        self._linger = False        # drain what the client still sends before closing
         self.dialect = "openai"     # whose error shape: openai, anthropic or ollama
-        self._reserved = 0          # bytes of the body budget this request holds
         self.answered = False       # a status line went out for this request
 
     def finish(self):
@@ -6045,6 +6041,7 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
                 first = b""
             self.raw_requestline = first + self.rfile.readline(65537)
             self._served += 1
+            self.body = RequestBody(self)
             self.headers, self.answered = None, False
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
@@ -6066,8 +6063,26 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
         except (socket.timeout, OSError, ValueError):
             self.close_connection = True
         finally:
-            if self._linger:
+            if self.body is not None and self.body.linger:
                 self._lingering_close()
+
+    def _lingering_close(self):
+        """Close after an early answer so that a client still sending its
+        body reads the answer, not a reset: stop writing, then read and drop
+        what comes for a while."""
+        self.body.linger = False
+        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline and dropped < 4 * self.server.config.max_body:
+                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
 
     def parse_request(self):
         """The request line and headers, read and checked strictly (no
@@ -6101,6 +6116,12 @@ class HttpHandler(BodyReader, http.server.BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         raise NotImplementedError
+
+    def settle_body(self):
+        """Drop what is left of the body; close the connection when it must."""
+        self.body.settle()
+        if self.body.close:
+            self.close_connection = True
 
     @property
     def route(self):
@@ -6271,24 +6292,24 @@ def endpoint_logs_stream(handler):
 
 def endpoint_chat(handler):
     server = handler.server
-    body = handler.read_json_body()
+    body = handler.body.read_json()
     server.turns.serve(handler, parse_chat_request(body, server.config.reasoning,
                                                    server.turns.responses))
 
 
 def endpoint_responses(handler):
     server = handler.server
-    body = handler.read_json_body()
+    body = handler.body.read_json()
     server.turns.serve(handler, parse_responses_request(body, server.turns.responses))
 
 
 def endpoint_messages(handler):
     server = handler.server
-    server.turns.serve(handler, parse_messages_request(handler.read_json_body()))
+    server.turns.serve(handler, parse_messages_request(handler.body.read_json()))
 
 
 def endpoint_count_tokens(handler):
-    handler.send_json(200, {"input_tokens": count_tokens_estimate(handler.read_json_body())})
+    handler.send_json(200, {"input_tokens": count_tokens_estimate(handler.body.read_json())})
 
 
 def endpoint_root(handler):
@@ -6311,11 +6332,11 @@ def endpoint_favicon(handler):
 
 
 def endpoint_ollama_chat(handler):
-    handler.server.turns.serve(handler, parse_ollama_chat(handler.read_json_body()))
+    handler.server.turns.serve(handler, parse_ollama_chat(handler.body.read_json()))
 
 
 def endpoint_ollama_generate(handler):
-    handler.server.turns.serve(handler, parse_ollama_generate(handler.read_json_body()))
+    handler.server.turns.serve(handler, parse_ollama_generate(handler.body.read_json()))
 
 
 OLLAMA_DETAILS = {"parent_model": "", "format": "codex", "family": "gpt", "families": ["gpt"],
@@ -6330,7 +6351,7 @@ def endpoint_ollama_tags(handler):
 
 
 def endpoint_ollama_show(handler):
-    body = handler.read_json_body()
+    body = handler.body.read_json()
     name = field(body if isinstance(body, dict) else {}, "model", (str,), "model") or \
         field(body if isinstance(body, dict) else {}, "name", (str,), "name")
     if not name:
@@ -6397,10 +6418,9 @@ class ProxyHandler(HttpHandler):
         server = self.server
         try:
             try:
-                self._framing = body_framing(self.headers)
+                self.body = RequestBody(self, body_framing(self.headers), self._expect)
             except ProxyError:
                 self.close_connection = True
-                self._framing = ("read", 0)
                 raise
             if server.stopping.is_set():   # a kept-alive connection outlived the server
                 raise ProxyError(503, "the proxy is shutting down", "server_error",
