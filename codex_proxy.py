@@ -55,7 +55,7 @@ How a request flows, and where each step lives (the sections, in file order):
     Launching Codex          RunTable, CodexLauncher: engine choice, spawning,
                              what failures mean
     Parked turns, kept conversations and stored responses
-                             ParkedTurns, KeptConversations, ResponseStore
+                             ParkedTurns, KeptThreads, ResponseStore
     Responders               one per API: Responder (the contract),
                              ChatResponder, ResponsesResponder,
                              MessagesResponder, OllamaResponder; error bodies
@@ -286,9 +286,10 @@ class Message:
 @dataclasses.dataclass
 class ProxyRequest:
     """One request, whichever API it came through."""
-    api: str                        # chat | responses | messages | ollama_chat | ollama_generate
     model: str | None               # exactly as the client sent it
     messages: list
+    api: str = ""                   # the name of the API (the row of APIS) it came through
+    made_up_ids: bool = False       # its call ids were made up here (the client drops them)
     stream: bool = False
     include_usage: bool = False
     tools: list = dataclasses.field(default_factory=list)
@@ -853,13 +854,12 @@ def parse_chat_request(body, reasoning_mode="content", store=None):
     options = field(body, "stream_options", (dict,), default={})
     if "messages" not in body and "input" in body:     # Cursor's agent may send these
         request = parse_responses_request(body, store, strict_previous=False)
-        request.api = "chat"
         request.include_usage = bool(options.get("include_usage"))
         return request
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    request = ProxyRequest(api="chat", model=parse_model(body),
+    request = ProxyRequest(model=parse_model(body),
                            messages=[parse_message(m, i, reasoning_mode)
                                      for i, m in enumerate(messages)])
     common_fields(body, request)
@@ -908,7 +908,7 @@ def parse_responses_request(body, store=None, strict_previous=True):
     items, extra_tools = parse_input_items(body.get("input"),
                                            store.item if store is not None else None)
     messages += items
-    request = ProxyRequest(api="responses", model=parse_model(body), messages=messages)
+    request = ProxyRequest(model=parse_model(body), messages=messages)
     common_fields(body, request)
     tools = field(body, "tools", (list,), default=[]) + extra_tools
     request.tools = normalize_tools(tools)
@@ -930,16 +930,16 @@ def parse_responses_request(body, store=None, strict_previous=True):
         "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning",
         "metadata", "temperature", "top_p", "max_output_tokens", "previous_response_id",
         "store", "user", "truncation")}
-    return check_request(request)
+    return check_request(request, "input")
 
 
-def check_request(request):
+def check_request(request, param="messages"):
     """What Codex would refuse or answer badly, refused here with a clear 400."""
     convo = [m for m in request.messages if m.role != "system"]
     if not any(m.text.strip() or m.tool_calls or m.images or m.role == "tool"
                for m in convo):
         raise bad_request("the conversation is empty: send at least one message with text",
-                          "input" if request.api == "responses" else "messages", "empty_prompt")
+                          param, "empty_prompt")
     return request
 
 
@@ -1171,7 +1171,7 @@ def parse_messages_request(body):
         messages += anthropic_message(raw, n)
     field(body, "max_tokens", (int,), "max_tokens")
     field(body, "metadata", (dict,), "metadata")
-    request = ProxyRequest(api="messages", model=parse_model(body), messages=messages)
+    request = ProxyRequest(model=parse_model(body), messages=messages)
     request.stream = bool(field(body, "stream", (bool,), default=False))
     tools, request.ignored_tools = anthropic_tools(body.get("tools"))
     request.tools = normalize_tools(tools)
@@ -1291,8 +1291,8 @@ def parse_ollama_chat(body):
     """Validate an Ollama /api/chat body -> ProxyRequest."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    request = ProxyRequest(api="ollama_chat", model=None,
-                           messages=ollama_messages(body.get("messages")))
+    request = ProxyRequest(model=None, messages=ollama_messages(body.get("messages")),
+                           made_up_ids=True)
     tools = field(body, "tools", (list,), default=[])
     request.tools = normalize_tools(tools)
     request.ignored_tools = hosted_tools(tools)
@@ -1309,7 +1309,7 @@ def parse_ollama_generate(body):
               enumerate(field(body, "images", (list,), default=[]))]
     messages = ([Message("system", system)] if system else []) + \
         [Message("user", prompt, images=images)]
-    return ollama_common(body, ProxyRequest(api="ollama_generate", model=None,
+    return ollama_common(body, ProxyRequest(model=None,
                                             messages=messages))
 
 
@@ -2267,17 +2267,17 @@ def run_quick(argv, env, timeout=20.0):
 
 
 class CodexInfo:
-    """Where Codex is, its version and login state, checked in the background.
+    """Where Codex is, its version and its login state, as last checked.
 
-    The request path only reads the cached answer.  A stale answer starts one
-    background check; the only wait is for a cached "not logged in" that is
-    stale, so that a user who just ran `codex login` is not refused."""
+    `check()` runs the commands (outside the cache's lock); `cached()` reads
+    the answer; `due()` says whether the answer should be checked again:
+    "now" when there is none or a stale "not logged in" (a user who just ran
+    `codex login` is not refused), "background" when it is merely stale."""
 
-    def __init__(self, config, env, clock=time.monotonic, on_refresh=None):
+    def __init__(self, config, env, clock=time.monotonic):
         self._config = config
         self._env = env
         self._clock = clock
-        self._on_refresh = on_refresh       # called after each check, outside the locks
         # _lock guards the cached fields below; checks run outside it.
         self._lock = threading.Lock()
         # _check_lock makes checks one at a time; a waiter gets the fresh result.
@@ -2288,7 +2288,8 @@ class CodexInfo:
         self._checked_at = None
         self._checking = False
 
-    def refresh(self):
+    def check(self):
+        """Find Codex and ask its version and login state -> (argv, version)."""
         with self._check_lock:
             argv = resolve_codex(self._config.codex_bin)
             version = logged_in = None
@@ -2301,32 +2302,32 @@ class CodexInfo:
                 self.argv, self.version, self.logged_in = argv, version, logged_in
                 self._checked_at = self._clock()
                 self._checking = False
-        if self._on_refresh is not None:
-            self._on_refresh(argv, version)
-        return self
+        return argv, version
 
-    def snapshot(self, max_age=LOGIN_CACHE_SECONDS):
-        """(argv, version, logged_in) from the cache; see the class docstring."""
+    def due(self, max_age=LOGIN_CACHE_SECONDS):
+        """None, "now" or "background" (see the class docstring); a
+        background check is claimed by the caller that gets it."""
         with self._lock:
             age = None if self._checked_at is None else self._clock() - self._checked_at
-            logged_in, checking = self.logged_in, self._checking
-            start = age is not None and age > max_age and logged_in and not checking
-            if start:
+            if age is None or (age > max_age and not self.logged_in):
+                return "now"
+            if age > max_age and not self._checking:
                 self._checking = True
-        if age is None or (age > max_age and not logged_in):
-            self.refresh()
-        elif start:
-            threading.Thread(target=self.refresh, name="codex-info", daemon=True).start()
+                return "background"
+            return None
+
+    def cached(self):
+        """(argv, version, logged_in) as last checked."""
         with self._lock:
             return self.argv, self.version, self.logged_in
 
     def current(self):
-        """(argv, version) as last checked, without checking."""
+        """(argv, version) as last checked."""
         with self._lock:
             return self.argv, self.version
 
     def expire(self):
-        """Make the next snapshot check again (tests, and after a 401 from Codex)."""
+        """Make the next look check again (tests, and after a 401 from Codex)."""
         with self._lock:
             if self._checked_at is not None:
                 self._checked_at -= LOGIN_CACHE_SECONDS + 1
@@ -2403,10 +2404,17 @@ class RunSpec:
                                     # engine renders it its own way
     names: ToolNames                # the tools, under the names Codex takes
     output_schema: dict | None
+    fingerprint: str = ""           # ProxyRequest.fingerprint() of its conversation
+    known_ids: frozenset = frozenset()  # the call ids its conversation holds
 
     @property
     def tools(self):
         return self.names.tools
+
+    @property
+    def match(self):
+        """What a kept thread shares with a request that continues it."""
+        return (self.fingerprint,) + self.settings()
 
     def settings(self):
         """What a kept thread must share with a request that continues it,
@@ -2429,7 +2437,8 @@ def run_spec(request, aliases, nested=False, messages=None):
     spec = RunSpec(model=model, effort=request.reasoning_effort or effort,
                    summary=request.reasoning_summary,
                    instructions=request_instructions(request, tools, names), messages=messages,
-                   names=names, output_schema=request.output_schema)
+                   names=names, output_schema=request.output_schema,
+                   fingerprint=request.fingerprint(), known_ids=frozenset(request.history_ids()))
     check_input_size(message_chars(messages))
     return spec
 
@@ -2442,8 +2451,10 @@ def check_input_size(chars):
 
 
 class CodexRun:
-    """One Codex process answering one request's turn: its events, its tool
-    calls and its files.  Each engine has a subclass.
+    """Codex answering one conversation: a turn, and with app-server the
+    turns after it on the same thread.  It holds the turn's events, the
+    client's tool calls Codex waits on, and its files.  Each engine has a
+    subclass.
 
     The engine's reader threads put (kind, payload) pairs on `events`; the
     pump of the request that owns the run at the moment takes them.  Every
@@ -2459,6 +2470,8 @@ class CodexRun:
                        (input_tokens, cached_input_tokens, output_tokens,
                        reasoning_output_tokens)
         tool_call      a PendingCall: the model called a client tool
+        call_announced (client's tool name, arguments): exec is about to call
+                       a client tool; its tool_call follows through the bridge
         response_done  frozenset of call ids: the model finished a response
                        holding these calls (only when `signals_responses`)
         model_call     names of undeclared tools Codex answered itself, or ():
@@ -2473,7 +2486,8 @@ class CodexRun:
         failed         {"message", "codexErrorInfo"?, "additionalDetails"?}
         exit           (exit code, plain output): the process ended
 
-    A run outlives an HTTP response when it parks on tool calls."""
+    A run outlives an HTTP response when it parks on tool calls, and when
+    its thread is kept for the conversation's next turn."""
 
     engine = None                   # the name of the adapter that runs it
     signals_responses = False       # sends response_done, so calls need no quiet wait
@@ -2496,7 +2510,7 @@ class CodexRun:
         self.match = None           # ... and its settings: what a continuation shares
         self.parked_key = None      # conversation_key() of what a parked run has seen
         self.names = ToolNames([], False)   # the client's tools, as Codex knows them
-        self.id_taken = lambda call_id: False   # does another run know this call id?
+        self.runs = None            # the RunTable: call ids stay unique across runs
         self.exited = threading.Event()
         self._stopped = threading.Event()       # set once stop() has finished
         # _lock guards _calls, _used_ids and _stopping; reader threads and
@@ -2506,10 +2520,17 @@ class CodexRun:
         self._calls = {}
         self._used_ids = set()
 
-    def set_tools(self, names, known_ids):
-        self.names = names
+    def assign(self, spec, runs):
+        """Give the run its request (a RunSpec): the client's tools as Codex
+        knows them, the call ids its conversation holds, what a continuation
+        must share; and the table of live runs, which it joins."""
+        self.names = spec.names
+        self.fingerprint, self.match = spec.fingerprint, spec.match
+        self.model, self.effort = spec.model, spec.effort
+        self.runs = runs
         with self._lock:
-            self._used_ids.update(known_ids)
+            self._used_ids.update(spec.known_ids)
+        runs.add(self)
 
     def _start_readers(self):
         threading.Thread(target=self._read_stdout, name=f"codex-out-{self.id}",
@@ -2531,16 +2552,22 @@ class CodexRun:
         raise NotImplementedError
 
     # -- tool calls --------------------------------------------------------
+    @staticmethod
+    def client_arguments(spec, arguments):
+        """A call's arguments as Codex gives them -> as the client sees them:
+        JSON, or a custom tool's raw input text."""
+        if spec.custom and isinstance(arguments, dict):
+            text = arguments.get("input")
+            return text if isinstance(text, str) else json.dumps(arguments)
+        return call_arguments(arguments)
+
     def add_call(self, call_id, spec, arguments, rpc_id=None, announced=False):
         """Register a call of a client tool and queue it for the client."""
         custom = spec.custom
-        if custom and isinstance(arguments, dict):
-            text = arguments.get("input")
-            arguments = text if isinstance(text, str) else json.dumps(arguments)
-        else:
-            arguments = call_arguments(arguments)
+        arguments = self.client_arguments(spec, arguments)
         codex_id = call_id
-        if not isinstance(call_id, str) or not call_id or self.id_taken(call_id):
+        taken = self.runs is not None and self.runs.call_known(call_id)
+        if not isinstance(call_id, str) or not call_id or taken:
             call_id = None      # ids are unique across runs: a result finds one turn
         with self._lock:
             if call_id is None or call_id in self._used_ids:
@@ -2642,10 +2669,10 @@ class Engine:
         """-> (ok, reason): whether the Codex at `argv` runs this engine."""
         return True, f"chosen with --engine {self.name}"
 
-    def start(self, spec, prepare):
-        """Start a run for `spec` -> the CodexRun; `prepare(run)` (its tools,
-        its conversation's fingerprint, and its place in the run table) is
-        called before the process starts, so that the run can be found at once."""
+    def new_run(self, spec):
+        """A run for `spec` (a RunSpec), its turn started -> the CodexRun.
+        The run joins the run table before its process starts, so that
+        whatever Codex starts (the exec bridge) finds it at once."""
         raise NotImplementedError
 
     def spawn(self):
@@ -2661,6 +2688,302 @@ class Engine:
 
     def close(self):
         """Stop it again."""
+
+# ---------------------------------------------------------------------------
+# The pump: one run's events -> one responder, and how the turn ended
+# ---------------------------------------------------------------------------
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def forces_tool(request):
+    """Does the request force one tool (tool_choice names it, or requires a
+    call with one tool offered)?  Extraction clients do, and send no result."""
+    choice = request.tool_choice
+    return isinstance(choice, dict) or (choice == "required" and len(request.tools) == 1)
+
+
+@dataclasses.dataclass
+class TurnEnd:
+    """How a run's turn ended for one response: the value TurnPump returns.
+    Turns.settle decides from it what becomes of the run and writes the
+    response's last bytes."""
+    kind: str                       # answered | calls | failed | gone
+    usage: dict = dataclasses.field(default_factory=dict)   # Codex's usage of the turn
+    reason: str = "stop"            # the finish reason: stop | tool_calls
+    calls: list = dataclasses.field(default_factory=list)   # [PendingCall] for the client
+    error: object = None            # the ProxyError, when failed
+    cut: bool = False               # answered, but cut at a stop sequence: Codex went on
+    forced: bool = False            # calls the client forced: it answers them fresh, if at all
+    first_output: float = None      # when the first text, reasoning or call was seen
+
+
+class TurnPump:
+    """Relays one run's events to one responder until the turn ends for
+    this response, and says how it ended: a TurnEnd.
+
+    It owns the timing rules of a response: --idle-timeout and
+    --request-timeout, keepalives, noticing a client that has left, the
+    loop guards, and which of the model's calls go out together.  It writes
+    what streams (text, reasoning, keepalives); the last bytes (the calls,
+    the finish or the error) are written by Turns.settle once it has
+    decided what becomes of the run."""
+
+    NOT_RUN = ("Not run: the client accepts one tool call at a time "
+               "(parallel_tool_calls is false). Call it again after this result if "
+               "you still need it.")
+
+    def __init__(self, codex_run, responder, handler, launcher):
+        self.codex_run, self.responder, self.handler = codex_run, responder, handler
+        self.request = responder.request
+        self.launcher = launcher
+        self.config, self.logs = launcher.config, launcher.logs
+        self.calls = []             # [PendingCall] of the batch being collected
+        self.usage = None
+        self.last_warning = None
+        self.reasoning_chars = 0
+        self.expected = None        # the calls of a response the model has finished
+        self.announced = []         # (name, arguments) of calls Codex said it is making
+        self.stop = StopFilter(self.request.stop) if self.request.stop else None
+        self.heard_model = False    # anything from the model since this response began
+        self.first_output = None    # when the first text, reasoning or call was seen
+        self.unknown_streak = 0     # model calls in a row of tools nobody declared
+        self.silent_calls = 0       # model calls since something reached the client
+        self._text_key = None
+
+    def pump(self):
+        """-> TurnEnd: answered, calls for the client, failed (with the
+        ProxyError) or gone (the client left)."""
+        try:
+            return self._relay()
+        except ProxyError as error:
+            return TurnEnd("failed", error=error, first_output=self.first_output)
+        except DISCONNECT_ERRORS:
+            return TurnEnd("gone", first_output=self.first_output)
+
+    def _relay(self):
+        """The event loop.  Only progress (anything but Codex's warnings)
+        keeps a turn alive past --idle-timeout: a backend that stays
+        unreachable ends it however often Codex says it is reconnecting.
+        The client's socket is watched all along, so one that leaves is
+        noticed while tokens flow too."""
+        cfg, clock = self.config, time.monotonic
+        started = last_progress = next_keepalive = next_look = clock()
+        next_keepalive += cfg.keepalive
+        batch_end = None
+        while True:
+            now = clock()
+            if batch_end is not None and now >= batch_end:
+                return self.calls_end()
+            if now - last_progress >= cfg.idle_timeout:
+                raise self.idle_error()
+            if now - started >= cfg.request_timeout:
+                raise ProxyError(504, f"the request took over {cfg.request_timeout:g} s "
+                                 "(--request-timeout)", "api_error", "codex_request_timeout")
+            if now >= next_look:
+                if self.handler.client_gone():
+                    raise ClientGone()
+                next_look = now + CLIENT_LOOK_SECONDS
+            wait = min(POLL_SECONDS, next_keepalive - now,
+                       (batch_end - now) if batch_end is not None else POLL_SECONDS)
+            try:
+                kind, payload = self.codex_run.events.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                if clock() >= next_keepalive:
+                    self.responder.keepalive()
+                    next_keepalive = clock() + cfg.keepalive
+                continue
+            if kind not in ("warning", "unexpected"):
+                last_progress = clock()
+                self.heard_model = self.heard_model or kind not in ("thread",)
+            if kind in ("tool_call", "response_done", "call_announced"):
+                batch_end = self.batch_deadline(kind, payload, last_progress)
+                continue
+            end = self.handle_event(kind, payload)
+            if end is not None:
+                return end
+
+    def idle_error(self):
+        """Silence past --idle-timeout.  When the model has not answered at
+        all, or Codex only said it was retrying, the backend is unreachable
+        (Codex retries a refused connection without a word)."""
+        cfg, warning = self.config, self.last_warning or ""
+        retrying = re.search(r"reconnect|retrying|stream disconnected|error sending request",
+                             warning, re.I)
+        if retrying or not self.heard_model:
+            why = f" (last: {warning[:200]})" if retrying else ""
+            return ProxyError(504, f"the model backend is unreachable: no answer from it in "
+                              f"{cfg.idle_timeout:g} s (--idle-timeout){why}", "api_error",
+                              "backend_unreachable")
+        return ProxyError(504, f"Codex sent nothing for {cfg.idle_timeout:g} s "
+                          "(--idle-timeout)", "api_error", "codex_idle_timeout")
+
+    def batch_deadline(self, kind, payload, now):
+        """A call arrived, Codex announced one, or the model ended a
+        response -> when to end this response with the calls collected so
+        far (None: not yet).
+
+        Calls the model makes together go out together.  app-server says
+        when the model has finished a response, and which calls it made;
+        exec announces each call before it reaches the bridge.  The batch
+        ends once every call so named has arrived; a call nobody named (one
+        from inside a tool of Codex's own) ends it after a quiet spell of
+        --tool-quiet-ms."""
+        if kind == "tool_call":
+            self.silent_calls = 0
+            self.first_output = self.first_output or time.monotonic()
+            self.calls.append(payload)
+            self.logs.add(LogEvent.TOOL_CALL_FORWARDED, self.handler.request_id,
+                          run=self.codex_run.id, name=payload.call.name,
+                          call_id=payload.call.id,
+                          argument_bytes=len(payload.call.arguments))
+        elif kind == "call_announced":
+            self.announced.append(payload)
+        else:
+            self.expected = payload
+        if not self.calls:
+            return None
+        if self.expected is not None:
+            done = self.expected <= {p.codex_id for p in self.calls}
+            return now if done else now + self.config.tool_quiet
+        if self.announced:
+            arrived = collections.Counter((p.call.name, canonical_arguments(p.call.arguments))
+                                          for p in self.calls)
+            waiting = collections.Counter((name, canonical_arguments(call_arguments(args)))
+                                          for name, args in self.announced) - arrived
+            return None if waiting else now + self.config.tool_quiet
+        if self.codex_run.signals_responses and all(p.announced for p in self.calls):
+            return None         # the model may still be writing more calls
+        return now + self.config.tool_quiet
+
+    def handle_event(self, kind, payload):
+        """One event of the run (CodexRun lists the kinds) -> a TurnEnd when
+        the turn has ended for this response, else None.  Text and reasoning
+        go to the responder as they come; a failure, an interruption or an
+        exit raises the ProxyError the client sees; Codex running a tool of
+        its own stops the turn (fail closed)."""
+        logs, rid, run = self.logs, self.handler.request_id, self.codex_run
+        if kind == "thread":
+            run.thread_id = payload
+            logs.add(LogEvent.CODEX_FORWARD, rid, run=run.id, engine=run.engine,
+                     warm=run.warm, thread_id=payload,
+                     mapped_model=run.model or self.launcher.default_model(),
+                     effort=run.effort, pid=run.proc.pid if run.proc else None)
+        elif kind in ("text", "reasoning"):
+            self.silent_calls = 0
+            self.first_output = self.first_output or time.monotonic()
+            if kind == "text":
+                return self.text(*payload)
+            self.reasoning_chars += len(payload[-1])
+            self.responder.reasoning(*payload)
+        elif kind == "model_call":
+            self.model_called(payload)
+        elif kind == "reasoning_item":
+            self.responder.reasoning_items.append(payload)
+        elif kind == "usage":
+            self.usage = payload
+        elif kind == "warning":
+            self.last_warning = payload or self.last_warning
+            if self.launcher.worth_logging(payload):
+                logs.add(LogEvent.CODEX_WARNING, rid, run=run.id,
+                         message=self.launcher.redact(payload)[:500])
+        elif kind == "unexpected":
+            logs.add(LogEvent.CODEX_WARNING, rid, run=run.id,
+                     message=f"Codex produced {payload}; it should have no such tool")
+        elif kind == "codex_tool":
+            raise ProxyError(502, f"Codex ran a tool of its own ({payload}), which it must "
+                             "never do here; the turn was stopped", "api_error",
+                             "codex_tool_used", headers=NO_RETRY)
+        elif kind == "completed":
+            self.flush_text()
+            return self.answered()
+        elif kind in ("failed", "interrupted", "exit"):
+            raise self.ended(kind, payload)
+        return None
+
+    def ended(self, kind, payload):
+        """A turn that ended without completing -> the error the client sees:
+        a shutdown as a shutdown, an exit with its status or signal."""
+        launcher = self.launcher
+        if launcher.stopping.is_set():
+            return ProxyError(503, "the proxy is shutting down; retry when it is back",
+                              "server_error", "shutting_down")
+        if kind == "failed":
+            return launcher.failure(payload)
+        if kind == "interrupted":
+            return launcher.failure({"message": "Codex interrupted the turn"})
+        code, plain = payload
+        how = f"was killed by signal {signal_name(-code)}" if code is not None and code < 0 \
+            else f"exited with status {code}"
+        detail = plain or "\n".join(list(self.codex_run.stderr_tail)[-5:])
+        return launcher.failure({"message": f"Codex {how} before finishing the turn"
+                                            + (f": {detail}" if detail else "")})
+
+    def model_called(self, unknown):
+        """No invisible loops on the user's quota: the model calling tools
+        nobody declared (Codex answers those itself, and the model tries
+        again), or calling on and on while nothing reaches the client, ends
+        the turn with an error."""
+        cfg = self.config
+        self.unknown_streak = self.unknown_streak + 1 if unknown else 0
+        self.silent_calls += 1
+        if self.unknown_streak > cfg.max_unknown_calls:
+            raise ProxyError(502, f"the model called {', '.join(sorted(set(unknown)))}, which "
+                             f"the client did not declare, {self.unknown_streak} times in a "
+                             "row; the turn was stopped so that it does not loop on your "
+                             "plan's quota (--max-unknown-calls)", "api_error", "model_loop",
+                             headers=NO_RETRY)
+        if self.silent_calls > cfg.max_silent_calls:
+            raise ProxyError(502, f"the model made {self.silent_calls} calls without anything "
+                             "reaching the client; the turn was stopped so that it does not "
+                             "loop on your plan's quota (--max-silent-calls)", "api_error",
+                             "model_loop", headers=NO_RETRY)
+
+    def text(self, key, delta):
+        if self.stop is None:
+            self.responder.text(key, delta)
+            return None
+        if key != self._text_key:
+            self.flush_text()
+            self._text_key = key
+        emit = self.stop.feed(delta)
+        if emit:
+            self.responder.text(key, emit)
+        if self.stop.hit:
+            self.responder.stop_sequence = self.stop.matched
+            return self.answered(cut=True)
+        return None
+
+    def flush_text(self):
+        if self.stop is not None:
+            held = self.stop.flush()
+            if held:
+                self.responder.text(self._text_key, held)
+
+    def answered(self, cut=False):
+        if self.reasoning_chars:
+            self.logs.add(LogEvent.REASONING_DETECTED, self.handler.request_id,
+                          run=self.codex_run.id, summary_chars=self.reasoning_chars)
+        return TurnEnd("answered", self.usage or {}, "stop", cut=cut,
+                       first_output=self.first_output)
+
+    def calls_end(self):
+        """The batch is complete: the calls for the client (one, when it
+        takes one at a time; the others are answered "not run")."""
+        calls = self.calls
+        if not self.request.parallel_tool_calls and len(calls) > 1:
+            for extra in calls[1:]:
+                self.codex_run.answer(extra.call.id, self.NOT_RUN, True)
+            calls = calls[:1]
+        self.flush_text()
+        return TurnEnd("calls", self.usage or {}, "tool_calls", calls=calls,
+                       forced=forces_tool(self.request), first_output=self.first_output)
+
 
 # ---------------------------------------------------------------------------
 # Engine: exec (`codex exec --json`, client tools through the MCP bridge)
@@ -2688,6 +3011,8 @@ def translate_codex_event(event):
     if itype == "error":
         return [("warning", item.get("message") or "")] if etype == "item.completed" else []
     if etype != "item.completed":
+        if itype == "mcp_tool_call" and item.get("server") == "client":
+            return [("call_announced", (item.get("tool"), item.get("arguments")))]
         return []
     if itype == "agent_message":
         return [("text", (item.get("id"), item.get("text") or ""))]
@@ -2709,7 +3034,8 @@ class ExecRun(CodexRun):
         self.secret = secrets.token_hex(24)
         self.argv = []
 
-    def start(self, argv, prompt):
+    def launch(self, argv, prompt):
+        """Start `codex exec` and give it the prompt."""
         self.argv = argv
         self.proc = subprocess.Popen(
             argv, env=self.env, cwd=self.workdir, stdin=subprocess.PIPE,
@@ -2743,8 +3069,13 @@ class ExecRun(CodexRun):
             if not isinstance(event, dict):
                 plain.append(line)      # config errors come as plain text
                 continue
-            for item in translate_codex_event(event):
-                self.events.put(item)
+            for kind, payload in translate_codex_event(event):
+                if kind == "call_announced":    # under the client's name, as it will arrive
+                    spec = self.names.from_codex(None, payload[0])
+                    if spec is None:
+                        continue
+                    payload = (spec.name, self.client_arguments(spec, payload[1]))
+                self.events.put((kind, payload))
         self.proc.stdout.close()
         self.proc.wait()
         self.exited.set()
@@ -2850,12 +3181,12 @@ class ExecEngine(Engine):
             self.bridge.shutdown()
         self.bridge.server_close()
 
-    def start(self, spec, prepare):
+    def new_run(self, spec):
         launcher = self.launcher
         prompt = render_prompt(spec.messages, spec.names)
         check_input_size(len(prompt))       # the transcript is what Codex counts
         run = ExecRun(new_run_id(), launcher.env, tempfile.mkdtemp(prefix="codex-proxy-"))
-        prepare(run)
+        run.assign(spec, launcher.runs)
         try:
             instructions, images, schema = write_run_files(
                 run, spec.instructions, [url for m in spec.messages for url in m.images],
@@ -2869,7 +3200,7 @@ class ExecEngine(Engine):
                 catalog=launcher.catalog_path,
                 bridge_timeout=launcher.config.tool_result_timeout,
                 output_schema=schema, summary=spec.summary)
-            run.start(argv, prompt)
+            run.launch(argv, prompt)
         except OSError as exc:
             launcher.discard(run)
             raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
@@ -3366,9 +3697,9 @@ class AppServerRun(CodexRun):
     def signals_responses(self):
         return self.protocol.signals_responses
 
-    def set_tools(self, names, known_ids):
-        super().set_tools(names, known_ids)
-        self.protocol.names = names
+    def assign(self, spec, runs):
+        super().assign(spec, runs)
+        self.protocol.names = spec.names
 
     # -- process and JSON-RPC ----------------------------------------------
     def launch(self):
@@ -3411,7 +3742,7 @@ class AppServerRun(CodexRun):
             params["model"] = model
         return params
 
-    def start(self, spec, thread_config):
+    def open_thread(self, spec, thread_config):
         """Open the thread, give it the conversation so far as native items,
         and start the turn."""
         params = self.thread_params(spec.instructions, spec.names, thread_config, spec.model)
@@ -3613,16 +3944,16 @@ class AppServerEngine(Engine):
             raise
         return run
 
-    def start(self, spec, prepare):
+    def new_run(self, spec):
         run = self.launcher.warm.take()
         if run is not None:
             run.warm = True
         while True:
             if run is None:
                 run = self.spawn()
-            prepare(run)
+            run.assign(spec, self.launcher.runs)
             try:
-                run.start(spec, self.thread_config())
+                run.open_thread(spec, self.thread_config())
                 return run
             except ProxyError:
                 self.launcher.discard(run)
@@ -3657,7 +3988,8 @@ class WarmPool:
         self._stopping = threading.Event()
         self._thread = None
 
-    def start(self):
+    def start_filler(self):
+        """Start the thread that keeps `size` spares."""
         if self.size > 0:
             self._thread = threading.Thread(target=self._loop, name="warm-pool", daemon=True)
             self._thread.start()
@@ -3741,7 +4073,7 @@ ENGINES = {engine.name: engine for engine in (AppServerEngine, ExecEngine)}
 
 
 def new_run_id():
-    return "turn_" + secrets.token_hex(5)
+    return "run_" + secrets.token_hex(5)
 
 
 class RunTable:
@@ -3789,7 +4121,7 @@ class CodexLauncher:
         self.rate_limits = rate_limits
         self.runs = runs
         self.stopping = stopping
-        self.codex = CodexInfo(config, env, on_refresh=self._codex_checked)
+        self.codex = CodexInfo(config, env)
         self.user_config = CodexConfigFile(config.codex_home_dir)
         self.catalog_path, self.catalog_models = None, []
         self.catalog_error = None       # why the catalog copy could not be written
@@ -3804,23 +4136,28 @@ class CodexLauncher:
         # catalog build and the probe run under it, off the request path.
         self._catalog_lock = threading.Lock()
         self._catalog_version = None
+        # _noted_lock guards _noted: warnings of Codex said once, not again.
+        self._noted_lock = threading.Lock()
+        self._noted = set()
 
     def open(self):
         """Check Codex (which builds the catalog and picks the engine), then
         start what the engines need and the warm spares."""
-        self.codex.refresh()
+        self.check_codex()
         for engine in self.engines.values():
             engine.open()
-        self.warm.start()
+        self.warm.start_filler()
 
     def close(self):
         self.warm.close()
         for engine in self.engines.values():
             engine.close()
 
-    def _codex_checked(self, argv, version):
-        """At start-up and whenever Codex's version changes: build the model
-        catalog and choose the engine again."""
+    def check_codex(self):
+        """Look at Codex: where it is, its version, its login.  At start-up
+        and whenever its version changes, the model catalog is built and
+        the engine chosen again, here."""
+        argv, version = self.codex.check()
         with self._catalog_lock:        # one build per version, even when checks race
             if argv is None or version == self._catalog_version:
                 if argv is None:
@@ -3865,8 +4202,33 @@ class CodexLauncher:
         """What a spare depends on; None when the engine keeps none."""
         return self.engine.warm_key() if self.engine.warms else None
 
+    def codex_state(self):
+        """(argv, version, logged_in) from the cached checks: a stale answer
+        is checked again in the background, none (or a stale "not logged
+        in") at once."""
+        due = self.codex.due()
+        if due == "now":
+            self.check_codex()
+        elif due == "background":
+            threading.Thread(target=self.check_codex, name="codex-check", daemon=True).start()
+        return self.codex.cached()
+
+    ONCE = re.compile(r"Model metadata for .{0,200}? not found")
+
+    def worth_logging(self, warning):
+        """Whether to log a warning of Codex: those it repeats on every
+        request for a model (outside its catalog) are logged once."""
+        match = self.ONCE.search(warning or "")
+        if match is None:
+            return True
+        with self._noted_lock:
+            if match.group() in self._noted or len(self._noted) >= 1000:
+                return False
+            self._noted.add(match.group())
+            return True
+
     def check_ready(self):
-        argv, _, logged_in = self.codex.snapshot()
+        argv, _, logged_in = self.codex_state()
         if argv is None:
             raise ProxyError(503, f"the Codex CLI was not found; install it with "
                              f"`{INSTALL_HINT}` (or point --codex-bin at it), then run "
@@ -3878,12 +4240,12 @@ class CodexLauncher:
                              "authentication_error", "codex_not_logged_in", headers=NO_RETRY)
         return argv, user_config
 
-    def start(self, spec, prepare):
-        """Start a run on the current engine (check_ready() first)."""
-        return self.engine.start(spec, prepare)
+    def start_run(self, spec):
+        """A run on the current engine, its turn started (check_ready() first)."""
+        return self.engine.new_run(spec)
 
     def discard(self, run, reason="spawn_failed"):
-        """A run that could not start: forget it and stop its process."""
+        """A run whose turn could not start: it leaves the run table and stops."""
         self.runs.pop(run)
         run.stop(f"The tool call was abandoned ({reason}).")
 
@@ -3999,7 +4361,7 @@ class ParkedTurns:
 
 
 @dataclasses.dataclass
-class Kept:
+class KeptThread:
     """A kept conversation: a run whose thread has answered a turn."""
     run: object                     # the CodexRun, idle, its thread alive
     match: tuple                    # fingerprint and settings a continuation shares
@@ -4007,7 +4369,7 @@ class Kept:
     at: float                       # when it was kept or last used
 
 
-class KeptConversations:
+class KeptThreads:
     """Threads kept alive between a conversation's turns, so that the next
     turn continues the thread: the model keeps its own items and reasoning,
     and the prompt cache (keyed by the thread) stays warm.  At most `size`,
@@ -4015,7 +4377,7 @@ class KeptConversations:
 
     def __init__(self, size, ttl, clock=time.monotonic):
         self.size, self.ttl, self._clock = size, ttl, clock
-        # _lock guards _kept (run id -> Kept), least recently used first.
+        # _lock guards _kept (run id -> KeptThread), least recently used first.
         self._lock = threading.Lock()
         self._kept = collections.OrderedDict()
 
@@ -4026,7 +4388,7 @@ class KeptConversations:
     def keep(self, run, match, key):
         """Keep a run; -> the runs let go to make room."""
         with self._lock:
-            self._kept[run.id] = Kept(run, match, key, self._clock())
+            self._kept[run.id] = KeptThread(run, match, key, self._clock())
             self._kept.move_to_end(run.id)
             evicted = []
             while len(self._kept) > self.size:
@@ -4034,7 +4396,7 @@ class KeptConversations:
         return evicted
 
     def claim(self, match, key):
-        """Take out the kept thread this conversation continues -> (Kept or
+        """Take out the kept thread this conversation continues -> (KeptThread or
         None, why none fits).  A continuation holds all the thread has seen,
         then something new, with the same instructions, tools and settings."""
         why = (0, "a new conversation" if len(key) <= 1 else
@@ -4142,7 +4504,7 @@ class Responder:
     """Writes one turn to the client in one API's shape: as a stream of
     events when the request streams, else as one object at the end.
 
-    The contract, the same for every API.  The pump calls:
+    The contract, the same for every API.  Turns and the pump call, in order:
 
         open()                      once, first: headers (and the opening
                                     events) go out before Codex says anything
@@ -4151,15 +4513,18 @@ class Responder:
                                     reasoning summary text; a new item or
                                     part starts a new paragraph
         keepalive()                 while Codex is silent (streams only)
-        tool_calls(calls)           at most once, before finish: [ToolCall]
-        finish(reason, usage)       once: "stop" or "tool_calls", Codex usage
+        tool_calls(calls)           at most once: [ToolCall] for the client
+        end_output()                no more output comes: what is open is
+                                    closed, so history_messages() and stored()
+                                    are whole (what is kept or stored is
+                                    decided now, before the last bytes)
+        finish(reason, usage)       the last bytes: "stop" or "tool_calls"
         fail(error)                 instead of finish: a ProxyError
 
     A subclass fills in what differs: `open`, `text`, `reasoning`,
-    `tool_calls`, `finish` and `fail_stream` (an error once the stream has
-    started).  `on_finish(responder)`, when set, runs before the last bytes
-    go out, so a follow-up request that arrives at once finds what it needs.
-    Writes raise ClientGone when the client has left."""
+    `tool_calls`, `end_output`, `finish` and `fail_stream` (an error once
+    the stream has started).  Writes raise ClientGone when the client has
+    left."""
 
     def __init__(self, handler, request, reasoning_mode):
         self.handler = handler
@@ -4172,11 +4537,13 @@ class Responder:
         self.content = []                   # the answer text as sent
         self.reasoning_items = []           # encrypted reasoning, when Codex gives it
         self.stop_sequence = None           # the stop sequence that ended the answer
-        self.on_finish = None
 
     def keepalive(self):
         if self.stream:
             self.handler.write_chunk(b": keepalive\n\n")
+
+    def end_output(self):
+        """Close what is still open (nothing, unless a subclass keeps items open)."""
 
     def fail(self, error):
         if self.stream:
@@ -4196,9 +4563,10 @@ class Responder:
         send it back."""
         return [Message("assistant", self.answer_text(), tool_calls=list(self.calls))]
 
-    def _finishing(self):
-        if self.on_finish is not None:
-            self.on_finish(self)
+    def stored(self):
+        """(id, output items) when this response is kept for later requests
+        to refer to (the Responses API's previous_response_id), else None."""
+        return None
 
 
 class StopFilter:
@@ -4371,11 +4739,13 @@ class ChatResponder(Responder):
             self.handler.write_chunk(b"".join(sse(c) for c in tool_call_chunks(
                 self.id, self.created, self.model, calls, start)))
 
-    def finish(self, reason, usage):
+    def end_output(self):
         if self._think_open:
             self._content("\n</think>")
             self._think_open = False
-        self._finishing()
+
+    def finish(self, reason, usage):
+        self.end_output()
         usage = openai_usage(usage)
         if not self.stream:
             reasoning = "".join(self.reasoning_text) if self.reasoning_mode == "content" else ""
@@ -4570,9 +4940,14 @@ class ResponsesResponder(Responder):
             self.output.append(done)
             self._event("response.output_item.done", output_index=index, item=done)
 
+    def end_output(self):
+        self._close()
+
+    def stored(self):
+        return (self.id, self.output) if self.request.store else None
+
     def finish(self, reason, usage):
         self._close()
-        self._finishing()
         response = self._response("completed", usage)
         if not self.stream:
             self.handler.send_json(200, response)
@@ -4605,8 +4980,6 @@ def ollama_error(error):
     return {"error": error.message}
 
 
-# Each API's error body; the handler picks one by the request's path.
-ERROR_BODIES = {"openai": ProxyError.body, "anthropic": anthropic_error, "ollama": ollama_error}
 
 
 def anthropic_usage(usage):
@@ -4712,11 +5085,13 @@ class MessagesResponder(Responder):
                 "partial_json": json.dumps(self._block["input"], ensure_ascii=False)})
         self._close()
 
-    def finish(self, reason, usage):
+    def end_output(self):
         self._close()
         for block in self.blocks:
             block.pop("part", None)
-        self._finishing()
+
+    def finish(self, reason, usage):
+        self.end_output()
         stop = "stop_sequence" if self.stop_sequence else self.STOP_REASONS.get(reason, reason)
         if not self.stream:
             self.handler.send_json(200, self._message(stop, usage))
@@ -4745,11 +5120,12 @@ class OllamaResponder(Responder):
     parses every line) with `done: false`, then one `done: true` line with
     the counts; or that last object alone.  /api/chat writes `message`
     (content, thinking, tool_calls with object arguments); /api/generate
-    writes `response` and `thinking`."""
+    (OllamaGenerateResponder) writes `response` and `thinking`."""
+
+    chat = True
 
     def __init__(self, handler, request, reasoning_mode):
         super().__init__(handler, request, reasoning_mode)
-        self.chat = request.api == "ollama_chat"
         self.show_thinking = request.reasoning_summary is not None
         self.thinking = []
         self.started = time.monotonic()
@@ -4797,7 +5173,6 @@ class OllamaResponder(Responder):
             self._write(self._line(calls=calls))
 
     def finish(self, reason, usage):
-        self._finishing()
         prompt, _, completion, _ = token_counts(usage)
         elapsed = int((time.monotonic() - self.started) * 1e9)
         counts = {"done_reason": "stop", "total_duration": elapsed, "load_duration": 0,
@@ -4820,294 +5195,32 @@ class OllamaResponder(Responder):
         self._write(self._line())        # an empty piece: NDJSON has no comments
 
 
-RESPONDERS = {"chat": ChatResponder, "responses": ResponsesResponder,
-              "messages": MessagesResponder, "ollama_chat": OllamaResponder,
-              "ollama_generate": OllamaResponder}
+class OllamaGenerateResponder(OllamaResponder):
+    """/api/generate: the answer as `response`, with the `context` a client
+    may send back."""
+
+    chat = False
 
 # ---------------------------------------------------------------------------
-# The pump: one run's events -> one responder
+# Turns: one request from start to end, and what becomes of its run
 # ---------------------------------------------------------------------------
 
+# Reasons a run is released whose Codex is idle: it is let exit by itself.
+IDLE_ENDS = ("answered", "max_kept", "ttl")
 
-def signal_name(number):
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)
-
-
-def forces_tool(request):
-    """Does the request force one tool (tool_choice names it, or requires a
-    call with one tool offered)?  Extraction clients do, and send no result."""
-    choice = request.tool_choice
-    return isinstance(choice, dict) or (choice == "required" and len(request.tools) == 1)
-
-
-class TurnPump:
-    """Moves one run's events to one responder until the turn ends or parks.
-
-    It owns the timing rules of a response: --idle-timeout and
-    --request-timeout, keepalives, noticing a client that has left, and when
-    the calls the model made together go out together."""
-
-    NOT_RUN = ("Not run: the client accepts one tool call at a time "
-               "(parallel_tool_calls is false). Call it again after this result if "
-               "you still need it.")
-
-    def __init__(self, turns, run, out, handler, request):
-        self.turns, self.run_, self.out, self.handler = turns, run, out, handler
-        self.request = request
-        self.config = turns.config
-        self.logs = turns.logs
-        self.calls = []
-        self.usage = None
-        self.last_warning = None
-        self.reasoning_chars = 0
-        self.expected = None        # the calls of a response the model has finished
-        self.stop = StopFilter(request.stop) if request.stop else None
-        self.on_complete = None     # called with the responder when the turn completes
-        self.heard_model = False    # anything from the model since this response began
-        self.first_output = None    # when the first text, reasoning or call reached the client
-        self.unknown_streak = 0     # model calls in a row of tools nobody declared
-        self.silent_calls = 0       # model calls since something reached the client
-        self._text_key = None
-
-    def run(self):
-        """-> (outcome, usage, finish_reason); raises ProxyError or ClientGone.
-
-        Only progress (anything but Codex's warnings) keeps a turn alive past
-        --idle-timeout: a backend that stays unreachable ends it however
-        often Codex says it is reconnecting.  The client's socket is watched
-        all along, so one that leaves is noticed while tokens flow too."""
-        cfg, clock = self.config, time.monotonic
-        started = last_progress = next_keepalive = next_look = clock()
-        next_keepalive += cfg.keepalive
-        quiet_until = None
-        while True:
-            now = clock()
-            if quiet_until is not None and now >= quiet_until:
-                return self.park()
-            if now - last_progress >= cfg.idle_timeout:
-                raise self.idle_error()
-            if now - started >= cfg.request_timeout:
-                raise ProxyError(504, f"the request took over {cfg.request_timeout:g} s "
-                                 "(--request-timeout)", "api_error", "codex_request_timeout")
-            if now >= next_look:
-                if self.handler.client_gone():
-                    raise ClientGone()
-                next_look = now + CLIENT_LOOK_SECONDS
-            wait = min(POLL_SECONDS, next_keepalive - now,
-                       (quiet_until - now) if quiet_until is not None else POLL_SECONDS)
-            try:
-                kind, payload = self.run_.events.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                if clock() >= next_keepalive:
-                    self.out.keepalive()
-                    next_keepalive = clock() + cfg.keepalive
-                continue
-            if kind not in ("warning", "unexpected"):
-                last_progress = clock()
-                self.heard_model = self.heard_model or kind not in ("thread",)
-            if kind in ("tool_call", "response_done"):
-                quiet_until = self.siblings(kind, payload, last_progress)
-                continue
-            result = self.handle_event(kind, payload)
-            if result is not None:
-                return result
-
-    def idle_error(self):
-        """Silence past --idle-timeout.  When the model has not answered at
-        all, or Codex only said it was retrying, the backend is unreachable
-        (Codex retries a refused connection without a word)."""
-        cfg, warning = self.config, self.last_warning or ""
-        retrying = re.search(r"reconnect|retrying|stream disconnected|error sending request",
-                             warning, re.I)
-        if retrying or not self.heard_model:
-            why = f" (last: {warning[:200]})" if retrying else ""
-            return ProxyError(504, f"the model backend is unreachable: no answer from it in "
-                              f"{cfg.idle_timeout:g} s (--idle-timeout){why}", "api_error",
-                              "backend_unreachable")
-        return ProxyError(504, f"Codex sent nothing for {cfg.idle_timeout:g} s "
-                          "(--idle-timeout)", "api_error", "codex_idle_timeout")
-
-    def siblings(self, kind, payload, now):
-        """A call arrived, or the model ended a response: -> when to end this
-        HTTP response with the calls collected so far (None: not yet).
-
-        Calls the model makes together go out together.  app-server says
-        when the model has finished a response (and which calls it made);
-        without that sign, a quiet spell of --tool-quiet-ms ends the batch."""
-        if kind == "tool_call":
-            self.silent_calls = 0
-            self.first_output = self.first_output or time.monotonic()
-            self.calls.append(payload)
-            self.logs.add(LogEvent.TOOL_CALL_FORWARDED, self.handler.request_id,
-                          turn=self.run_.id, name=payload.call.name,
-                          call_id=payload.call.id,
-                          argument_bytes=len(payload.call.arguments))
-        else:
-            self.expected = payload
-        if not self.calls:
-            return None
-        if self.expected is not None:
-            done = self.expected <= {p.codex_id for p in self.calls}
-            return now if done else now + self.config.tool_quiet
-        if self.run_.signals_responses and all(p.announced for p in self.calls):
-            return None         # the model may still be writing more calls
-        return now + self.config.tool_quiet
-
-    def handle_event(self, kind, payload):
-        logs, rid, run = self.logs, self.handler.request_id, self.run_
-        if kind == "thread":
-            run.thread_id = payload
-            logs.add(LogEvent.CODEX_FORWARD, rid, turn=run.id, engine=run.engine,
-                     warm=run.warm, thread_id=payload, mapped_model=run.model,
-                     effort=run.effort, pid=run.proc.pid if run.proc else None)
-        elif kind == "text":
-            self.silent_calls = 0
-            self.first_output = self.first_output or time.monotonic()
-            return self.text(*payload)
-        elif kind == "reasoning":
-            self.silent_calls = 0
-            self.first_output = self.first_output or time.monotonic()
-            self.reasoning_chars += len(payload[-1])
-            self.out.reasoning(*payload)
-        elif kind == "model_call":
-            self.model_called(payload)
-        elif kind == "reasoning_item":
-            self.out.reasoning_items.append(payload)
-        elif kind == "usage":
-            self.usage = payload
-        elif kind == "warning":
-            self.last_warning = payload or self.last_warning
-            if self.turns.first_time(payload):
-                logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id,
-                         message=self.turns.launcher.redact(payload)[:500])
-        elif kind == "unexpected":
-            logs.add(LogEvent.CODEX_WARNING, rid, turn=run.id,
-                     message=f"Codex produced {payload}; it should have no such tool")
-        elif kind == "codex_tool":      # fail closed: a forwarder that runs tools is a hole
-            raise ProxyError(502, f"Codex ran a tool of its own ({payload}), which it must "
-                             "never do here; the turn was stopped", "api_error",
-                             "codex_tool_used", headers=NO_RETRY)
-        elif kind == "completed":
-            self.flush_text()
-            return self.finish("done", "stop")
-        elif kind in ("failed", "interrupted", "exit"):
-            raise self.ended(kind, payload)
-        return None
-
-    def ended(self, kind, payload):
-        """A turn that ended without completing -> the error the client sees:
-        a shutdown as a shutdown, an exit with its status or signal."""
-        if self.turns.stopping.is_set():
-            return ProxyError(503, "the proxy is shutting down; retry when it is back",
-                              "server_error", "shutting_down")
-        if kind == "failed":
-            return self.turns.launcher.failure(payload)
-        if kind == "interrupted":
-            return self.turns.launcher.failure({"message": "Codex interrupted the turn"})
-        code, plain = payload
-        how = f"was killed by signal {signal_name(-code)}" if code is not None and code < 0 \
-            else f"exited with status {code}"
-        detail = plain or "\n".join(list(self.run_.stderr_tail)[-5:])
-        return self.turns.launcher.failure({
-            "message": f"Codex {how} before finishing the turn"
-                       + (f": {detail}" if detail else "")})
-
-    def model_called(self, unknown):
-        """No invisible loops on the user's quota: the model calling tools
-        nobody declared (Codex answers those itself, and the model tries
-        again), or calling on and on while nothing reaches the client, ends
-        the turn with an error."""
-        cfg = self.config
-        self.unknown_streak = self.unknown_streak + 1 if unknown else 0
-        self.silent_calls += 1
-        if self.unknown_streak > cfg.max_unknown_calls:
-            raise ProxyError(502, f"the model called {', '.join(sorted(set(unknown)))}, which "
-                             f"the client did not declare, {self.unknown_streak} times in a "
-                             "row; the turn was stopped so that it does not loop on your "
-                             "plan's quota (--max-unknown-calls)", "api_error", "model_loop",
-                             headers=NO_RETRY)
-        if self.silent_calls > cfg.max_silent_calls:
-            raise ProxyError(502, f"the model made {self.silent_calls} calls without anything "
-                             "reaching the client; the turn was stopped so that it does not "
-                             "loop on your plan's quota (--max-silent-calls)", "api_error",
-                             "model_loop", headers=NO_RETRY)
-
-    def text(self, key, delta):
-        if self.stop is None:
-            self.out.text(key, delta)
-            return None
-        if key != self._text_key:
-            self.flush_text()
-            self._text_key = key
-        emit = self.stop.feed(delta)
-        if emit:
-            self.out.text(key, emit)
-        if self.stop.hit:
-            self.out.stop_sequence = self.stop.matched
-            return self.finish("stopped", "stop")
-        return None
-
-    def flush_text(self):
-        if self.stop is not None:
-            held = self.stop.flush()
-            if held:
-                self.out.text(self._text_key, held)
-
-    def finish(self, outcome, reason):
-        if outcome == "done" and self.on_complete is not None:
-            self.on_complete(self.out)      # before the client can ask for what follows
-        if self.reasoning_chars:
-            self.logs.add(LogEvent.REASONING_DETECTED, self.handler.request_id,
-                          turn=self.run_.id, summary_chars=self.reasoning_chars)
-        self.out.finish(reason, self.usage or {})
-        return outcome, self.usage or {}, reason
-
-    def park(self):
-        """End the response with the calls; the run waits for their results.
-
-        The run is parked before the calls are written, so a client that
-        answers at once always finds it."""
-        calls = self.calls
-        if not self.request.parallel_tool_calls and len(calls) > 1:
-            for extra in calls[1:]:
-                self.run_.answer(extra.call.id, self.NOT_RUN, True)
-            calls = calls[:1]
-        for pending in calls:
-            pending.sent = True
-        self.flush_text()
-        self.run_.parked_key = conversation_key(self.request.messages + [Message(
-            "assistant", self.out.answer_text(), tool_calls=[p.call for p in calls])])[0]
-        if forces_tool(self.request):
-            # The extraction pattern: the client wanted the call's arguments
-            # and sends no result; should it, the result is answered fresh.
-            self.out.tool_calls([p.call for p in calls])
-            self.out.finish("tool_calls", self.usage or {})
-            return "forced", self.usage or {}, "tool_calls"
-        self.turns.park(self.run_)
-        try:
-            self.out.tool_calls([p.call for p in calls])
-            self.out.finish("tool_calls", {})  # the turn's usage comes with its last response
-        except DISCONNECT_ERRORS:
-            if self.turns.parked.discard(self.run_):
-                raise           # nobody has the calls: end the run as a disconnect
-        return "parked", {}, "tool_calls"
-
-
-# ---------------------------------------------------------------------------
-# Turns: admission, resuming parked turns, serving one request end to end
-# ---------------------------------------------------------------------------
 
 class Turns:
-    """The turns being answered.  A request comes in parsed; Turns finds the
-    parked turn its tool results resume, or the kept thread its conversation
-    continues, or admits it (--max-concurrent) and starts a run through the
-    launcher; then it pumps the run's events into the API's responder.  A
-    run that calls tools is parked until the results come and expired when
-    they do not; a run whose turn completes is kept for the conversation's
-    next turn (when its engine can) or ended."""
+    """Every turn being answered, and the runs between turns.
+
+    `serve` takes a parsed request.  Its tool results resume the parked run
+    that made those calls; else its conversation continues a kept thread,
+    or a new run starts.  A new or continued turn first takes a
+    --max-concurrent slot and is refused past the limit; a resumed one takes
+    a slot too but is never refused (its run is already running).  The pump
+    relays the run's events; then `settle` decides in one place whether the
+    run is parked (the model called the client's tools), kept (its thread
+    takes the conversation's next turn) or released, and what is stored,
+    before the slot is given back and the last bytes go out."""
 
     def __init__(self, config, launcher, logs, runs, stopping, clock=time.monotonic):
         self.config = config
@@ -5116,47 +5229,42 @@ class Turns:
         self.runs = runs
         self.stopping = stopping
         self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
-        self.kept = KeptConversations(config.keep_conversations, config.conversation_ttl,
-                                      clock)
+        self.kept = KeptThreads(config.keep_conversations, config.conversation_ttl, clock)
         self.responses = ResponseStore(clock=clock)
-        # _lock guards _active, the runs answering a request right now, and
-        # _noted, the warnings of Codex said once (per model) and not again;
-        # _answered is told whenever _active drops.
+        # _lock guards _active, the requests being answered now; _answered is
+        # told whenever it drops.
         self._lock = threading.Lock()
         self._answered = threading.Condition(self._lock)
         self._active = 0
-        self._noted = set()
 
-    def start(self):
+    def start_reaper(self):
         threading.Thread(target=self._reap, name="turns-reaper", daemon=True).start()
-
-    ONCE = re.compile(r"Model metadata for .{0,200}? not found")
-
-    def first_time(self, warning):
-        """Whether to log a warning of Codex: the ones it repeats on every
-        request for a model (outside its catalog) are logged once."""
-        match = self.ONCE.search(warning or "")
-        if match is None:
-            return True
-        with self._lock:
-            if match.group() in self._noted or len(self._noted) >= 1000:
-                return False
-            self._noted.add(match.group())
-            return True
 
     def close(self):
         """End every run: parked ones, kept ones, then those still answering."""
-        self._end_all(self.parked.take_all(), "parked_shutdown")
-        self._end_all(self.kept.take_all(), "shutdown")
-        self._end_all(self.runs.all(), "shutdown")
+        self._release_all(self.parked.take_all(), "shutdown", "parked")
+        self._release_all(self.kept.take_all(), "shutdown", "kept")
+        self._release_all(self.runs.all(), "shutdown")
 
     # -- one request, start to end ------------------------------------------
-    def serve(self, handler, request):
+    def serve(self, handler, request, api):
+        """Answer one request: resume, continue or start its run, relay the
+        run's events in the API's shape, then settle how the turn ended."""
         self._log_incoming(handler, request)
-        run = self.resume(request, handler.request_id)
-        if run is None:
-            run = self.start_run(request, handler.request_id)     # counts as active
-        self._respond(handler, run, request)
+        codex_run = self.resume(request, handler.request_id) or \
+            self.admit(request, handler.request_id)     # each holds a slot now
+        responder = api.responder(handler, request, self.config.reasoning)
+        started = time.monotonic()
+        try:
+            responder.open()
+            end = TurnPump(codex_run, responder, handler, self.launcher).pump()
+        except DISCONNECT_ERRORS:
+            end = TurnEnd("gone")
+        except BaseException:       # a bug: still the run ends and the slot is given back
+            self._done_answering()
+            self.release(codex_run, "failed")
+            raise
+        self.settle(handler, codex_run, responder, end, started)
 
     def _log_incoming(self, handler, request):
         fields = {"api": request.api, "model": request.model, "stream": request.stream,
@@ -5170,52 +5278,85 @@ class Turns:
             fields["prompt"] = render_prompt(request.messages)[-4000:]
         self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **fields)
 
-    def _respond(self, handler, run, request):
-        """Relay one run to this response; park it if it called tools, keep
-        it if its turn completed and its engine can go on."""
-        logs, request_id = self.logs, handler.request_id
-        out = RESPONDERS[request.api](handler, request, self.config.reasoning)
-        pump = TurnPump(self, run, out, handler, request)
-        started = time.monotonic()
-        outcome = "failed"
-        kept = []
-        if request.api == "responses" and request.store:
-            out.on_finish = lambda done: self.responses.put(
-                done.id, request.messages + done.history_messages(), done.output)
-        if run.can_continue and self.kept.size:
-            pump.on_complete = lambda done: kept.append(self._keep(run, request, done))
-        try:
-            out.open()
-            outcome, usage, reason = pump.run()
-            first = pump.first_output
-            logs.add(LogEvent.CURSOR_RESPONSE, request_id, turn=run.id, api=request.api,
-                     finish_reason=reason, duration_ms=int((time.monotonic() - started) * 1000),
-                     first_token_ms=int((first - started) * 1000) if first else None,
-                     usage=openai_usage(usage) if outcome != "parked" else None,
-                     tool_calls=len(out.calls),
-                     **({"answer": out.answer_text()[-4000:]} if self.config.log_bodies
-                        else {}))
-        except ProxyError as error:
-            error.message = self.launcher.redact(error.message)
-            logs.add(LogEvent.STREAM_CODEX_ERROR, request_id, turn=run.id,
-                     status=error.status, code=error.code, message=error.message[:500])
-            try:
-                out.fail(error)
-            except DISCONNECT_ERRORS:
-                handler.close_connection = True
-        except DISCONNECT_ERRORS:
-            outcome = "disconnected"
-            logs.add(LogEvent.CLIENT_DISCONNECTED, request_id, turn=run.id,
-                     duration_ms=int((time.monotonic() - started) * 1000))
-            handler.close_connection = True
-        finally:
-            self._leave(run, "kept" if kept else outcome)
+    def settle(self, handler, codex_run, responder, end, started):
+        """The end of a turn, in one place.  First what becomes of the run
+        (parked, kept, or released) and what is stored, then the slot is
+        given back, then the last bytes go out: a client that sends its
+        next request at once finds the parked run, the kept thread, the
+        stored response and a free slot."""
+        fate = self._decide(codex_run, responder, end)
+        self._log_end(handler, codex_run, responder, end, fate, started)
+        self._done_answering()
+        if self._write_end(handler, codex_run, responder, end, fate) and fate != "gone":
+            self.logs.add(LogEvent.CLIENT_DISCONNECTED, handler.request_id, run=codex_run.id,
+                          duration_ms=int((time.monotonic() - started) * 1000))
+            fate = "gone" if fate != "parked" or self.parked.discard(codex_run) else fate
+        if fate not in ("parked", "kept"):
+            self.release(codex_run, fate)
 
-    # -- starting, continuing and resuming -------------------------------------
-    def start_run(self, request, request_id):
-        """Admit the request (the concurrency check first, then readiness from
-        the cached checks), then continue the kept thread of its conversation
-        or start a Codex for it."""
+    def _decide(self, codex_run, responder, end):
+        """Park, keep and store, before any last byte -> "parked", "kept",
+        or why the run is released."""
+        if end.kind in ("failed", "gone"):
+            return end.kind
+        request = responder.request
+        fate = "cut" if end.cut else "answered"
+        try:
+            if end.kind == "calls":
+                fate = "forced" if end.forced else self.park(codex_run, responder, end.calls)
+                responder.tool_calls([p.call for p in end.calls])
+            responder.end_output()
+        except DISCONNECT_ERRORS:
+            return "gone" if fate != "parked" or self.parked.discard(codex_run) else fate
+        stored = responder.stored()
+        if stored is not None:
+            self.responses.put(stored[0], request.messages + responder.history_messages(),
+                               stored[1])
+        if fate == "answered" and codex_run.can_continue and self.kept.size:
+            fate = self.keep(codex_run, request, responder)
+        return fate
+
+    def _write_end(self, handler, codex_run, responder, end, fate):
+        """The response's last bytes -> True when the client left first."""
+        try:
+            if end.kind == "failed":
+                responder.fail(end.error)
+            elif end.kind != "gone" and fate != "gone":
+                # a parked turn's usage comes with the response that ends it
+                responder.finish(end.reason, {} if fate == "parked" else end.usage)
+        except DISCONNECT_ERRORS:
+            handler.close_connection = True
+            return True
+        if end.kind == "gone":
+            handler.close_connection = True
+        return False
+
+    def _log_end(self, handler, codex_run, responder, end, fate, started):
+        rid, elapsed = handler.request_id, int((time.monotonic() - started) * 1000)
+        if end.kind == "failed":
+            end.error.message = self.launcher.redact(end.error.message)
+            self.logs.add(LogEvent.STREAM_CODEX_ERROR, rid, run=codex_run.id,
+                          status=end.error.status, code=end.error.code,
+                          message=end.error.message[:500])
+        elif fate == "gone":
+            self.logs.add(LogEvent.CLIENT_DISCONNECTED, rid, run=codex_run.id,
+                          duration_ms=elapsed)
+        else:
+            first = end.first_output
+            self.logs.add(
+                LogEvent.CURSOR_RESPONSE, rid, run=codex_run.id, api=responder.request.api,
+                finish_reason=end.reason, duration_ms=elapsed,
+                first_token_ms=int((first - started) * 1000) if first else None,
+                usage=openai_usage(end.usage) if fate != "parked" else None,
+                tool_calls=len(responder.calls),
+                **({"answer": responder.answer_text()[-4000:]} if self.config.log_bodies
+                   else {}))
+
+    # -- admitting, continuing and resuming -----------------------------------
+    def admit(self, request, request_id):
+        """A new or continued turn: a slot first (the concurrency check before
+        anything else), then readiness from the cached checks, then the kept
+        thread this conversation continues, or a new run."""
         spec = run_spec(request, self.config.aliases, self.launcher.engine.namespaces)
         with self._lock:
             if self._active >= self.config.max_concurrent:
@@ -5225,29 +5366,20 @@ class Turns:
             self._active += 1
         try:
             self.launcher.check_ready()
-            run, why = self._continue(request, spec, request_id)
-            if run is not None:
-                return run
+            codex_run, why = self._continue(request, spec, request_id)
+            if codex_run is not None:
+                return codex_run
             results = trailing_tool_results(request.messages)
             if results:
                 self.logs.add(LogEvent.FALLBACK_TRANSCRIPT, request_id, results=len(results))
-            run = self.launcher.start(spec, lambda run: self._prepare(run, request, spec))
-            if run.can_continue:
-                self.logs.add(LogEvent.CONVERSATION_STARTED, request_id, turn=run.id,
+            codex_run = self.launcher.start_run(spec)
+            if codex_run.can_continue:
+                self.logs.add(LogEvent.CONVERSATION_STARTED, request_id, run=codex_run.id,
                               reason=why, history_messages=len(spec.messages) - 1)
-            return run
+            return codex_run
         except BaseException:
             self._done_answering()
             raise
-
-    def _prepare(self, run, request, spec):
-        run.set_tools(spec.names, request.history_ids())
-        run.id_taken = self.runs.call_known
-        run.fingerprint = request.fingerprint()
-        run.match = (run.fingerprint,) + spec.settings()
-        run.model = spec.model or self.launcher.default_model()
-        run.effort = spec.effort
-        self.runs.add(run)
 
     def _continue(self, request, spec, request_id):
         """The kept thread this conversation continues, given what is new and
@@ -5255,61 +5387,61 @@ class Turns:
         if not self.kept.size:
             return None, "conversations are not kept (--keep-conversations 0)"
         key, ends = conversation_key(request.messages)
-        kept, why = self.kept.claim((request.fingerprint(),) + spec.settings(), key)
+        kept, why = self.kept.claim(spec.match, key)
         if kept is None:
             return None, why
-        run = kept.run
+        codex_run = kept.run
         added = [m for m in request.messages[ends[len(kept.key) - 1]:] if m.role != "system"]
-        run.remember_ids(request.history_ids())
+        codex_run.remember_ids(spec.known_ids)
         try:
-            run.continue_turn(dataclasses.replace(spec, messages=added))
+            codex_run.continue_turn(dataclasses.replace(spec, messages=added))
         except ProxyError as error:
-            self.end_run(run, "continue_failed")
+            self.release(codex_run, "continue_failed")
             return None, f"the kept thread failed: {error.message[:200]}"
-        self.logs.add(LogEvent.CONVERSATION_CONTINUED, request_id, turn=run.id,
-                      thread_id=run.thread_id, new_messages=len(added))
-        return run, None
+        self.logs.add(LogEvent.CONVERSATION_CONTINUED, request_id, run=codex_run.id,
+                      thread_id=codex_run.thread_id, new_messages=len(added))
+        return codex_run, None
 
-    def _keep(self, run, request, out):
-        """A completed turn: keep its thread for the conversation's next turn,
-        before the answer's last bytes go out (a client that asks at once
-        finds it)."""
-        key, _ = conversation_key(request.messages + out.history_messages())
-        for evicted in self.kept.keep(run, run.match, key):
-            self._let_go(evicted, "max_kept")
-        return run
+    def keep(self, codex_run, request, responder):
+        """A completed turn's thread, kept for the conversation's next turn
+        -> "kept"; the least recently used past --keep-conversations go."""
+        key, _ = conversation_key(request.messages + responder.history_messages())
+        for evicted in self.kept.keep(codex_run, codex_run.match, key):
+            self.release(evicted, "max_kept", "kept")
+        return "kept"
 
     def resume(self, request, request_id):
         """The parked run these tool results answer, with the results
         delivered; None when no parked turn of this conversation matches."""
         results = trailing_tool_results(request.messages)
-        run = self.parked.claim(r.tool_call_id for r in results) if results else None
-        if run is None and results and request.api.startswith("ollama"):
-            run = self._claim_by_calls(request, results)
+        codex_run = self.parked.claim(r.tool_call_id for r in results) if results else None
+        if codex_run is None and results and request.made_up_ids:
+            codex_run = self._claim_by_calls(request, results)
         history_ids = request.history_ids()
         for stale in self.parked.take_mentioning(history_ids):
-            self.expire(stale, "history_changed")
-        if run is None:
+            self.release(stale, "history_changed", "parked")
+        if codex_run is None:
             return None
-        if run.fingerprint != request.fingerprint():     # e.g. a handoff to another agent
-            self.expire(run, "conversation_changed")
+        if codex_run.fingerprint != request.fingerprint():    # a handoff to another agent
+            self.release(codex_run, "conversation_changed", "parked")
             return None
-        if run.exited.is_set() or (run.proc is not None and process_gone(run.proc)):
-            self.expire(run, "codex_exited")             # a fresh run answers instead
+        if codex_run.exited.is_set() or (codex_run.proc is not None and
+                                         process_gone(codex_run.proc)):
+            self.release(codex_run, "codex_exited", "parked")    # a fresh run answers instead
             return None
-        run.remember_ids(history_ids)
+        codex_run.remember_ids(history_ids)
         answered = 0
         for result in results:
-            if run.answer(result.tool_call_id, result.text, images=result.images):
+            if codex_run.answer(result.tool_call_id, result.text, images=result.images):
                 answered += 1
-                self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, turn=run.id,
+                self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, run=codex_run.id,
                               call_id=result.tool_call_id, result_chars=len(result.text))
-        for missing in run.open_call_ids():
-            run.answer(missing, "The client sent no result for this call.", True)
-        self.logs.add(LogEvent.TURN_RESUMED, request_id, turn=run.id, results=answered)
+        for missing in codex_run.open_call_ids():
+            codex_run.answer(missing, "The client sent no result for this call.", True)
+        self.logs.add(LogEvent.TURN_RESUMED, request_id, run=codex_run.id, results=answered)
         with self._lock:
             self._active += 1
-        return run
+        return codex_run
 
     def _claim_by_calls(self, request, results):
         """The parked run whose calls the request's last assistant message
@@ -5319,16 +5451,18 @@ class Turns:
         if asked is None or not asked.tool_calls:
             return None
         key = conversation_key(request.messages[:len(request.messages) - len(results)])[0]
-        run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls], key)
-        if run is not None:
-            ids = dict(zip([c.id for c in asked.tool_calls], [c.id for c in run.open_calls()]))
+        codex_run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls],
+                                            key)
+        if codex_run is not None:
+            ids = dict(zip([c.id for c in asked.tool_calls],
+                           [c.id for c in codex_run.open_calls()]))
             for call in asked.tool_calls:
                 call.id = ids.get(call.id, call.id)
             for result in results:
                 result.tool_call_id = ids.get(result.tool_call_id, result.tool_call_id)
-        return run
+        return codex_run
 
-    # -- parking, keeping and ending ---------------------------------------------
+    # -- slots, parking and the one way a run ends -----------------------------
     def _done_answering(self):
         with self._lock:
             self._active -= 1
@@ -5340,37 +5474,39 @@ class Turns:
         with self._lock:
             return self._answered.wait_for(lambda: self._active <= 0, timeout)
 
-    def _leave(self, run, outcome):
-        self._done_answering()
-        if outcome not in ("parked", "kept"):
-            self.end_run(run, outcome)
+    def park(self, codex_run, responder, calls):
+        """Park a run on the calls it made -> "parked".  It is parked before
+        the calls are written, so a client that answers at once finds it."""
+        for pending in calls:
+            pending.sent = True
+        codex_run.parked_key = conversation_key(responder.request.messages + [Message(
+            "assistant", responder.answer_text(), tool_calls=[p.call for p in calls])])[0]
+        for evicted in self.parked.park(codex_run):
+            self.release(evicted, "max_parked", "parked")
+        return "parked"
 
-    def park(self, run):
-        for evicted in self.parked.park(run):
-            self.expire(evicted, "max_parked")
-
-    def expire(self, run, reason):
-        self.logs.add(LogEvent.PARKED_EXPIRED, None, turn=run.id, reason=reason,
-                      pending=sorted(run.open_call_ids(sent_only=False)))
-        self.end_run(run, reason)
-
-    def _let_go(self, run, reason):
-        self.logs.add(LogEvent.CONVERSATION_EXPIRED, None, turn=run.id, reason=reason,
-                      thread_id=run.thread_id)
-        self.end_run(run, reason)
-
-    def end_run(self, run, reason):
-        self.runs.pop(run)
-        if reason in ("done", "max_kept", "ttl"):   # Codex ends by itself; off the request path
-            threading.Thread(target=run.stop, kwargs={"grace": KILL_GRACE_SECONDS},
-                             name=f"reap-{run.id}", daemon=True).start()
+    def release(self, codex_run, reason, was=None):
+        """The one way a run ends.  It leaves the run table; when it was
+        parked or kept, the log says so and why; then it stops.  A run whose
+        Codex is idle is left to exit by itself, off the request path; any
+        other is stopped now, its open calls answered with an error."""
+        if was == "parked":
+            self.logs.add(LogEvent.PARKED_EXPIRED, None, run=codex_run.id, reason=reason,
+                          pending=sorted(codex_run.open_call_ids(sent_only=False)))
+        elif was == "kept":
+            self.logs.add(LogEvent.CONVERSATION_EXPIRED, None, run=codex_run.id, reason=reason,
+                          thread_id=codex_run.thread_id)
+        self.runs.pop(codex_run)
+        if reason in IDLE_ENDS:
+            threading.Thread(target=codex_run.stop, kwargs={"grace": KILL_GRACE_SECONDS},
+                             name=f"reap-{codex_run.id}", daemon=True).start()
         else:
-            run.stop(f"The tool call was abandoned ({reason}).")
+            codex_run.stop(f"The tool call was abandoned ({reason}).")
 
-    def _end_all(self, runs, reason):
-        """End runs side by side: each may wait a moment for its turn/interrupt."""
-        threads = [threading.Thread(target=self.end_run, args=(run, reason),
-                                    name=f"stop-{run.id}") for run in runs]
+    def _release_all(self, runs, reason, was=None):
+        """Release runs side by side: each may wait a moment for its turn/interrupt."""
+        threads = [threading.Thread(target=self.release, args=(r, reason, was),
+                                    name=f"stop-{r.id}") for r in runs]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -5381,10 +5517,11 @@ class Turns:
         period = min(1.0, max(0.05, min(self.config.tool_result_timeout,
                                         self.config.conversation_ttl) / 10))
         while not self.stopping.wait(period):
-            for run in self.parked.take_due():
-                self.expire(run, "tool_result_timeout")
-            for run in self.kept.take_due():
-                self._let_go(run, "exited" if run.exited.is_set() else "ttl")
+            for codex_run in self.parked.take_due():
+                self.release(codex_run, "tool_result_timeout", "parked")
+            for codex_run in self.kept.take_due():
+                self.release(codex_run, "exited" if codex_run.exited.is_set() else "ttl",
+                             "kept")
 
 
 # ---------------------------------------------------------------------------
@@ -6009,7 +6146,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self._served = 0
         self._chunked = True        # streams are chunked, but for HTTP/1.0
         self._expect = False        # the client waits for 100 Continue before its body
-        self.dialect = "openai"     # whose error shape: openai, anthropic or ollama
+        self.api = None             # the Api its path belongs to: its errors' shape
         self.answered = False       # a status line went out for this request
 
     def finish(self):
@@ -6165,7 +6302,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     def send_error_body(self, error):
         """The one place an error body is written, in the shape of the API
         the request's path belongs to."""
-        self.send_json(error.status, ERROR_BODIES[self.dialect](error), error.headers)
+        body = self.api.errors(error) if self.api is not None else error.body()
+        self.send_json(error.status, body, error.headers)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found before routing (a bad request line or header, an
@@ -6223,7 +6361,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 def endpoint_health(handler):
     server = handler.server
     launcher = server.launcher
-    _, version, logged_in = launcher.codex.snapshot()
+    _, version, logged_in = launcher.codex_state()
     body = {"status": "ok", "version": __version__, "codex_version": version,
             "logged_in": logged_in, "engine": launcher.engine.name,
             "engine_reason": launcher.engine_reason, "warm_spares": len(launcher.warm),
@@ -6290,22 +6428,13 @@ def endpoint_logs_stream(handler):
     handler.end_chunks()
 
 
-def endpoint_chat(handler):
-    server = handler.server
-    body = handler.body.read_json()
-    server.turns.serve(handler, parse_chat_request(body, server.config.reasoning,
-                                                   server.turns.responses))
-
-
-def endpoint_responses(handler):
-    server = handler.server
-    body = handler.body.read_json()
-    server.turns.serve(handler, parse_responses_request(body, server.turns.responses))
-
-
-def endpoint_messages(handler):
-    server = handler.server
-    server.turns.serve(handler, parse_messages_request(handler.body.read_json()))
+def endpoint_turn(handler):
+    """A model route: the body, parsed in the API's own way, answered as a
+    turn of Codex in the API's own shape."""
+    api, server = handler.api, handler.server
+    request = api.parse(handler.body.read_json(), server)
+    request.api = api.name
+    server.turns.serve(handler, request, api)
 
 
 def endpoint_count_tokens(handler):
@@ -6329,14 +6458,6 @@ def endpoint_favicon(handler):
     handler.send_response(204)
     handler.send_header("Cache-Control", "max-age=86400")
     handler.end_headers()
-
-
-def endpoint_ollama_chat(handler):
-    handler.server.turns.serve(handler, parse_ollama_chat(handler.body.read_json()))
-
-
-def endpoint_ollama_generate(handler):
-    handler.server.turns.serve(handler, parse_ollama_generate(handler.body.read_json()))
 
 
 OLLAMA_DETAILS = {"parent_model": "", "format": "codex", "family": "gpt", "families": ["gpt"],
@@ -6374,36 +6495,79 @@ def endpoint_ollama_ps(handler):
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    methods: tuple
-    endpoint: object            # endpoint_...(handler)
+    """How one path is served: its methods, its endpoint (None: a turn of
+    its API, see endpoint_turn) and who may use it."""
+    methods: tuple = ("POST",)
+    endpoint: object = None     # endpoint_...(handler), or None for a turn
     key: str = "required"       # "required", "none" (open), or "endpoint" (it checks)
 
 
-ROUTES = {
-    "/chat/completions": Route(("POST",), endpoint_chat),
-    "/responses": Route(("POST",), endpoint_responses),
-    "/models": Route(("GET",), endpoint_models),
-    "/messages": Route(("POST",), endpoint_messages),
-    "/messages/count_tokens": Route(("POST",), endpoint_count_tokens),
-    "/api/chat": Route(("POST",), endpoint_ollama_chat),
-    "/api/generate": Route(("POST",), endpoint_ollama_generate),
-    "/api/tags": Route(("GET",), endpoint_ollama_tags),
-    "/api/show": Route(("POST",), endpoint_ollama_show),
-    "/api/version": Route(("GET",), endpoint_ollama_version),
-    "/api/ps": Route(("GET",), endpoint_ollama_ps),
-    "/": Route(("GET", "HEAD"), endpoint_root, key="none"),
-    "/favicon.ico": Route(("GET",), endpoint_favicon, key="none"),
-    "/health": Route(("GET",), endpoint_health, key="none"),
-    "/logs": Route(("GET",), endpoint_logs, key="endpoint"),
-    "/logs/stream": Route(("GET",), endpoint_logs_stream),
-}
+@dataclasses.dataclass(frozen=True)
+class Api:
+    """One API the proxy speaks, in one row of APIS: its routes, how a turn's
+    body is parsed (into a ProxyRequest) and written (a Responder), and the
+    shape of its errors.  A request's `api` is the row's name; a path's
+    errors take the shape of the row it belongs to."""
+    name: str
+    routes: dict                # path (without /v1) -> Route
+    errors: object              # ProxyError -> the error body in this API's shape
+    parse: object = None        # (body, server) -> ProxyRequest, for its turns
+    responder: object = None    # the Responder class that writes its turns
 
 
-def dialect_of(path):
-    """Whose error shape a path's answers take."""
-    if path == "/messages" or path.startswith("/messages/"):
-        return "anthropic"
-    return "ollama" if path.startswith("/api/") else "openai"
+TURN = Route()
+
+# Every API and every path, in one table: adding an API is a row here plus
+# its parser and its responder.
+APIS = (
+    Api("chat", {"/chat/completions": TURN}, ProxyError.body,
+        lambda body, server: parse_chat_request(body, server.config.reasoning,
+                                                 server.turns.responses), ChatResponder),
+    Api("responses", {"/responses": TURN}, ProxyError.body,
+        lambda body, server: parse_responses_request(body, server.turns.responses),
+        ResponsesResponder),
+    Api("messages", {"/messages": TURN,
+                     "/messages/count_tokens": Route(endpoint=endpoint_count_tokens)},
+        anthropic_error, lambda body, server: parse_messages_request(body),
+        MessagesResponder),
+    Api("ollama_chat", {"/api/chat": TURN,
+                        "/api/tags": Route(("GET",), endpoint_ollama_tags),
+                        "/api/show": Route(("POST",), endpoint_ollama_show),
+                        "/api/version": Route(("GET",), endpoint_ollama_version),
+                        "/api/ps": Route(("GET",), endpoint_ollama_ps)},
+        ollama_error, lambda body, server: parse_ollama_chat(body), OllamaResponder),
+    Api("ollama_generate", {"/api/generate": TURN}, ollama_error,
+        lambda body, server: parse_ollama_generate(body), OllamaGenerateResponder),
+    Api("proxy", {"/models": Route(("GET",), endpoint_models),
+                  "/": Route(("GET", "HEAD"), endpoint_root, key="none"),
+                  "/favicon.ico": Route(("GET",), endpoint_favicon, key="none"),
+                  "/health": Route(("GET",), endpoint_health, key="none"),
+                  "/logs": Route(("GET",), endpoint_logs, key="endpoint"),
+                  "/logs/stream": Route(("GET",), endpoint_logs_stream)},
+        ProxyError.body),
+)
+
+
+def route_table(apis):
+    """path -> (Api, Route), for every path of every API."""
+    table = {}
+    for api in apis:
+        for path, route in api.routes.items():
+            if path in table:
+                raise ValueError(f"two APIs serve {path}")
+            table[path] = (api, route)
+    return table
+
+
+def api_near(table, path):
+    """The API a path belongs to, or is nearest to (its first segment: an
+    unknown /api/... path is answered in Ollama's shape); else the first."""
+    if path in table:
+        return table[path][0]
+    head = "/" + path.strip("/").split("/")[0]
+    near = [api for known, (api, _) in table.items()
+            if known != "/" and "/" + known.strip("/").split("/")[0] == head]
+    return near[0] if near else next(iter(table.values()))[0]
 
 
 class ProxyHandler(HttpHandler):
@@ -6414,8 +6578,8 @@ class ProxyHandler(HttpHandler):
 
     def dispatch(self, method):
         self.request_id = "req_" + secrets.token_hex(5)
-        self.dialect = dialect_of(self.route)
         server = self.server
+        self.api = api_near(server.routes, self.route)    # whose error shape
         try:
             try:
                 self.body = RequestBody(self, body_framing(self.headers), self._expect)
@@ -6431,7 +6595,7 @@ class ProxyHandler(HttpHandler):
                 return self.preflight()
             if route.key == "required":
                 server.access.require_key(self.headers)
-            route.endpoint(self)
+            (route.endpoint or endpoint_turn)(self)
         except ProxyError as error:
             self.reject(error)
         except DISCONNECT_ERRORS:
@@ -6452,11 +6616,12 @@ class ProxyHandler(HttpHandler):
     def _route(self, method):
         """The Route for this path and method; None for a CORS preflight."""
         path = self.route
-        route = ROUTES.get(path)
+        api, route = self.server.routes.get(path, (None, None))
         if route is None:
+            served = [("" if p.startswith("/api/") else "/v1") + p
+                      for p, (_, r) in self.server.routes.items() if r.endpoint is None]
             raise ProxyError(404, f"no route {method} {path}; this proxy serves "
-                             "/v1/chat/completions, /v1/responses, /v1/messages, /v1/models, "
-                             "/api/chat, /api/generate and /api/tags", code="not_found")
+                             f"{', '.join(served)} and /v1/models", code="not_found")
         if method == "OPTIONS":
             return None
         if method not in route.methods:
@@ -6484,7 +6649,7 @@ class ProxyHandler(HttpHandler):
     def preflight(self):
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods",
-                         ", ".join(ROUTES[self.route].methods + ("OPTIONS",)))
+                         ", ".join(self.server.routes[self.route][1].methods + ("OPTIONS",)))
         self.send_header("Access-Control-Allow-Headers", ", ".join(
             AccessPolicy.preflight_headers(self.headers.get("Access-Control-Request-Headers"))))
         self.send_header("Access-Control-Max-Age", "600")
@@ -6505,8 +6670,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024      # a burst of connections waits in the kernel, not in SYN retries
 
-    def __init__(self, config, log_stream=sys.stderr, clock=time.monotonic):
+    def __init__(self, config, log_stream=sys.stderr, clock=time.monotonic, apis=APIS):
         self.config = config
+        self.routes = route_table(apis)         # path -> (Api, Route)
         self.logs = LogBuffer(config.log_size, None if config.quiet else log_stream)
         self.stopping = threading.Event()
         self.instance = secrets.token_hex(6)    # lets the log page notice a restart
@@ -6527,7 +6693,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         """Check Codex, pick the engine, build the model catalog, start the
         helper threads and the warm spares."""
         self.launcher.open()
-        self.turns.start()
+        self.turns.start_reaper()
         threading.Thread(target=self._reap_connections, name="connection-reaper",
                          daemon=True).start()
 

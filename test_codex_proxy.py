@@ -566,17 +566,19 @@ class FakeExec:
             self.fake.common_step(kind, value)
 
     def calls(self, calls):
-        """Each call through the bridge, side by side, as Codex makes them."""
+        """Each call through the bridge, side by side, as Codex makes them:
+        each announced on stdout first, then made."""
         answers = [None] * len(calls)
+        for n, call in enumerate(calls):
+            self.fake.emit({"type": "item.started", "item": {
+                "id": f"item_c{n}", "type": "mcp_tool_call", "server": "client",
+                "tool": call["name"], "arguments": call.get("arguments", {}),
+                "status": "in_progress"}})
 
         def one(n, call):
             params = {"name": call["name"], "arguments": call.get("arguments", {})}
             if call.get("id"):
                 params["_meta"] = {"callId": call["id"]}
-            self.fake.emit({"type": "item.started", "item": {
-                "id": f"item_c{n}", "type": "mcp_tool_call", "server": "client",
-                "tool": call["name"], "arguments": params["arguments"],
-                "status": "in_progress"}})
             answers[n] = self.mcp.request("tools/call", params)["result"]
         threads = [threading.Thread(target=one, args=(n, c)) for n, c in enumerate(calls)]
         for t in threads:
@@ -1205,6 +1207,11 @@ def test_translate_codex_event_table():
         [("usage", {"input_tokens": 1}), ("completed", None)]
     assert t({"type": "item.completed", "item": {"type": "command_execution"}}) == \
         [("codex_tool", "command_execution")]
+    assert t({"type": "item.started", "item": {"type": "mcp_tool_call", "server": "client",
+                                                "tool": "read_file", "arguments": {"p": 1}}}) == \
+        [("call_announced", ("read_file", {"p": 1}))]
+    assert t({"type": "item.started", "item": {"type": "mcp_tool_call", "server": "other",
+                                                "tool": "x"}}) == []
 
 
 def test_usage_maps_every_field_for_both_apis():
@@ -1655,19 +1662,21 @@ def test_responses_responder_writes_items_in_sequence():
     handler = FakeHandler()
     request = cp.parse_responses_request({"input": "hi", "stream": True, "model": "m"})
     out = cp.ResponsesResponder(handler, request, "content")
-    finished = []
-    out.on_finish = finished.append
     out.open()
     out.reasoning("r1", 0, "a")
     out.reasoning("r1", 1, "b")
     out.text("m1", "Hel")
     out.text("m1", "lo")
     out.tool_calls([cp.ToolCall("call_1", "f", "{}"), cp.ToolCall("call_2", "P", "raw", True)])
+    out.end_output()
+    written = len(handler.chunks)
+    assert out.stored() == (out.id, out.output) and len(out.output) == 4   # whole before the end
     out.finish("tool_calls", {"input_tokens": 3, "output_tokens": 4})
+    assert len(handler.chunks) == written + 1           # the last bytes: response.completed
     events = sse_events(handler.body())
     kinds = [e["type"] for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
-    assert kinds[-1] == "response.completed" and finished == [out]
+    assert kinds[-1] == "response.completed"
     assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
     output = events[-1]["response"]["output"]
     assert [i["type"] for i in output] == ["reasoning", "message", "function_call",
@@ -1686,7 +1695,7 @@ class FakeRun:
     signals_responses = False
 
     def __init__(self, events=()):
-        self.id, self.thread_id, self.proc, self.warm = "turn_x", None, None, False
+        self.id, self.thread_id, self.proc, self.warm = "run_x", None, None, False
         self.model = self.effort = None
         self.events = queue.Queue()
         self.stderr_tail = []
@@ -1698,32 +1707,51 @@ class FakeRun:
         self.answers.append((call_id, text, is_error))
 
 
-class FakeTurns:
-    """What the pump needs of Turns: config, logs, failures and parking."""
+class FakeLauncher:
+    """What the pump needs of the launcher: config, logs, what failures
+    mean, and whether a warning is worth logging."""
 
     def __init__(self, **config):
         self.config = cp.Config(**dict({"keepalive": 30.0, "tool_quiet": 0.05}, **config))
         self.logs = cp.LogBuffer(100)
-        self.launcher = types.SimpleNamespace(failure=lambda payload: cp.classify_codex_error(
-            payload), redact=lambda text: text)
-        self.parked_runs = []
-        self.parked = types.SimpleNamespace(discard=lambda run: True)
         self.stopping = threading.Event()
 
-    def park(self, run):
-        self.parked_runs.append(run)
+    @staticmethod
+    def failure(payload):
+        return cp.classify_codex_error(payload)
 
-    def first_time(self, warning):
+    @staticmethod
+    def redact(text):
+        return text
+
+    @staticmethod
+    def worth_logging(warning):
         return True
+
+    @staticmethod
+    def default_model():
+        return None
 
 
 def pump(events, request=None, gone=False, **config):
-    turns, handler = FakeTurns(**config), FakeHandler(gone)
+    """A pump over a run fed by hand -> (pump, launcher, handler, run)."""
+    launcher, handler = FakeLauncher(**config), FakeHandler(gone)
     request = request or chat_request(stream=True)
     out = cp.ChatResponder(handler, request, "content")
     out.open()
     run = FakeRun(events)
-    return cp.TurnPump(turns, run, out, handler, request), turns, handler, run
+    return cp.TurnPump(run, out, handler, launcher), launcher, handler, run
+
+
+def finished(p, handler):
+    """The pump's TurnEnd, and the stream as the client would read it once
+    the end is written (Turns writes the last bytes, not the pump)."""
+    end = p.pump()
+    if end.kind == "calls":
+        p.responder.tool_calls([c.call for c in end.calls])
+    if end.kind in ("calls", "answered"):
+        p.responder.finish(end.reason, end.usage)
+    return end, assemble_stream(sse_events(handler.body()))
 
 
 def pending(call_id, name="read_file"):
@@ -1732,71 +1760,94 @@ def pending(call_id, name="read_file"):
 
 def test_pump_relays_a_turn_to_its_end():
     usage = {"input_tokens": 4, "output_tokens": 2}
-    p, turns, handler, _ = pump([("thread", "th"), ("reasoning", ("r", 0, "hm")),
-                                 ("text", ("m", "Hi")), ("warning", "Reconnecting... 1/5"),
-                                 ("usage", usage), ("completed", None)])
-    assert p.run() == ("done", usage, "stop")
-    assert assemble_stream(sse_events(handler.body()))["content"] == "Hi"
-    kinds = [e["type"] for e in turns.logs.since(0)]
+    p, launcher, handler, _ = pump([("thread", "th"), ("reasoning", ("r", 0, "hm")),
+                                    ("text", ("m", "Hi")), ("warning", "Reconnecting... 1/5"),
+                                    ("usage", usage), ("completed", None)])
+    end, stream = finished(p, handler)
+    assert (end.kind, end.usage, end.reason, end.cut) == ("answered", usage, "stop", False)
+    assert stream["content"] == "Hi" and end.first_output is not None
+    kinds = [e["type"] for e in launcher.logs.since(0)]
     assert kinds == ["codex_forward", "codex_warning", "reasoning_detected"]
 
 
-def test_pump_parks_when_the_model_has_finished_its_calls():
+def test_the_pump_writes_no_last_byte():
+    """The end is a value: the calls and the finish are Turns' to write,
+    once it has parked, kept or stored what it must."""
+    p, _, handler, _ = pump([("text", ("m", "Hi")), ("completed", None)])
+    assert p.pump().kind == "answered"
+    assert "[DONE]" not in sse_events(handler.body()) and not handler.ended
+    p, _, handler, _ = pump([("tool_call", pending("c1"))])
+    assert p.pump().kind == "calls" and b"tool_calls" not in handler.body()
+
+
+def test_pump_ends_with_the_calls_when_the_model_has_finished_its_calls():
     calls = [pending("c1"), pending("c2")]
-    p, turns, handler, run = pump([("tool_call", calls[0]), ("tool_call", calls[1]),
-                                   ("response_done", frozenset({"c1", "c2"}))])
+    p, _, handler, run = pump([("tool_call", calls[0]), ("tool_call", calls[1]),
+                               ("response_done", frozenset({"c1", "c2"}))])
     run.signals_responses = True
-    assert p.run() == ("parked", {}, "tool_calls")
-    assert turns.parked_runs == [run] and all(c.sent for c in calls)
-    sent = assemble_stream(sse_events(handler.body()))["tool_calls"]
-    assert [c["id"] for c in sent] == ["c1", "c2"]
+    end, stream = finished(p, handler)
+    assert (end.kind, end.reason, end.calls) == ("calls", "tool_calls", calls)
+    assert [c["id"] for c in stream["tool_calls"]] == ["c1", "c2"]
 
 
 def test_pump_waits_only_briefly_for_a_call_no_response_announced():
     """A call from inside a tool of Codex's own was never in a response: no
     response_done will list it, so a quiet spell ends the batch."""
     call = pending("c1")
-    p, turns, handler, run = pump([("tool_call", call)], tool_quiet=0.05)
+    p, _, handler, run = pump([("tool_call", call)], tool_quiet=0.05)
     run.signals_responses = True
-    assert p.run()[0] == "parked" and turns.parked_runs == [run]
+    assert p.pump().calls == [call]
+
+
+def test_pump_waits_for_every_call_exec_announced_however_late():
+    """exec names each call before it reaches the bridge: the batch waits
+    for all of them, far past the quiet spell, so a slow third call still
+    goes out with the first two."""
+    calls = [pending("c1"), pending("c2"), pending("c3", "list_dir")]
+    p, _, handler, run = pump([("call_announced", ("read_file", {})),
+                               ("call_announced", ("read_file", "{}")),
+                               ("call_announced", ("list_dir", {})),
+                               ("tool_call", calls[0]), ("tool_call", calls[1])],
+                              tool_quiet=0.01)
+    threading.Timer(0.5, run.events.put, (("tool_call", calls[2]),)).start()
+    end = p.pump()
+    assert end.calls == calls
 
 
 def test_pump_sends_one_call_when_the_client_takes_one_at_a_time():
     calls = [pending("c1"), pending("c2")]
     request = chat_request(stream=True, parallel_tool_calls=False)
     p, _, handler, run = pump([("tool_call", calls[0]), ("tool_call", calls[1])], request)
-    assert p.run()[0] == "parked"
-    assert [c["id"] for c in assemble_stream(sse_events(handler.body()))["tool_calls"]] == ["c1"]
+    end, stream = finished(p, handler)
+    assert end.calls == calls[:1] and [c["id"] for c in stream["tool_calls"]] == ["c1"]
     assert run.answers == [("c2", cp.TurnPump.NOT_RUN, True)]
 
 
-def test_pump_turns_failures_exits_and_silence_into_errors():
-    p, *_ = pump([("failed", {"message": "limit", "codexErrorInfo": "usageLimitExceeded"})])
-    with pytest.raises(cp.ProxyError) as failure:
-        p.run()
-    assert failure.value.status == 429
-    p, *_ = pump([("text", ("m", "x")), ("exit", (-9, ""))])
-    with pytest.raises(cp.ProxyError) as failure:
-        p.run()
-    assert failure.value.status == 502 and "killed by signal SIGKILL" in failure.value.message
-    p, *_ = pump([("text", ("m", "x"))], idle_timeout=0.2)
-    with pytest.raises(cp.ProxyError) as failure:
-        p.run()
-    assert failure.value.code == "codex_idle_timeout"       # the model spoke, then fell silent
-    p, *_ = pump([("thread", "t"), ("warning", "Reconnecting... 1/5")], idle_timeout=0.2)
-    with pytest.raises(cp.ProxyError) as failure:
-        p.run()
-    assert failure.value.code == "backend_unreachable"      # warnings are not progress
-    p, *_ = pump([], gone=True)
-    with pytest.raises(cp.ClientGone):
-        p.run()
+@pytest.mark.parametrize("events, config, status, code", [
+    ([("failed", {"message": "limit", "codexErrorInfo": "usageLimitExceeded"})], {}, 429,
+     "usage_limit_reached"),
+    ([("text", ("m", "x")), ("exit", (-9, ""))], {}, 502, "codex_error"),
+    ([("text", ("m", "x"))], {"idle_timeout": 0.2}, 504, "codex_idle_timeout"),
+    # warnings are not progress: a backend that never answers is unreachable
+    ([("thread", "t"), ("warning", "Reconnecting... 1/5")], {"idle_timeout": 0.2}, 504,
+     "backend_unreachable"),
+])
+def test_pump_turns_failures_exits_and_silence_into_errors(events, config, status, code):
+    end = pump(events, **config)[0].pump()
+    assert (end.kind, end.error.status, end.error.code) == ("failed", status, code)
+    if code == "codex_error":
+        assert "killed by signal SIGKILL" in end.error.message
+
+
+def test_pump_notices_a_client_that_left():
+    assert pump([], gone=True)[0].pump().kind == "gone"
 
 
 def test_pump_cuts_at_a_stop_sequence_split_across_deltas():
     request = chat_request(stream=True, stop=["END"])
     p, _, handler, _ = pump([("text", ("m", "one E")), ("text", ("m", "ND two"))], request)
-    assert p.run()[0] == "stopped"
-    assert assemble_stream(sse_events(handler.body()))["content"] == "one "
+    end, stream = finished(p, handler)
+    assert (end.kind, end.cut) == ("answered", True) and stream["content"] == "one "
 
 
 def test_app_server_notifications_become_the_runs_events():
@@ -1930,7 +1981,7 @@ def kept_run(run_id, exited=False):
 
 def test_kept_threads_match_by_history_and_settings_and_say_why_not():
     now = [0.0]
-    kept = cp.KeptConversations(2, ttl=100, clock=lambda: now[0])
+    kept = cp.KeptThreads(2, ttl=100, clock=lambda: now[0])
     a, b, c = kept_run("a"), kept_run("b"), kept_run("c")
     assert kept.keep(a, ("fp", None), (b"1", b"2")) == []
     assert kept.keep(b, ("fp", None), (b"1", b"2", b"3", b"4")) == []
@@ -1974,8 +2025,8 @@ def test_the_next_turn_of_a_conversation_continues_its_kept_thread(proxy, fake_c
     assert second["prompt"] == "two" and len(second["turns"]) == 2
     assert usage == first_usage                  # each turn's own usage, not the thread's sum
     continued = proxy.wait_event("conversation_continued")[0]
-    assert continued["new_messages"] == 1 and continued["turn"] == proxy.events(
-        "conversation_started")[0]["turn"]
+    assert continued["new_messages"] == 1 and continued["run"] == proxy.events(
+        "conversation_started")[0]["run"]
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 1
 
 
@@ -2203,7 +2254,7 @@ def test_item_references_resolve_to_stored_items():
 def test_cursors_bodies_keep_usage_and_effort_on_both_shapes():
     shaped = cp.parse_chat_request({"input": "hi", "stream": True, "reasoning": {
         "effort": "high"}, "stream_options": {"include_usage": True}})
-    assert shaped.include_usage and shaped.reasoning_effort == "high" and shaped.api == "chat"
+    assert shaped.include_usage and shaped.reasoning_effort == "high" and shaped.messages
     plain = cp.parse_chat_request(chat_body(reasoning={"effort": "low"}))
     assert plain.reasoning_effort == "low"
 
@@ -2223,12 +2274,13 @@ def test_notices_read_as_words_and_metadata_warnings_come_once():
     assert cp.notice_text("model/rerouted", {"threadId": "t", "fromModel": "a",
                                              "toModel": "b"}) == \
         "model/rerouted: fromModel a, toModel b"
-    turns = types.SimpleNamespace(_lock=threading.Lock(), _noted=set(), ONCE=cp.Turns.ONCE)
-    first_time = functools.partial(cp.Turns.first_time, turns)
-    assert first_time("Model metadata for `x` not found. Defaulting")
-    assert not first_time("Model metadata for `x` not found. Defaulting")
-    assert first_time("Model metadata for `y` not found.") and first_time("other") and \
-        first_time("other")
+    launcher = types.SimpleNamespace(_noted_lock=threading.Lock(), _noted=set(),
+                                     ONCE=cp.CodexLauncher.ONCE)
+    worth_logging = functools.partial(cp.CodexLauncher.worth_logging, launcher)
+    assert worth_logging("Model metadata for `x` not found. Defaulting")
+    assert not worth_logging("Model metadata for `x` not found. Defaulting")
+    assert worth_logging("Model metadata for `y` not found.") and worth_logging("other") and \
+        worth_logging("other")
 
 
 def test_odd_tool_names_reach_codex_as_aliases_and_calls_come_back_as_their_own(both, fake_codex):
@@ -2348,7 +2400,7 @@ def test_a_claude_code_turn_parses_into_the_request_model():
             "additionalProperties": False}}, {"type": "web_search_20250305", "name": "web"}],
         "thinking": {"type": "adaptive"}, "output_config": {"effort": "max"},
         "metadata": {"user_id": "{}"}, "context_management": {"edits": []}})
-    assert request.api == "messages" and request.stream and request.model == "claude-opus-4-8"
+    assert request.stream and request.model == "claude-opus-4-8"
     assert [m.role for m in request.messages] == ["system", "user", "system", "assistant",
                                                   "tool", "user"]
     assert request.messages[0].text == "billing tag\nYou are Claude Code."
@@ -2510,7 +2562,7 @@ def test_the_ollama_responder_writes_ndjson_lines_the_library_reads():
     assert objects[-1]["done"] and objects[-1]["eval_count"] == 2
     assert not any(o["done"] for o in objects[:-1])
     handler = FakeHandler()
-    out = cp.OllamaResponder(handler, cp.parse_ollama_generate(
+    out = cp.OllamaGenerateResponder(handler, cp.parse_ollama_generate(
         {"model": "m", "prompt": "x", "stream": False}), "content")
     out.text("m", "whole")
     out.finish("stop", {})
@@ -6453,12 +6505,12 @@ def test_logs_page_shows_a_turns_rounds_together(make_proxy, fake_codex, browser
     _, message, _, _ = tool_round(proxy, messages)
     assert post_chat(proxy.base, chat_body("unrelated"))[0] == 200     # between the rounds
     assert tool_round(proxy, messages + [message, *results_for(message)])[2] == "stop"
-    turn = proxy.wait_event("turn_resumed")[0]["turn"]
+    turn = proxy.wait_event("turn_resumed")[0]["run"]
     proxy.wait_event("cursor_response", 3)
     browser.go(proxy.base + "/logs")
     assert wait_until(lambda: [r["cells"][1] for r in browser.js(ROWS_JS)].count(
         "cursor_response") == 3, 15), json.dumps([r["cells"][1] for r in browser.js(ROWS_JS)])
-    browser.js("[...document.querySelectorAll('td.turn a')]"
+    browser.js("[...document.querySelectorAll('td.run a')]"
                ".find(a => a.textContent === arguments[0]).click();", turn)
     assert wait_until(lambda: all(r["cells"][3] == turn for r in browser.js(ROWS_JS)), 5)
     rows = browser.js(ROWS_JS)
@@ -6510,12 +6562,12 @@ def test_logs_page_sums_up_the_buffer_and_keeps_it_live(make_proxy, browser):
                                                         (50, 5, 200)]):
         logs.add("incoming_request", f"req_{n}", api="chat", model="m", stream=False,
                  messages=1, tools=0, client="127.0.0.1")
-        logs.add("cursor_response", f"req_{n}", turn=f"turn_{n}", finish_reason="stop",
+        logs.add("cursor_response", f"req_{n}", run=f"run_{n}", finish_reason="stop",
                  duration_ms=first + 50, first_token_ms=first, tool_calls=0,
                  usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out})
-    logs.add("tool_call_forwarded", "req_0", turn="turn_0", name="f", call_id="c1",
+    logs.add("tool_call_forwarded", "req_0", run="run_0", name="f", call_id="c1",
              argument_bytes=2)
-    logs.add("stream_codex_error", "req_1", turn="turn_1", status=502, code="codex_error",
+    logs.add("stream_codex_error", "req_1", run="run_1", status=502, code="codex_error",
              message="boom")
     browser.go(proxy.base + "/logs")
     assert wait_until(lambda: page_text(browser, "s-requests") == "3", 15)
@@ -6535,11 +6587,11 @@ def test_logs_page_draws_a_tool_round_trip_as_a_timeline(make_proxy, fake_codex,
     messages = [{"role": "user", "content": "read a.py"}]
     _, message, _, _ = tool_round(proxy, messages)
     assert tool_round(proxy, messages + [message, *results_for(message)])[2] == "stop"
-    turn = proxy.wait_event("turn_resumed")[0]["turn"]
+    turn = proxy.wait_event("turn_resumed")[0]["run"]
     proxy.wait_event("cursor_response", 2)
     browser.go(proxy.base + "/logs")
     assert wait_until(lambda: page_text(browser, "s-requests") == "2", 15)
-    browser.js("[...document.querySelectorAll('td.turn a')]"
+    browser.js("[...document.querySelectorAll('td.run a')]"
                ".find(a => a.textContent === arguments[0]).click();", turn)
     assert wait_until(lambda: browser.js(
         "return document.querySelectorAll('#timeline .round').length") == 2, 5)
@@ -6582,7 +6634,7 @@ def test_opening_the_logs_page_logs_no_error_of_its_own(make_proxy, browser):
 def test_logs_page_stays_responsive_on_a_full_buffer(make_proxy, browser):
     proxy = make_proxy(log_size=2000)
     for n in range(2000):
-        proxy.server.logs.add("tool_result_received", f"req_{n}", turn=f"turn_{n % 7}",
+        proxy.server.logs.add("tool_result_received", f"req_{n}", run=f"run_{n % 7}",
                               call_id=f"c{n}", result_chars=n)
     browser.go(proxy.base + "/logs")
     assert wait_until(lambda: "of 2000 events" in page_text(browser, "count"), 20)
