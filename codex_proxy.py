@@ -139,7 +139,9 @@ LINGER_SECONDS = 10.0              # after an early answer, how long a client ma
 MAX_HEADER_LINES = 100
 KEEPALIVE_IDLE_SECONDS = 60.0      # a kept-alive connection may wait this long for its next request
 WRITE_STALL_SECONDS = 120.0        # a client that reads nothing for this long is gone
-WARM_MAX_IDLE_SECONDS = 300.0      # a spare app-server unused this long is replaced
+PROCESS_RECYCLE_THREADS = 1000     # an app-server process that hosted this many threads retires
+PROCESS_RECYCLE_BYTES = 2 << 30    # ... or that grew to this much resident memory
+INJECT_BATCH_BYTES = 256 * 1024    # a long history goes in batches, so one never holds the pipe
 APP_SERVER_START_SECONDS = 30.0    # initialize must answer within this
 RPC_SECONDS = 30.0                 # thread/start, turn/start... must answer within this
 MAX_INPUT_CHARS = 1048576          # Codex refuses a turn input longer than this
@@ -1558,6 +1560,16 @@ def canonical_arguments(text):
         return text
 
 
+def image_digests(message):
+    return [hashlib.sha256(url.encode()).hexdigest() for url in message.images]
+
+
+def entry_digest(kind, first, second):
+    """One entry of a conversation key."""
+    data = json.dumps([kind, first, second], ensure_ascii=False)
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).digest()[:16]
+
+
 def conversation_key(messages):
     """What a conversation holds, normalized so that a client's faithful echo
     of it matches -> (key, ends): one digest per entry, and for each entry
@@ -1568,9 +1580,10 @@ def conversation_key(messages):
     with calls is known by its calls (some clients drop the text beside
     them), otherwise by its text without think blocks and whitespace;
     reasoning, empty versus null content and surrounding whitespace do not
-    count, nor do call ids (calls and results are known by their
-    place).  System messages are not part of it (they are the instructions,
-    compared as the request's fingerprint)."""
+    count, nor do call ids (calls and results are known by their place).
+    Every image counts, in a user message or a tool result alike.  System
+    messages are not part of it (they are the thread's instructions, part
+    of its ThreadSettings)."""
     entries, ends = [], []
     for index, m in enumerate(messages):
         if m.role == "system":
@@ -1585,18 +1598,64 @@ def conversation_key(messages):
                 calls = last_calls + calls
             entries.append(("assistant", text, calls))
         elif m.role == "user":
-            entries.append(("user", m.text.strip(), [hashlib.sha256(url.encode()).hexdigest()
-                                                      for url in m.images]))
+            entries.append(("user", m.text.strip(), image_digests(m)))
         else:       # call ids do not count: some clients (Ollama's) drop them
-            entries.append(("tool", "", m.text.strip()))
+            entries.append(("tool", image_digests(m), m.text.strip()))
         ends.append(index + 1)
     key = []
     for kind, first, second in entries:
         if kind == "assistant":
             first, second = ("", second) if second else (first, [])
-        data = json.dumps([kind, first, second], ensure_ascii=False)
-        key.append(hashlib.sha256(data.encode("utf-8", "surrogatepass")).digest()[:16])
+        elif kind == "tool" and not first:
+            first = ""                  # the digest without images stays what it was
+        key.append(entry_digest(kind, first, second))
     return tuple(key), ends
+
+
+HINT_CHARS = 500        # how far from its end a client's appended hint may start
+
+
+def hint_candidates(message):
+    """A user message that may end in a hint its client appends to the
+    newest message only (aider's "Reply in English."), which the next
+    request drops -> {digest of the message without the hint: the hint}.
+    A hint starts at a line break in the last HINT_CHARS characters."""
+    text, found = message.text, {}
+    for match in re.finditer(r"\n", text[-HINT_CHARS:]):
+        cut = len(text) - min(len(text), HINT_CHARS) + match.start()
+        before, hint = text[:cut].strip(), text[cut:].strip()
+        if before and hint:
+            found[entry_digest("user", before, image_digests(message))] = hint
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadSettings:
+    """What a thread was started with (its instructions and tools) and what
+    a turn sets (model, effort, summary): a kept thread continues only a
+    request with the same."""
+    instructions: str           # digest of the instructions as the model reads them
+    tools: tuple                # ((name as Codex knows it, digest of the tool), ...)
+    model: str | None = None
+    effort: str | None = None
+    summary: str | None = None
+
+    def differences(self, other):
+        """What changed from `other` to these, in words."""
+        said = []
+        if self.instructions != other.instructions:
+            said.append("instructions changed")
+        if self.tools != other.tools:
+            mine, theirs = dict(self.tools), dict(other.tools)
+            changes = [f"+{n}" for n in mine if n not in theirs] + \
+                [f"\u2212{n}" for n in theirs if n not in mine] + \
+                [f"~{n}" for n in mine if n in theirs and mine[n] != theirs[n]]
+            said.append(f"tools changed ({' '.join(changes) or 'order'})")
+        for name in ("model", "effort", "summary"):
+            if getattr(self, name) != getattr(other, name):
+                said.append({"model": "model changed", "effort": "reasoning effort changed",
+                             "summary": "reasoning summary changed"}[name])
+        return said
 
 
 # ---------------------------------------------------------------------------
@@ -2414,15 +2473,14 @@ class RunSpec:
     @property
     def match(self):
         """What a kept thread shares with a request that continues it."""
-        return (self.fingerprint,) + self.settings()
-
-    def settings(self):
-        """What a kept thread must share with a request that continues it,
-        beside the request's fingerprint: what thread/start fixed (its
-        instructions, its tools) and what the turn sets."""
-        instructions = hashlib.sha256(self.instructions.encode("utf-8", "surrogatepass"))
-        offered = tuple((ns, name) for ns, name, _ in self.names.offered())
-        return (self.model, self.effort, self.summary, instructions.hexdigest(), offered)
+        def digest(value):
+            data = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+            return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return ThreadSettings(
+            digest(self.instructions),
+            tuple((name, digest(dataclasses.astuple(tool)))
+                  for _, name, tool in self.names.offered()),
+            self.model, self.effort, self.summary)
 
 
 def run_spec(request, aliases, nested=False, messages=None):
@@ -2493,12 +2551,9 @@ class CodexRun:
     signals_responses = False       # sends response_done, so calls need no quiet wait
     can_continue = False            # takes a conversation's next turn (continue_turn)
 
-    def __init__(self, run_id, env, tempdir):
+    def __init__(self, run_id, env):
         self.id = run_id
         self.env = env
-        self.tempdir = tempdir
-        self.workdir = os.path.join(tempdir, "work")    # Codex's empty working root
-        os.makedirs(self.workdir, exist_ok=True)
         self.events = queue.Queue()
         self.stderr_tail = collections.deque(maxlen=40)
         self.proc = None
@@ -2519,6 +2574,11 @@ class CodexRun:
         self._stopping = False
         self._calls = {}
         self._used_ids = set()
+
+    @property
+    def retired(self):
+        """Its Codex takes no new turn (an app-server process being recycled)."""
+        return False
 
     def assign(self, spec, runs):
         """Give the run its request (a RunSpec): the client's tools as Codex
@@ -2612,36 +2672,28 @@ class CodexRun:
         """Hand an answered call back to Codex (the exec bridge waits on `done`)."""
 
     # -- ending ------------------------------------------------------------
-    def interrupt(self):
-        """Ask Codex to stop the turn now (the abandoned answer is not retried)."""
-
-    def close_input(self):
-        """Let a Codex that has finished its turn exit on its own."""
+    def answer_open_calls(self, reason):
+        """Answer every call Codex still waits on with an error."""
+        for call_id in self.open_call_ids(sent_only=False):
+            self.answer(call_id, reason, True)
 
     def stop(self, reason="The request ended before the tool result arrived.", grace=0.0):
-        """Answer open calls with an error, stop the process tree, remove files.
-        Once: a second caller (a shutdown racing a handler) waits for the first.
-
-        `grace` lets a Codex that has finished its turn exit on its own first."""
+        """End the run: the calls Codex waits on are answered with an error,
+        and the engine lets Codex go (_end).  Once: a second caller (a
+        shutdown racing a handler) waits for the first.  `grace`: the turn
+        is done, so Codex may finish on its own first."""
         with self._lock:
             first, self._stopping = not self._stopping, True
         if not first:
             self._stopped.wait(2 * KILL_GRACE_SECONDS + 5)
             return
         try:
-            if grace:
-                self.close_input()
-                self.exited.wait(grace)
-            else:
-                self.interrupt()
-            for call_id in self.open_call_ids(sent_only=False):
-                self.answer(call_id, reason, True)
-            self.close_input()
-            if self.proc is not None:
-                stop_process_tree(self.proc)
-            shutil.rmtree(self.tempdir, ignore_errors=True)
+            self._end(reason, grace)
         finally:
             self._stopped.set()
+
+    def _end(self, reason, grace):
+        raise NotImplementedError
 
 
 class Engine:
@@ -2649,13 +2701,13 @@ class Engine:
 
     An engine starts runs for requests (`start`), knows its command line
     (`argv`), says whether Codex can run it (`probe`) and, when it keeps
-    processes started ahead of requests (`warms`), builds them (`spawn`) and
-    says what they depend on (`warm_key`).  Its runs emit the events that
+    long-lived processes that host many runs (`pooled`), builds them
+    (`spawn`) and says what they depend on (`process_key`).  Its runs emit the events that
     CodexRun lists, failures included, so nothing after it knows which
     engine ran."""
 
     name = None
-    warms = False                   # keeps spares started ahead (WarmPool)
+    pooled = False                  # its runs live on long-lived processes (ProcessPool)
     namespaces = False              # offers namespace tools as namespaces
 
     def __init__(self, launcher):
@@ -2676,10 +2728,10 @@ class Engine:
         raise NotImplementedError
 
     def spawn(self):
-        """A process started ahead of its request (warm engines only)."""
+        """A long-lived process for the pool (pooled engines only)."""
         raise NotImplementedError
 
-    def warm_key(self):
+    def process_key(self):
         """What a spare depends on; None when no spare should be kept."""
         return None
 
@@ -3030,9 +3082,23 @@ class ExecRun(CodexRun):
     engine = "exec"
 
     def __init__(self, run_id, env, tempdir):
-        super().__init__(run_id, env, tempdir)
+        super().__init__(run_id, env)
+        self.tempdir = tempdir
+        self.workdir = os.path.join(tempdir, "work")    # Codex's empty working root
+        os.makedirs(self.workdir, exist_ok=True)
         self.secret = secrets.token_hex(24)
         self.argv = []
+
+    def _end(self, reason, grace):
+        """Close Codex's input (with `grace`, wait that long for it to exit
+        by itself), answer what it waits on, stop its process tree, and
+        remove the run's files."""
+        if grace:                   # its input is closed: a finished turn exits by itself
+            self.exited.wait(grace)
+        self.answer_open_calls(reason)
+        if self.proc is not None:
+            stop_process_tree(self.proc)
+        shutil.rmtree(self.tempdir, ignore_errors=True)
 
     def launch(self, argv, prompt):
         """Start `codex exec` and give it the prompt."""
@@ -3669,57 +3735,74 @@ def refused_by_codex():
                          "codex_error")
 
 
-class AppServerRun(CodexRun):
-    """One `codex app-server` process: one thread, one conversation.
+def inject_batches(items, limit=INJECT_BATCH_BYTES):
+    """History items for thread/inject_items, in batches of about `limit`
+    bytes of JSON (an item larger than that goes alone): a long history
+    goes in a few calls, and other threads' messages pass between them."""
+    batch, size = [], 0
+    for item in items:
+        length = len(json.dumps(item, ensure_ascii=False))
+        if batch and size + length > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += length
+    if batch:
+        yield batch
 
-    `launch` and `initialize` may run ahead of the request (a warm spare);
-    `start` then opens the thread with the request's settings and tools,
-    gives it the conversation so far as native items and starts a turn; a
-    kept thread's next turn comes with `continue_turn`.  Notifications become
-    events through AppServerEvents; an `item/tool/call` request from Codex
-    becomes a PendingCall whose answer is the reply."""
 
-    engine = "app-server"
-    can_continue = True
+class AppServerProcess:
+    """One long-lived `codex app-server` process and the threads it hosts,
+    one per conversation.
 
-    def __init__(self, run_id, env, tempdir, argv, on_rate_limits=None):
-        super().__init__(run_id, env, tempdir)
-        self.argv = argv
-        self.on_rate_limits = on_rate_limits    # called from the reader thread
-        self.user_overrides = {}    # switches for what the user's config.toml adds
-        self.turn_id = None
-        self.turn_done = threading.Event()
+    It starts Codex and initializes it, reading back what the user's
+    config.toml adds (each thread switches that off).  One reader thread
+    takes everything Codex writes: answers go to the pipe's waiting calls;
+    notifications and requests go to the run of the thread they name
+    (`threadId`); the plan's windows go to RateLimits.  When the process
+    exits, every thread it hosts hears of it."""
+
+    def __init__(self, argv, env, rate_limits):
+        self.id = "codex_" + secrets.token_hex(4)
+        self.argv, self.env = argv, env
+        self.rate_limits = rate_limits
+        self.tempdir = tempfile.mkdtemp(prefix="codex-proxy-")
+        self.workdir = os.path.join(self.tempdir, "work")    # every thread's empty root
+        os.makedirs(self.workdir)
+        self.proc = self.pipe = None
+        self.user_overrides = {}        # switches for what the user's config.toml adds
+        self.exited = threading.Event()
+        self.stderr_tail = collections.deque(maxlen=40)
         self.born = time.monotonic()
-        self.protocol = AppServerEvents()
-        self.pipe = None
+        self.retired = False            # takes no new thread; stops once it hosts none
+        # _lock guards _threads (thread id -> AppServerRun) and `served`.
+        self._lock = threading.Lock()
+        self._threads = {}
+        self.served = 0                 # threads it has hosted
 
-    @property
-    def signals_responses(self):
-        return self.protocol.signals_responses
-
-    def assign(self, spec, runs):
-        super().assign(spec, runs)
-        self.protocol.names = spec.names
-
-    # -- process and JSON-RPC ----------------------------------------------
     def launch(self):
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=self.workdir, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_group_kwargs())
         self.pipe = JsonRpcPipe(self.proc.stdin, self.exited, self.stderr_tail)
-        self._start_readers()
+        threading.Thread(target=self._read_stdout, name=f"app-server-out-{self.id}",
+                         daemon=True).start()
+        threading.Thread(target=self._read_stderr, name=f"app-server-err-{self.id}",
+                         daemon=True).start()
         return self
 
     def call(self, method, params, timeout=RPC_SECONDS):
         return self.pipe.call(method, params, timeout)
 
     def initialize(self, client_name="codex_openai_proxy", timeout=APP_SERVER_START_SECONDS):
+        """The handshake, and the effective config: fail closed, for unread,
+        the user's MCP servers could not be switched off."""
         self.call("initialize", {"clientInfo": {"name": client_name,
                                                 "title": "codex-openai-proxy",
                                                 "version": __version__},
                                  "capabilities": {"experimentalApi": True}}, timeout)
         self.pipe.send({"method": "initialized"})
-        try:        # fail closed: unread, the user's MCP servers could not be switched off
+        try:
             effective = self.call("config/read", {"includeLayers": False}, timeout)
         except RpcError as exc:
             raise ProxyError(502, "Codex app-server did not report its configuration, so what "
@@ -3728,16 +3811,124 @@ class AppServerRun(CodexRun):
         self.user_overrides = user_config_overrides(effective.get("config") or {})
         return self
 
+    # -- its threads ----------------------------------------------------------
+    def attach(self, thread_id, run):
+        with self._lock:
+            self._threads[thread_id] = run
+            self.served += 1
+
+    def detach(self, thread_id):
+        with self._lock:
+            self._threads.pop(thread_id, None)
+
+    def thread_count(self):
+        with self._lock:
+            return len(self._threads)
+
+    def _run_of(self, params):
+        thread_id = params.get("threadId") or (params.get("thread") or {}).get("id")
+        with self._lock:
+            return self._threads.get(thread_id)
+
+    # -- what Codex says -------------------------------------------------------
+    def _read_stdout(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
+                continue
+            if isinstance(message, dict) and not self.pipe.answered(message):
+                self._dispatch(message)
+        self.proc.stdout.close()
+        self.proc.wait()
+        self.exited.set()
+        self.pipe.wake_all()
+        with self._lock:
+            runs = list(self._threads.values())
+        for run in runs:
+            run.events.put(("exit", (self.proc.returncode, "")))
+
+    def _read_stderr(self):
+        for raw in iter(self.proc.stderr.readline, b""):
+            self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+        self.proc.stderr.close()
+
+    def _dispatch(self, message):
+        """A request or a notification from Codex, to the thread it names."""
+        method, params = message["method"], message.get("params") or {}
+        if method == "account/rateLimits/updated":
+            self.rate_limits.seen(params.get("rateLimits"))
+            return
+        run = self._run_of(params)
+        if "id" in message:
+            if run is None:
+                self.pipe.send({"id": message["id"], "error": {
+                    "code": -32601, "message": f"{method} is not supported here"}})
+            else:
+                run.on_request(message["id"], method, params)
+        elif run is not None:
+            run.on_notification(method, params)
+
+    def stop(self, grace=0.0):
+        """Close its input (with `grace`, give it that long to exit by
+        itself), stop its process tree and remove its folder."""
+        if self.pipe is not None:
+            self.pipe.close()
+        if grace:
+            self.exited.wait(grace)
+        if self.proc is not None:
+            stop_process_tree(self.proc)
+        shutil.rmtree(self.tempdir, ignore_errors=True)
+
+
+class AppServerRun(CodexRun):
+    """One conversation's thread on a shared `codex app-server` process.
+
+    `open_thread` starts the thread with the request's instructions, tools
+    and settings (they never leak between threads), gives it the
+    conversation so far as native items and starts a turn; a kept thread's
+    next turn comes with `continue_turn`.  The process hands the thread's
+    notifications here, and they become events through AppServerEvents; an
+    `item/tool/call` request from Codex becomes a PendingCall whose answer
+    is the reply.  Ending the run interrupts its turn and unsubscribes its
+    thread, which Codex then unloads: the process lives on."""
+
+    engine = "app-server"
+    can_continue = True
+
+    def __init__(self, run_id, process):
+        super().__init__(run_id, process.env)
+        self.process = process
+        self.proc = process.proc
+        self.exited = process.exited        # the thread goes with its process
+        self.stderr_tail = process.stderr_tail
+        self.turn_id = None
+        self.turn_done = threading.Event()
+        self.protocol = AppServerEvents()
+
+    @property
+    def signals_responses(self):
+        return self.protocol.signals_responses
+
+    @property
+    def retired(self):
+        return self.process.retired
+
+    def assign(self, spec, runs):
+        super().assign(spec, runs)
+        self.protocol.names = spec.names
+
     def thread_params(self, instructions, names, thread_config, model=None):
         """thread/start for a pure forwarder: the client's instructions and
         tools, the forwarder settings, and the user's additions switched off."""
         # experimentalRawEvents adds rawResponse/completed: the one sign that the
         # model has finished a response, so its calls can go out without a wait.
-        params = {"cwd": self.workdir, "sandbox": "read-only", "approvalPolicy": "never",
-                  "ephemeral": True, "experimentalRawEvents": True,
+        params = {"cwd": self.process.workdir, "sandbox": "read-only",
+                  "approvalPolicy": "never", "ephemeral": True, "experimentalRawEvents": True,
                   "baseInstructions": instructions, "environments": [],
                   "dynamicTools": dynamic_tools(names),
-                  "config": dict(thread_config, **self.user_overrides)}
+                  "config": dict(thread_config, **self.process.user_overrides)}
         if model:
             params["model"] = model
         return params
@@ -3747,8 +3938,9 @@ class AppServerRun(CodexRun):
         and start the turn."""
         params = self.thread_params(spec.instructions, spec.names, thread_config, spec.model)
         with refused_by_codex():
-            thread = self.call("thread/start", params).get("thread") or {}
-            self.thread_id = thread.get("id")
+            thread = self.process.call("thread/start", params).get("thread") or {}
+        self.thread_id = thread.get("id")
+        self.process.attach(self.thread_id, self)
         self.events.put(("thread", self.thread_id))
         self._turn(spec)
 
@@ -3768,57 +3960,37 @@ class AppServerRun(CodexRun):
     def _turn(self, spec):
         history, message = split_turn(spec.messages)
         with refused_by_codex():
-            items = history_items(history, self.names)
-            if items:
-                self.call("thread/inject_items", {"threadId": self.thread_id, "items": items})
+            for batch in inject_batches(history_items(history, self.names)):
+                self.process.call("thread/inject_items", {"threadId": self.thread_id,
+                                                          "items": batch})
             turn = {"threadId": self.thread_id, "input": turn_input(message)}
             for key, value in (("model", spec.model), ("effort", spec.effort),
                                ("summary", spec.summary), ("outputSchema", spec.output_schema)):
                 if value is not None:
                     turn[key] = value
             self.protocol.begin_turn()
-            result = self.call("turn/start", turn)
+            result = self.process.call("turn/start", turn)
         self.turn_id = self.turn_id or (result.get("turn") or {}).get("id")
         return self.turn_id
 
-    def _read_stdout(self):
-        for raw in iter(self.proc.stdout.readline, b""):
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
-                continue
-            if isinstance(message, dict) and not self.pipe.answered(message):
-                self._dispatch(message)
-        self.proc.stdout.close()
-        self.proc.wait()
-        self.exited.set()
-        self.pipe.wake_all()
-        self.events.put(("exit", (self.proc.returncode, "")))
+    # -- what Codex says of this thread (the process's reader thread) -------------
+    def on_request(self, rpc_id, method, params):
+        reply, events = self.protocol.request(method, params)
+        for event in events:
+            self.events.put(event)
+        if reply is None:
+            self.add_call(params.get("callId"),
+                          self.names.from_codex(params.get("namespace"), params.get("tool")),
+                          params.get("arguments"), rpc_id,
+                          self.protocol.announced(params.get("callId")))
+        else:
+            self.process.pipe.send(dict(reply, id=rpc_id))
 
-    def _dispatch(self, message):
-        """A request or a notification from Codex (reader thread)."""
-        method, params = message["method"], message.get("params") or {}
-        if "id" in message:
-            reply, events = self.protocol.request(method, params)
-            for event in events:
-                self.events.put(event)
-            if reply is None:
-                self.add_call(params.get("callId"),
-                              self.names.from_codex(params.get("namespace"), params.get("tool")),
-                              params.get("arguments"), message["id"],
-                              self.protocol.announced(params.get("callId")))
-            else:
-                self.pipe.send(dict(reply, id=message["id"]))
-            return
+    def on_notification(self, method, params):
         if method == "turn/started":
             self.turn_id = (params.get("turn") or {}).get("id") or self.turn_id
         elif method == "turn/completed":
             self.turn_done.set()
-        elif method == "account/rateLimits/updated":
-            if self.on_rate_limits is not None:
-                self.on_rate_limits(params.get("rateLimits"))
-            return
         for event in self.protocol.notification(method, params):
             self.events.put(event)
 
@@ -3826,21 +3998,28 @@ class AppServerRun(CodexRun):
         if pending.rpc_id is None:
             return
         text, is_error, images = pending.result
-        self.pipe.send({"id": pending.rpc_id, "result": {
+        self.process.pipe.send({"id": pending.rpc_id, "result": {
             "contentItems": [{"type": "inputText", "text": text}] +
             [{"type": "inputImage", "imageUrl": url} for url in images],
             "success": not is_error}})
 
-    def interrupt(self):
-        if self.thread_id and self.turn_id and not self.turn_done.is_set() \
-                and not self.exited.is_set():
-            self.pipe.send({"id": "interrupt", "method": "turn/interrupt",
-                            "params": {"threadId": self.thread_id, "turnId": self.turn_id}})
+    def _end(self, reason, grace):
+        """Interrupt a turn still running, answer what Codex waits on, and
+        unsubscribe the thread, so that Codex unloads it at once."""
+        alive = not self.exited.is_set()
+        if alive and self.thread_id and self.turn_id and not self.turn_done.is_set():
+            self.process.pipe.send({"id": f"interrupt-{self.id}", "method": "turn/interrupt",
+                                    "params": {"threadId": self.thread_id,
+                                               "turnId": self.turn_id}})
             self.turn_done.wait(1.0)
-
-    def close_input(self):
-        if self.pipe is not None:
-            self.pipe.close()
+        self.answer_open_calls(reason)
+        if alive and self.thread_id:
+            try:
+                self.process.call("thread/unsubscribe", {"threadId": self.thread_id}, 5.0)
+            except (ProxyError, RpcError):
+                pass            # gone with its process, or never fully opened
+        if self.thread_id:
+            self.process.detach(self.thread_id)
 
 
 def user_config_overrides(effective):
@@ -3861,48 +4040,47 @@ def user_config_overrides(effective):
 
 
 class AppServerEngine(Engine):
-    """`codex app-server`, one process per conversation, started and
-    initialized ahead of time (warm spares): answers stream token by token,
-    the client's tools are the thread's dynamic tools, and a completed turn's
-    thread can take the conversation's next turn."""
+    """`codex app-server`: a few long-lived processes (ProcessPool) host one
+    thread per conversation.  Answers stream token by token, the client's
+    tools are the thread's dynamic tools, and a completed turn's thread can
+    take the conversation's next turn."""
 
     name = "app-server"
-    warms = True
+    pooled = True
     namespaces = True
 
     def argv(self, prefix):
-        argv = [*prefix, "app-server"]
+        """The process's command line: threads unload as soon as they are let
+        go, and the catalog copy is given once, for every thread."""
+        argv = [*prefix, "app-server", "-c", "thread_unload_delay_secs=0"]
+        if self.launcher.catalog_path:
+            argv += ["-c", f"model_catalog_json={toml_value(self.launcher.catalog_path)}"]
         for item in self.launcher.config.codex_config:
             argv += ["-c", item]
         return argv
 
     def thread_config(self):
-        config = dict(FORWARDER_THREAD_CONFIG)
-        if self.launcher.catalog_path:
-            config["model_catalog_json"] = self.launcher.catalog_path
-        return config
+        return dict(FORWARDER_THREAD_CONFIG)
 
-    def _new_run(self, argv, run_id=None):
-        launcher = self.launcher
-        return AppServerRun(run_id or new_run_id(), launcher.env,
-                            tempfile.mkdtemp(prefix="codex-proxy-"), self.argv(argv),
-                            launcher.rate_limits.seen)
+    def _new_process(self, argv):
+        return AppServerProcess(self.argv(argv), self.launcher.env, self.launcher.rate_limits)
 
     def probe(self, argv):
         """Handshake plus a thread with one dynamic tool -> (ok, reason)."""
         try:
-            run = self._new_run(argv, "probe_" + secrets.token_hex(4))
+            process = self._new_process(argv)
         except OSError as exc:
             return False, str(exc)
         try:
-            run.launch().initialize(timeout=20)
+            process.launch().initialize(timeout=20)
             probe_tool = ToolSpec("probe_tool", "probe", {"type": "object", "properties": {}})
-            result = run.call("thread/start", run.thread_params(
+            run = AppServerRun("probe", process)
+            result = process.call("thread/start", run.thread_params(
                 "probe", ToolNames([probe_tool], True), self.thread_config()), 20)
             if not (result.get("thread") or {}).get("id"):
                 return False, "thread/start gave no thread"
             try:
-                limits = run.call("account/rateLimits/read", None, 10)
+                limits = process.call("account/rateLimits/read", None, 10)
                 self.launcher.rate_limits.seen(limits.get("rateLimits"))
             except (RpcError, ProxyError):
                 pass        # API-key and custom-provider logins have none
@@ -3910,9 +4088,12 @@ class AppServerEngine(Engine):
         except (ProxyError, RpcError, OSError) as exc:
             return False, self.launcher.redact(str(exc))[:300]
         finally:
-            run.stop("probe")
+            process.stop()
 
-    def warm_key(self):
+    def process_key(self):
+        """What a process depends on: the Codex binary and its version, the
+        catalog copy, config.toml, the login and the extra config; a process
+        whose key changed is retired.  None: Codex was not found."""
         launcher = self.launcher
         argv, version = launcher.codex.current()
         if argv is None:
@@ -3926,96 +4107,125 @@ class AppServerEngine(Engine):
                 auth_stamp, tuple(launcher.config.codex_config))
 
     def spawn(self):
-        """A new app-server process, initialized (a spare, or for a request)."""
+        """A new app-server process, initialized."""
         argv, _ = self.launcher.codex.current()
         if argv is None:
             raise ProxyError(503, "the Codex CLI was not found", "server_error",
                              "codex_not_found")
-        run = self._new_run(argv)
+        process = self._new_process(argv)
         try:
             with refused_by_codex():
-                run.launch().initialize()
+                process.launch().initialize()
         except OSError as exc:
-            run.stop("failed to start")
+            process.stop()
             raise ProxyError(503, f"could not start Codex: {exc.strerror or exc}",
                              "server_error", "codex_not_found")
         except BaseException:
-            run.stop("failed to start")
+            process.stop()
             raise
-        return run
+        return process
 
     def new_run(self, spec):
-        run = self.launcher.warm.take()
-        if run is not None:
-            run.warm = True
-        while True:
-            if run is None:
-                run = self.spawn()
+        """A thread on the pool's least busy process.  A process that died
+        before the thread opened is passed over once for another."""
+        for attempt in (1, 2):
+            process, warm = self.launcher.pool.take()
+            run = AppServerRun(new_run_id(), process)
+            run.warm = warm
             run.assign(spec, self.launcher.runs)
             try:
                 run.open_thread(spec, self.thread_config())
                 return run
             except ProxyError:
                 self.launcher.discard(run)
-                if not run.warm or run.thread_id is not None:
+                if attempt == 2 or run.thread_id is not None or not process.exited.is_set():
                     raise
-                run = None      # a spare that died before its thread started: go fresh
-            except BaseException:
-                self.launcher.discard(run)
-                raise
+        raise AssertionError("unreachable")
 
 
-class WarmPool:
-    """App-server processes started and initialized ahead of requests.
+class ProcessPool:
+    """The app-server processes that host every conversation's thread.
 
-    A request takes one whose key (Codex binary and version, login and
-    config files) still matches; a background thread keeps `size` spares,
-    replacing those whose key changed or that sat unused too long.  A spare
-    serves one conversation and never another."""
+    `size` of them (--codex-processes) are kept running for the current
+    key (Codex, its config, the login).  A new thread goes to the live
+    process with the fewest threads; with none ready (at start-up, or all
+    full when `max_threads` caps them) one is started on the request path.
+    A background thread replaces processes that died, and retires those
+    whose key changed, that hosted PROCESS_RECYCLE_THREADS threads or grew
+    past PROCESS_RECYCLE_BYTES: a retired process takes no new thread (its
+    kept threads move to fresh ones when next used) and stops once it
+    hosts none."""
 
-    def __init__(self, size, spawn, key, max_idle=WARM_MAX_IDLE_SECONDS,
-                 clock=time.monotonic, on_error=None):
+    def __init__(self, size, spawn, key, max_threads=0, clock=time.monotonic, on_error=None):
         self.size = size
-        self._spawn = spawn          # () -> initialized AppServerRun
-        self._key = key              # () -> hashable, or None when spares make no sense
-        self._max_idle = max_idle
+        self.max_threads = max_threads      # 0: as many as come
+        self._spawn = spawn          # () -> initialized AppServerProcess
+        self._key = key              # () -> hashable, or None when Codex is missing
         self._clock = clock
         self._on_error = on_error
-        # _lock guards _spares [(run, key)]; processes start and stop outside it.
+        # _lock guards _processes [(process, key)]; processes start and stop outside it.
         self._lock = threading.Lock()
-        self._spares = []
+        self._processes = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = None
 
     def start_filler(self):
-        """Start the thread that keeps `size` spares."""
+        """Start the thread that keeps `size` processes running."""
         if self.size > 0:
-            self._thread = threading.Thread(target=self._loop, name="warm-pool", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name="process-pool",
+                                            daemon=True)
             self._thread.start()
         return self
 
     def __len__(self):
         with self._lock:
-            return len(self._spares)
+            return sum(1 for p, _ in self._processes if not p.retired)
+
+    def processes(self):
+        with self._lock:
+            return [p for p, _ in self._processes]
 
     def take(self):
-        """A ready spare for the current key, or None; a replacement follows."""
-        if self.size <= 0:
-            return None
+        """-> (a live process for a new thread, whether it was running before)."""
         key = self._key()
-        run = None
         with self._lock:
-            for n, (spare, spare_key) in enumerate(self._spares):
-                if spare_key == key and not spare.exited.is_set():
-                    run = self._spares.pop(n)[0]
-                    break
+            ready = [p for p, k in self._processes if k == key and not p.retired
+                     and not p.exited.is_set() and not self._full(p)]
+            if ready:
+                return min(ready, key=lambda p: p.thread_count()), True
+        process = self._spawn()
+        with self._lock:
+            self._processes.append((process, key))
         self._wake.set()
-        return run
+        return process, False
+
+    def _full(self, process):
+        return self.max_threads and process.thread_count() >= self.max_threads
 
     def refresh(self):
-        """Look at the spares again now (Codex or its config changed)."""
+        """Look at the processes again now (Codex or its config changed)."""
         self._wake.set()
+
+    def _tidy(self, key):
+        """Retire what must go, take out what can stop -> (to stop, missing)."""
+        stop = []
+        with self._lock:
+            for process, k in self._processes:
+                if k != key or process.served >= PROCESS_RECYCLE_THREADS or \
+                        process_bytes(process.proc) > PROCESS_RECYCLE_BYTES:
+                    process.retired = True
+            live = [p for p, _ in self._processes if not p.retired and not p.exited.is_set()]
+            for process, k in list(self._processes):
+                extra = not process.retired and len(live) > self.size and process in live
+                if process.exited.is_set() or (process.thread_count() == 0 and (
+                        process.retired or extra)):
+                    self._processes.remove((process, k))
+                    stop.append(process)
+                    if extra:
+                        live.remove(process)
+            missing = self.size - len(live) if key is not None else 0
+        return stop, missing
 
     def _loop(self):
         failures = 0
@@ -4025,19 +4235,14 @@ class WarmPool:
             if self._stopping.is_set():
                 break
             key = self._key()
-            now = self._clock()
-            with self._lock:
-                stale = [r for r, k in self._spares if k != key or r.exited.is_set()
-                         or now - r.born > self._max_idle]
-                self._spares = [(r, k) for r, k in self._spares if r not in stale]
-                missing = self.size - len(self._spares) if key is not None else 0
-            for run in stale:
-                run.stop("recycled", grace=0.5)
+            stop, missing = self._tidy(key)
+            for process in stop:
+                process.stop(grace=0.5)
             for _ in range(missing):
                 if self._stopping.is_set():
                     break
                 try:
-                    run = self._spawn()
+                    process = self._spawn()
                 except Exception as exc:      # a broken Codex must not end the loop
                     failures = min(failures + 1, 4)
                     if self._on_error is not None:
@@ -4045,13 +4250,11 @@ class WarmPool:
                     break
                 failures = 0
                 with self._lock:
-                    if self._stopping.is_set():
-                        stale = [run]
-                    else:
-                        self._spares.append((run, key))
-                        stale = []
-                for extra in stale:
-                    extra.stop("shutdown")
+                    closed = self._stopping.is_set()
+                    if not closed:
+                        self._processes.append((process, key))
+                if closed:
+                    process.stop()
 
     def close(self):
         self._stopping.set()
@@ -4059,9 +4262,19 @@ class WarmPool:
         if self._thread is not None:
             self._thread.join(APP_SERVER_START_SECONDS + 5)
         with self._lock:
-            spares, self._spares = [r for r, _ in self._spares], []
-        for run in spares:
-            run.stop("shutdown")
+            processes, self._processes = [p for p, _ in self._processes], []
+        for process in processes:
+            process.stop()
+
+
+def process_bytes(proc):
+    """A process's resident memory in bytes, where the system tells (Linux); else 0."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+        return int(match.group(1)) * 1024 if match else 0
+    except (OSError, AttributeError):
+        return 0
 
 
 # The engines by name, in the order `--engine auto` tries them.
@@ -4112,7 +4325,8 @@ class CodexLauncher:
     """Everything about starting Codex: where it is and whether it is logged
     in (CodexInfo), the user's config.toml, the model catalog copy, which
     engine runs (probed at start-up and whenever Codex's version changes),
-    the warm spares, and what Codex's failures mean for a client."""
+    the pool of app-server processes, and what Codex's failures mean for a
+    client."""
 
     def __init__(self, config, env, logs, rate_limits, runs, stopping, clock=time.monotonic):
         self.config = config
@@ -4129,9 +4343,10 @@ class CodexLauncher:
         forced = self.engines.get(config.engine)
         self.engine = forced or next(iter(self.engines.values()))    # until the probe
         self.engine_reason = "not checked yet"
-        self.warm = WarmPool(config.warm if forced is None or forced.warms else 0,
-                             lambda: self.engine.spawn(), self.warm_key, clock=clock,
-                             on_error=self._warm_failed)
+        self.pool = ProcessPool(config.codex_processes if forced is None or forced.pooled
+                                else 0, lambda: self.engine.spawn(), self.process_key,
+                                config.process_threads, clock=clock,
+                                on_error=self._spawn_failed)
         # _catalog_lock guards _catalog_version and the engine choice; the
         # catalog build and the probe run under it, off the request path.
         self._catalog_lock = threading.Lock()
@@ -4142,14 +4357,14 @@ class CodexLauncher:
 
     def open(self):
         """Check Codex (which builds the catalog and picks the engine), then
-        start what the engines need and the warm spares."""
+        start what the engines need and the pool's processes."""
         self.check_codex()
         for engine in self.engines.values():
             engine.open()
-        self.warm.start_filler()
+        self.pool.start_filler()
 
     def close(self):
-        self.warm.close()
+        self.pool.close()
         for engine in self.engines.values():
             engine.close()
 
@@ -4174,7 +4389,7 @@ class CodexLauncher:
                 self.logs.add(LogEvent.CODEX_WARNING, message="the model catalog copy could "
                               f"not be written to --state-dir ({self.catalog_error})")
             self._choose_engine(argv)
-        self.warm.refresh()
+        self.pool.refresh()
 
     def _choose_engine(self, argv):
         """The engine --engine names, or with auto the first whose probe passes."""
@@ -4194,13 +4409,13 @@ class CodexLauncher:
         self.logs.add(LogEvent.ENGINE_SELECTED, engine=self.engine.name,
                       reason=self.engine_reason[:300])
 
-    def _warm_failed(self, exc):
-        self.logs.add(LogEvent.CODEX_WARNING, message=f"warm app-server failed to start: "
-                      f"{self.redact(str(exc))[:300]}")
+    def _spawn_failed(self, exc):
+        self.logs.add(LogEvent.CODEX_WARNING, message=f"an app-server process failed to "
+                      f"start: {self.redact(str(exc))[:300]}")
 
-    def warm_key(self):
-        """What a spare depends on; None when the engine keeps none."""
-        return self.engine.warm_key() if self.engine.warms else None
+    def process_key(self):
+        """What the pool's processes depend on; None when the engine keeps none."""
+        return self.engine.process_key() if self.engine.pooled else None
 
     def codex_state(self):
         """(argv, version, logged_in) from the cached checks: a stale answer
@@ -4364,69 +4579,126 @@ class ParkedTurns:
 class KeptThread:
     """A kept conversation: a run whose thread has answered a turn."""
     run: object                     # the CodexRun, idle, its thread alive
-    match: tuple                    # fingerprint and settings a continuation shares
+    match: ThreadSettings           # what a continuation shares
     key: tuple                      # conversation_key() of all the thread has seen
     at: float                       # when it was kept or last used
+    hints: dict = dataclasses.field(default_factory=dict)   # hint_candidates() of ...
+    last_user: int = -1             # ... the entry of its newest user message
+
+    @property
+    def one_shot(self):
+        """One question and its answer, never continued (a title, tags...)."""
+        return len(self.key) <= 2
+
+
+# Why a kept thread was let go, as the log says it when the conversation comes back.
+GONE_WORDS = {"max_kept": "evicted (max_kept)", "ttl": "expired (ttl)",
+              "exited": "process died", "recycled": "recycled (its process retired)",
+              "continue_failed": "its thread failed"}
+
+
+def shared_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class KeptThreads:
     """Threads kept alive between a conversation's turns, so that the next
     turn continues the thread: the model keeps its own items and reasoning,
-    and the prompt cache (keyed by the thread) stays warm.  At most `size`,
-    the least recently used let go first, each for at most `ttl` seconds."""
+    and the prompt cache (keyed by the thread) stays warm.  At most `size`:
+    past it, one-shot requests (a chat UI's titles and tags) go first, then
+    the least recently used; each lives at most `ttl` seconds unused.  What
+    was let go is remembered a while, so that the log can say why a
+    conversation that comes back starts a fresh thread."""
 
     def __init__(self, size, ttl, clock=time.monotonic):
         self.size, self.ttl, self._clock = size, ttl, clock
-        # _lock guards _kept (run id -> KeptThread), least recently used first.
+        # _lock guards _kept (run id -> KeptThread), least recently used
+        # first, and _gone (key -> why it was let go), oldest first.
         self._lock = threading.Lock()
         self._kept = collections.OrderedDict()
+        self._gone = collections.OrderedDict()
 
     def __len__(self):
         with self._lock:
             return len(self._kept)
 
-    def keep(self, run, match, key):
-        """Keep a run; -> the runs let go to make room."""
+    def keep(self, run, match, key, hints=None, last_user=-1):
+        """Keep a run -> the runs let go to make room (one-shots first)."""
         with self._lock:
-            self._kept[run.id] = KeptThread(run, match, key, self._clock())
+            self._kept[run.id] = KeptThread(run, match, key, self._clock(), hints or {},
+                                            last_user)
             self._kept.move_to_end(run.id)
             evicted = []
             while len(self._kept) > self.size:
-                evicted.append(self._kept.popitem(last=False)[1].run)
+                victim = next((rid for rid, k in self._kept.items() if k.one_shot),
+                              next(iter(self._kept)))
+                evicted.append(self._forget(victim, "max_kept"))
         return evicted
 
-    def claim(self, match, key):
-        """Take out the kept thread this conversation continues -> (KeptThread or
-        None, why none fits).  A continuation holds all the thread has seen,
-        then something new, with the same instructions, tools and settings."""
-        why = (0, "a new conversation" if len(key) <= 1 else
-               "no kept thread holds this history (edited, expired, or the proxy restarted)")
-        best = None
+    def _forget(self, run_id, reason):
+        """(under _lock) Take a thread out, remembering why -> its run."""
+        kept = self._kept.pop(run_id)
+        self._gone[kept.key] = GONE_WORDS.get(reason, reason)
+        while len(self._gone) > max(64, 4 * self.size):
+            self._gone.popitem(last=False)
+        return kept.run
+
+    def claim(self, match, key, ends, newest):
+        """Take out the kept thread this conversation continues -> (KeptThread
+        or None, why none fits, hinted).  A continuation holds all the
+        thread has seen, then something new, with the same ThreadSettings;
+        `hinted`: it differs only by the hint its client appended to the
+        thread's newest user message and has dropped since (`newest`: the
+        request's newest user message, which carries the hint now)."""
+        best, why = None, (0, 0, "a new conversation" if len(key) <= 1 else None)
         with self._lock:
             for kept in self._kept.values():
-                size = len(kept.key)
-                if key[:size] != kept.key:
-                    if key[:1] == kept.key[:1] and kept.match == match:
-                        why = max(why, (1, "the history was edited or cut"))
+                size, common = len(kept.key), shared_prefix(kept.key, key)
+                hinted = common == kept.last_user and self._hinted(kept, key, newest)
+                if hinted:
+                    common = size
+                if common < size:
+                    said = f"message {ends[common - 1] if common else 0} edited" \
+                        if common < len(key) else "an earlier point of the conversation"
+                    why = max(why, (1, common, said)) if common else why
                 elif size == len(key):
-                    why = max(why, (2, "nothing new since the kept thread's last turn"))
-                elif kept.match != match:
-                    why = max(why, (2, "other instructions, tools or model than the kept thread"))
+                    why = max(why, (2, size, "nothing new since its last turn"))
+                elif match.differences(kept.match):
+                    why = max(why, (2, size, ", ".join(match.differences(kept.match))))
                 elif kept.run.exited.is_set():
-                    why = max(why, (2, "the kept thread's Codex has exited"))
-                elif best is None or size > len(best.key):
-                    best = kept
+                    why = max(why, (2, size, "process died"))
+                elif best is None or size > len(best[0].key):
+                    best = (kept, hinted)
             if best is not None:
-                del self._kept[best.run.id]
-        return best, why[1]
+                del self._kept[best[0].run.id]
+                return best[0], None, best[1]
+            if why[2] is None:
+                gone = [(len(k), reason) for k, reason in self._gone.items() if key[:len(k)] == k]
+                why = (0, 0, max(gone)[1] if gone else None)
+        return None, why[2], False
+
+    @staticmethod
+    def _hinted(kept, key, newest):
+        common = kept.last_user
+        if len(key) <= len(kept.key) or key[common + 1:len(kept.key)] != kept.key[common + 1:]:
+            return False
+        hint = kept.hints.get(key[common])
+        return bool(hint) and newest is not None and newest.text.strip().endswith(hint)
 
     def take_due(self):
-        """Take out the threads kept longer than the ttl, or whose Codex died."""
+        """Take out the threads kept longer than the ttl, or whose Codex died
+        -> [(run, why)]."""
         now = self._clock()
         with self._lock:
-            due = [rid for rid, kept in self._kept.items()
+            due = [(rid, "exited" if kept.run.exited.is_set() else "ttl")
+                   for rid, kept in self._kept.items()
                    if now - kept.at >= self.ttl or kept.run.exited.is_set()]
-            return [self._kept.pop(rid).run for rid in due]
+            return [(self._forget(rid, why), why) for rid, why in due]
 
     def take_all(self):
         with self._lock:
@@ -5387,26 +5659,36 @@ class Turns:
         if not self.kept.size:
             return None, "conversations are not kept (--keep-conversations 0)"
         key, ends = conversation_key(request.messages)
-        kept, why = self.kept.claim(spec.match, key)
+        newest = next((m for m in reversed(request.messages) if m.role == "user"), None)
+        kept, why, hinted = self.kept.claim(spec.match, key, ends, newest)
         if kept is None:
-            return None, why
+            return None, why or "no kept thread holds this history"
         codex_run = kept.run
+        if codex_run.retired:           # its process retires: a fresh thread takes over
+            self.release(codex_run, "recycled", "kept")
+            return None, GONE_WORDS["recycled"]
         added = [m for m in request.messages[ends[len(kept.key) - 1]:] if m.role != "system"]
         codex_run.remember_ids(spec.known_ids)
         try:
             codex_run.continue_turn(dataclasses.replace(spec, messages=added))
         except ProxyError as error:
             self.release(codex_run, "continue_failed")
-            return None, f"the kept thread failed: {error.message[:200]}"
+            return None, f"its thread failed: {error.message[:200]}"
         self.logs.add(LogEvent.CONVERSATION_CONTINUED, request_id, run=codex_run.id,
-                      thread_id=codex_run.thread_id, new_messages=len(added))
+                      thread_id=codex_run.thread_id, new_messages=len(added),
+                      **({"note": "the client dropped the hint it had appended to "
+                                  "an earlier message"} if hinted else {}))
         return codex_run, None
 
     def keep(self, codex_run, request, responder):
         """A completed turn's thread, kept for the conversation's next turn
-        -> "kept"; the least recently used past --keep-conversations go."""
-        key, _ = conversation_key(request.messages + responder.history_messages())
-        for evicted in self.kept.keep(codex_run, codex_run.match, key):
+        -> "kept"; past --keep-conversations others are let go."""
+        messages = request.messages + responder.history_messages()
+        key, ends = conversation_key(messages)
+        newest = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+        hints = hint_candidates(messages[newest]) if newest is not None else {}
+        last_user = ends.index(newest + 1) if newest is not None else -1
+        for evicted in self.kept.keep(codex_run, codex_run.match, key, hints, last_user):
             self.release(evicted, "max_kept", "kept")
         return "kept"
 
@@ -5519,9 +5801,8 @@ class Turns:
         while not self.stopping.wait(period):
             for codex_run in self.parked.take_due():
                 self.release(codex_run, "tool_result_timeout", "parked")
-            for codex_run in self.kept.take_due():
-                self.release(codex_run, "exited" if codex_run.exited.is_set() else "ttl",
-                             "kept")
+            for codex_run, why in self.kept.take_due():
+                self.release(codex_run, why, "kept")
 
 
 # ---------------------------------------------------------------------------
@@ -5718,8 +5999,7 @@ def connection_budget(config, soft_limit=None):
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft_limit == resource.RLIM_INFINITY:
             return config.max_connections
-    reserve = 32 + 4 * (config.max_concurrent + config.max_parked + config.warm +
-                        config.keep_conversations)
+    reserve = 32 + 4 * (config.max_concurrent + config.max_parked + config.codex_processes)
     return min(config.max_connections, max(8, soft_limit - reserve))
 
 
@@ -6364,7 +6644,10 @@ def endpoint_health(handler):
     _, version, logged_in = launcher.codex_state()
     body = {"status": "ok", "version": __version__, "codex_version": version,
             "logged_in": logged_in, "engine": launcher.engine.name,
-            "engine_reason": launcher.engine_reason, "warm_spares": len(launcher.warm),
+            "engine_reason": launcher.engine_reason,
+            "codex_processes": [{"pid": p.proc.pid if p.proc else None,
+                                 "threads": p.thread_count(), "served": p.served,
+                                 "retired": p.retired} for p in launcher.pool.processes()],
             "parked_turns": len(server.turns.parked),
             "conversations": len(server.turns.kept)}
     if server.access.key_ok(handler.headers):
@@ -6691,7 +6974,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def start_background(self):
         """Check Codex, pick the engine, build the model catalog, start the
-        helper threads and the warm spares."""
+        helper threads and the app-server processes."""
         self.launcher.open()
         self.turns.start_reaper()
         threading.Thread(target=self._reap_connections, name="connection-reaper",
@@ -6702,9 +6985,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.connections.reap()
 
     def close(self):
-        """Stop serving and end every Codex process: spares, parked, running."""
+        """Stop serving and end every Codex process and run (a turn being
+        answered hears that its Codex is gone: the proxy is shutting down)."""
         self.stopping.set()
-        self.launcher.warm.close()
+        self.launcher.pool.close()
         self.turns.close()
         self.turns.wait_answered(SHUTDOWN_ANSWER_SECONDS)    # before their sockets close
         self.connections.close_all()
@@ -6813,9 +7097,9 @@ FLAGS = (
          "how Codex is run: `app-server` (streams tokens), `exec`, or `auto`: app-server "
          "when its start-up probe passes (see Engines)", kind="choice",
          choices=("auto",) + tuple(ENGINES), shown="`auto`"),
-    Flag("--warm", "CODEX_PROXY_WARM", "warm", 1,
-         "app-server processes started ahead of requests; 0 turns it off", kind="int",
-         metavar="N", low=0),
+    Flag("--codex-processes", "CODEX_PROXY_CODEX_PROCESSES", "codex_processes", 2,
+         "long-lived `codex app-server` processes that host every conversation's thread "
+         "(see Engines)", kind="int", metavar="N", low=1),
     Flag("--api-key", "CODEX_PROXY_API_KEY", "api_keys", (),
          "require this key, as `Authorization: Bearer KEY` (visible in `ps`: prefer the file "
          "or the variable); repeatable, or comma-separated in the variable", kind="list",
@@ -6877,9 +7161,10 @@ FLAGS = (
     Flag("--max-silent-calls", "CODEX_PROXY_MAX_SILENT_CALLS", "max_silent_calls", 30,
          "end a turn after this many model calls with nothing for the client", kind="int",
          metavar="N", low=1),
-    Flag("--keep-conversations", "CODEX_PROXY_KEEP_CONVERSATIONS", "keep_conversations", 4,
-         "app-server threads kept alive between a conversation's turns (see "
-         "Conversations); past it the least recently used is let go; 0 turns it off",
+    Flag("--keep-conversations", "CODEX_PROXY_KEEP_CONVERSATIONS", "keep_conversations", 64,
+         "conversations whose Codex thread is kept between their turns (see Conversations); "
+         "past it one-shot requests are let go first, then the least recently used; 0 turns "
+         "it off",
          kind="int", metavar="N", low=0),
     Flag("--conversation-ttl", "CODEX_PROXY_CONVERSATION_TTL", "conversation_ttl", 1800.0,
          "seconds an unused kept conversation lives", kind="float", metavar="S", low=1.0),
@@ -6903,7 +7188,10 @@ def make_config_class():
     """Config: a field for each flag (its default from FLAGS), and what
     `main` derives (host and port from --addr; every key; the log page)."""
     fields = [("host", str, "127.0.0.1"), ("port", int, 11435),
-              ("logs_html", object, None)]
+              ("logs_html", object, None),
+              # at most this many threads on one app-server process (0: no limit);
+              # 1 is the old design of a process per conversation (--bench)
+              ("process_threads", int, 0)]
     fields += [(f.field, object, f.default) for f in FLAGS if f.field != "addr"]
     namespace = {
         "__doc__": "Everything `main` learned from flags and environment variables: "
@@ -7039,8 +7327,7 @@ def banner(server):
         codex_line = f"{' '.join(codex.argv)} ({codex.version or 'version unknown'}), {login}"
     key = "required" if cfg.api_keys else \
         "none (only local pages and local Host names; tunnels are refused)"
-    warm = f", {launcher.warm.size} warm spare(s)" if launcher.engine.warms and \
-        launcher.warm.size else ""
+    warm = f", {launcher.pool.size} Codex process(es)" if launcher.engine.pooled else ""
     lines = [f"codex-openai-proxy {__version__} listening on {base}",
              f"  base URL for Cursor / OpenAI clients: {base}/v1",
              f"  codex: {codex_line}",

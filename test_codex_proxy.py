@@ -11,6 +11,8 @@ benchmarks and the stress run: `python3 test_codex_proxy.py --bench` and
 """
 
 import base64
+import collections
+import dataclasses
 import functools
 import http.client
 import http.server
@@ -401,15 +403,17 @@ class FakeProcess:
             sys.stdout.write(json.dumps(event) + "\n")
             sys.stdout.flush()
 
-    def save(self):
-        """One record per turn (a kept thread has several), then per process.
-        Threads save one at a time: two writers of one file leave a torn one."""
+    def save(self, record=None, thread="0"):
+        """One record per turn of each thread (a kept thread has several):
+        records/PID-THREAD-TURN.json.  Threads save one at a time: two
+        writers of one file leave a torn one."""
+        record = self.record if record is None else record
         with self.save_lock:
-            turn = len(self.record.get("turns", []))
-            path = self.path(os.path.join("records", f"{os.getpid()}-{turn}.json"))
+            turn = len(record.get("turns", []))
+            path = self.path(os.path.join("records", f"{os.getpid()}-{thread}-{turn}.json"))
             for _ in range(100):        # another thread may add a key meanwhile
                 try:
-                    data = json.dumps(self.record)
+                    data = json.dumps(record)
                     break
                 except RuntimeError:
                     time.sleep(0.001)
@@ -430,11 +434,13 @@ class FakeProcess:
                 return rule["steps"]
         return [{"thread": True}, {"text": "fake answer"}, {"complete": {}}]
 
-    def fill(self, text):
-        results = [r["text"] for r in self.record["results"]]
-        return text.format(prompt=self.record.get("prompt", ""), results=" | ".join(results),
-                           model=self.record.get("model"),
-                           seen=self.record.get("seen", self.record.get("prompt", "")))
+    def fill(self, text, record=None):
+        """A scenario's text with what the run (or thread) was given filled in."""
+        record = self.record if record is None else record
+        results = [r["text"] for r in record["results"]]
+        return text.format(prompt=record.get("prompt", ""), results=" | ".join(results),
+                           model=record.get("model"),
+                           seen=record.get("seen", record.get("prompt", "")))
 
     def common_step(self, kind, value):
         """Steps both engines play alike."""
@@ -593,35 +599,26 @@ class FakeExec:
 
 
 class FakeAppServer:
-    """`codex app-server`: JSON-RPC on stdin/stdout, one thread, its turns."""
+    """`codex app-server`: JSON-RPC on stdin/stdout, any number of threads
+    (each a FakeThread with its own record), their turns."""
 
     def __init__(self, fake):
         self.fake = fake
-        self.record = fake.record
-        self.lock = threading.Lock()
+        self.record = fake.record           # the process's own: initialize, methods
+        self.lock = threading.Lock()        # guards waiting, next_id and threads
         self.waiting, self.next_id = {}, 0
-        self.interrupted = threading.Event()        # the current turn's
-        self.thread_id, self.turn_id = "thread-fake", "turn-fake"
+        self.threads = {}
 
-    def notify(self, method, params):
-        self.fake.emit({"method": method, "params": dict(params, threadId=self.thread_id)})
+    def emit(self, message):
+        self.fake.emit(message)
 
     def request(self, method, params):
+        """A request to the proxy -> the slot its answer lands in."""
         with self.lock:
             rid, self.next_id = self.next_id, self.next_id + 1
             slot = self.waiting[rid] = [threading.Event()]
-        self.fake.emit({"id": rid, "method": method, "params": params})
+        self.emit({"id": rid, "method": method, "params": params})
         return slot
-
-    def answer_of(self, slot):
-        while not slot[0].wait(0.05):
-            if self.interrupted.is_set():
-                return None
-        return slot[1]
-
-    def raw(self, method, params):
-        if (self.record.get("thread") or {}).get("experimentalRawEvents"):
-            self.notify(method, params)
 
     def serve(self):
         for line in sys.stdin:
@@ -635,14 +632,16 @@ class FakeAppServer:
                     slot[0].set()
                 continue
             self.record.setdefault("methods", []).append(method)
-            handler = getattr(self, "on_" + method.replace("/", "_"), None)
+            thread = self.threads.get(params.get("threadId"))
+            handler = getattr(thread, "on_" + method.replace("/", "_"), None) or \
+                getattr(self, "on_" + method.replace("/", "_"), None)
             if handler is None:
                 self.reply(mid, error={"code": -32601, "message": "unknown " + method})
             else:
                 handler(mid, params)
 
     def reply(self, mid, result=None, error=None):
-        self.fake.emit({"id": mid, "error": error} if error else {"id": mid, "result": result})
+        self.emit({"id": mid, "error": error} if error else {"id": mid, "result": result})
 
     def on_initialize(self, mid, params):
         self.record["initialize"] = params
@@ -666,6 +665,39 @@ class FakeAppServer:
             self.reply(mid, {"rateLimits": limits})
 
     def on_thread_start(self, mid, params):
+        with self.lock:
+            self.started = getattr(self, "started", 0) + 1
+            thread = FakeThread(self, f"thread-{os.getpid()}-{self.started}")
+            self.threads[thread.thread_id] = thread
+        thread.start(params)
+        self.reply(mid, {"thread": {"id": thread.thread_id}})
+        self.emit({"method": "thread/started", "params": {"thread": {"id": thread.thread_id}}})
+
+
+class FakeThread:
+    """One thread of the fake app-server: its record (what the process was
+    given, and what this thread was), its turns."""
+
+    def __init__(self, server, thread_id):
+        self.server, self.fake = server, server.fake
+        self.thread_id, self.turn_id = thread_id, "turn-fake"
+        self.record = dict(server.record, thread_id=thread_id, results=[], ended=False,
+                           interrupted=False)
+        self.interrupted = threading.Event()        # the current turn's
+
+    def notify(self, method, params):
+        self.fake.emit({"method": method, "params": dict(params, threadId=self.thread_id)})
+
+    def save(self):
+        """One record per turn of this thread: records/PID-THREAD-TURN.json."""
+        self.record["methods"] = list(self.server.record.get("methods", []))
+        self.fake.save(self.record, self.thread_id.rsplit("-", 1)[1])
+
+    def raw(self, method, params):
+        if (self.record.get("thread") or {}).get("experimentalRawEvents"):
+            self.notify(method, params)
+
+    def start(self, params):
         record = self.record
         record["thread"] = params
         record["conf"] = params.get("config") or {}
@@ -674,14 +706,27 @@ class FakeAppServer:
         record["tools"] = [{"name": t["name"], "description": t["description"],
                             "inputSchema": t["inputSchema"]}
                            for t in params.get("dynamicTools") or []] or None
-        self.fake.save()
-        self.reply(mid, {"thread": {"id": self.thread_id}})
-        self.notify("thread/started", {"thread": {"id": self.thread_id}})
+        self.save()
 
     def on_thread_inject_items(self, mid, params):
         self.record.setdefault("injected", []).extend(params["items"])
-        self.fake.save()
-        self.reply(mid, {})
+        self.save()
+        gate = self.fake.read_json("inject_gate")       # hold the answer until a file exists
+        if gate:
+            threading.Thread(target=self._answer_after, args=(mid, gate), daemon=True).start()
+        else:
+            self.server.reply(mid, {})
+
+    def _answer_after(self, mid, gate):
+        self.fake.common_step("wait_file", gate)
+        self.server.reply(mid, {})
+
+    def on_thread_unsubscribe(self, mid, params):
+        self.record["unsubscribed"] = True
+        self.save()
+        with self.server.lock:
+            self.server.threads.pop(self.thread_id, None)
+        self.server.reply(mid, {"status": "unsubscribed"})
 
     def on_turn_start(self, mid, params):
         record = self.record
@@ -695,11 +740,11 @@ class FakeAppServer:
         self.turn_id = f"turn-fake-{len(record['turns'])}"
         self.interrupted = threading.Event()
         record["seen"] = self.seen()
-        self.fake.save()
+        self.save()
         steps = self.fake.scenario(record["seen"])
         if any("ignore_term" in step for step in steps):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)    # only the main thread may
-        self.reply(mid, {"turn": {"id": self.turn_id, "status": "inProgress"}})
+        self.server.reply(mid, {"turn": {"id": self.turn_id, "status": "inProgress"}})
         threading.Thread(target=self.play, args=(steps, self.interrupted), daemon=True).start()
 
     def seen(self):
@@ -709,9 +754,9 @@ class FakeAppServer:
 
     def on_turn_interrupt(self, mid, params):
         self.record["interrupted"] = True
-        self.fake.save()
+        self.save()
         self.interrupted.set()
-        self.reply(mid, {})
+        self.server.reply(mid, {})
 
     def play(self, steps, interrupted):
         self.notify("turn/started", {"turn": {"id": self.turn_id}})
@@ -723,10 +768,10 @@ class FakeAppServer:
             self.notify("turn/completed", {"turn": {"id": self.turn_id,
                                                     "status": "interrupted"}})
         self.record["ended"] = True
-        self.fake.save()
+        self.save()
 
     def step(self, n, step, kind, value):
-        fill = self.fake.fill
+        fill = functools.partial(self.fake.fill, record=self.record)
         if kind in ("text", "deltas"):
             self.message(f"m{n}", [fill(value)] if kind == "text" else
                          [fill(v) for v in value], step.get("pause"))
@@ -762,6 +807,12 @@ class FakeAppServer:
         elif kind != "thread":
             self.fake.common_step(kind, value)
 
+    def answer_of(self, slot):
+        while not slot[0].wait(0.05):
+            if self.interrupted.is_set():
+                return None
+        return slot[1]
+
     def loop_unknown(self, name):
         """A model that calls a tool nobody declared, again and again, each
         answered by Codex itself: as many model calls as it is allowed."""
@@ -773,7 +824,7 @@ class FakeAppServer:
                 "arguments": "{}"}})
             self.raw("rawResponse/completed", {"responseId": f"resp_u{n}"})
             self.record["model_calls"] = n + 1
-            self.fake.save()
+            self.save()
             time.sleep(0.01)
 
     def message(self, item_id, deltas, pause):
@@ -822,7 +873,7 @@ class FakeAppServer:
                     "arguments": json.dumps(call.get("arguments", {}))}})
             self.notify("item/started", {"item": {"type": "dynamicToolCall",
                                                   "id": call.get("id"), "tool": call["name"]}})
-            slots.append(self.request("item/tool/call", {
+            slots.append(self.server.request("item/tool/call", {
                 "threadId": self.thread_id, "turnId": self.turn_id, "callId": call.get("id"),
                 "namespace": None, "tool": call["name"], "arguments": call.get("arguments", {})}))
         if raw:
@@ -835,7 +886,7 @@ class FakeAppServer:
             self.record["results"].append({"name": calls[n]["name"],
                                            "text": result["contentItems"][0]["text"],
                                            "is_error": not result["success"]})
-        self.fake.save()
+        self.save()
 
 
 def fake_codex_main(args):
@@ -879,14 +930,14 @@ def fake_codex_main(args):
 
 
 FAKE_CODEX_PARTS = (FAKE_USAGE, FakeProcess, FakeMcpClient, FakeExec, FakeAppServer,
-                    fake_codex_main)
+                    FakeThread, fake_codex_main)
 
 
 @functools.lru_cache(maxsize=None)
 def fake_codex_program():
     """The fake codex's source: the parts above, then a call of its main
     (built once: inspect parses the whole file to find a class)."""
-    parts = ["import json, os, signal, subprocess, sys, threading, time",
+    parts = ["import functools, json, os, signal, subprocess, sys, threading, time",
              f"FAKE_USAGE = {FAKE_USAGE!r}"]
     parts += [inspect.getsource(part) for part in FAKE_CODEX_PARTS[1:]]
     parts.append("sys.exit(fake_codex_main(sys.argv[1:]))")
@@ -935,6 +986,24 @@ class FakeCodex:
         return sorted({r[k] for r in self.all_records() for k in ("pid", "bridge_pid")
                        if r.get(k)})
 
+    def thread_records(self, thread_id):
+        return [r for r in self.all_records() if r.get("thread_id") == thread_id]
+
+    def run_ended(self, record, timeout=10):
+        """Wait until the run a record belongs to has ended: its thread let
+        go (unsubscribed: Codex unloads it; the process lives on) on
+        app-server, its process gone on exec."""
+        if record["engine"] == "exec":
+            return wait_until(lambda: not pid_alive(record["pid"]), timeout)
+        return wait_until(lambda: any(r.get("unsubscribed") for r in
+                                      self.thread_records(record["thread_id"])), timeout)
+
+    def run_alive(self, record):
+        if record["engine"] == "exec":
+            return pid_alive(record["pid"])
+        return pid_alive(record["pid"]) and not any(
+            r.get("unsubscribed") for r in self.thread_records(record["thread_id"]))
+
     def set_logged_out(self, value=True):
         flag = self.dir / "logged_out"
         if value:
@@ -959,6 +1028,12 @@ def seen_by_model(record):
 
 def tool_names_of(record):
     return {t["name"] for t in record["tools"] or []}
+
+
+def argv_config(record):
+    """The `-c KEY=VALUE` settings a fake codex was started with."""
+    argv = record["argv"]
+    return dict(argv[i + 1].partition("=")[::2] for i, a in enumerate(argv) if a == "-c")
 
 
 class Proxy:
@@ -1076,7 +1151,7 @@ def make_proxy(tmp_path, fake_codex, run_tmp):
 
     def make(**overrides):
         fields = dict(port=0, codex_bin=str(fake_codex.script), codex_home=str(home),
-                      state_dir=str(tmp_path / "state"), quiet=True, tool_quiet=0.1, warm=0,
+                      state_dir=str(tmp_path / "state"), quiet=True, tool_quiet=0.1, codex_processes=1,
                       logs_html=os.path.join(HERE, "logs.html"))
         fields.update(overrides)
         proxy = start_proxy(cp.Config(**fields), fake_codex.env)
@@ -1979,28 +2054,99 @@ def kept_run(run_id, exited=False):
     return run
 
 
+def settings(**changes):
+    return dataclasses.replace(cp.ThreadSettings("instr", (("read_file", "d1"),), "gpt-5.5"),
+                               **changes)
+
+
 def test_kept_threads_match_by_history_and_settings_and_say_why_not():
     now = [0.0]
     kept = cp.KeptThreads(2, ttl=100, clock=lambda: now[0])
     a, b, c = kept_run("a"), kept_run("b"), kept_run("c")
-    assert kept.keep(a, ("fp", None), (b"1", b"2")) == []
-    assert kept.keep(b, ("fp", None), (b"1", b"2", b"3", b"4")) == []
-    assert kept.claim(("fp", None), (b"1", b"2"))[1].startswith("nothing new")
-    assert kept.claim(("other", None), (b"1", b"2", b"9"))[1].startswith("other instructions")
-    assert kept.claim(("fp", None), (b"1", b"8", b"9"))[1] == "the history was edited or cut"
-    assert kept.claim(("fp", None), (b"7",))[1] == "a new conversation"
-    found, _ = kept.claim(("fp", None), (b"1", b"2", b"3", b"4", b"5"))
-    assert found.run is b and len(kept) == 1                  # the longest match, taken out
-    assert kept.claim(("fp", None), (b"1", b"2", b"3", b"4", b"5"))[0].run is a
-    assert kept.claim(("fp", None), (b"1", b"2"))[1].startswith("no kept thread")
-    assert kept.keep(b, ("fp", None), (b"x",)) == []
-    assert kept.keep(a, ("fp", None), (b"w",)) == []
-    assert kept.keep(c, ("fp", None), (b"y",)) == [b]         # past the size, the oldest goes
+    ends = [1, 2, 3, 4, 5, 6]
+
+    def claim(key, match=settings()):
+        return kept.claim(match, key, ends, None)
+    assert kept.keep(b, settings(), (b"1", b"2", b"3", b"4")) == []
+    assert claim((b"1", b"2", b"3", b"8", b"9"))[1] == "message 3 edited"
+    assert claim((b"1", b"2"))[1] == "an earlier point of the conversation"
+    assert kept.keep(a, settings(), (b"1", b"2")) == []
+    assert claim((b"1", b"2"))[1] == "nothing new since its last turn"
+    assert claim((b"1", b"2", b"9"), settings(instructions="other"))[1] == \
+        "instructions changed"
+    assert claim((b"1", b"2", b"9"), settings(tools=(("list_dir", "d2"),)))[1] == \
+        "tools changed (+list_dir \u2212read_file)"
+    assert claim((b"1", b"2", b"9"), settings(tools=(("read_file", "d9"),)))[1] == \
+        "tools changed (~read_file)"
+    assert claim((b"1", b"2", b"9"), settings(model="gpt-5.4"))[1] == "model changed"
+    assert claim((b"1", b"2", b"9"), settings(effort="high"))[1] == \
+        "reasoning effort changed"
+    assert claim((b"1", b"8", b"9"))[1] == "message 1 edited"
+    assert claim((b"7",))[1] == "a new conversation"
+    found, why, hinted = claim((b"1", b"2", b"3", b"4", b"5"))
+    assert found.run is b and why is None and not hinted and len(kept) == 1   # the longest
+    assert claim((b"1", b"2", b"3", b"4", b"5"))[0].run is a
+    assert claim((b"6", b"2"))[1] is None               # nothing known: the caller says why
+
+
+def test_side_requests_never_push_a_conversation_out():
+    """Past the size, one-shot requests (a chat UI's title, tags, follow-ups)
+    go first, then the least recently used."""
+    kept = cp.KeptThreads(3, ttl=100)
+    talk = kept_run("talk")
+    kept.keep(talk, settings(), (b"q1", b"a1", b"q2", b"a2"))
+    evicted = []
+    for n in range(6):                                  # six side requests after each answer
+        evicted += kept.keep(kept_run(f"side{n}"), settings(), (b"s%d" % n, b"t%d" % n))
+    assert [r.id for r in evicted] == ["side0", "side1", "side2", "side3"]
+    assert kept.claim(settings(), (b"q1", b"a1", b"q2", b"a2", b"q3"), [1] * 9,
+                      None)[0].run is talk
+    old = kept_run("old")
+    kept = cp.KeptThreads(2, ttl=100)
+    kept.keep(old, settings(), (b"1", b"2", b"3"))
+    kept.keep(kept_run("x"), settings(), (b"4", b"5", b"6"))
+    assert kept.keep(kept_run("y"), settings(), (b"7", b"8", b"9")) == [old]   # then the oldest
+
+
+def test_what_was_let_go_is_named_when_it_comes_back():
+    now = [0.0]
+    kept = cp.KeptThreads(1, ttl=100, clock=lambda: now[0])
+    a, b = kept_run("a"), kept_run("b")
+    kept.keep(a, settings(), (b"1", b"2", b"3"))
+    assert kept.keep(b, settings(), (b"4", b"5", b"6")) == [a]
+    assert kept.claim(settings(), (b"1", b"2", b"3", b"7"), [1] * 9, None)[1] == \
+        "evicted (max_kept)"
     now[0] = 101
-    assert kept.take_due() == [a, c] and len(kept) == 0
+    assert kept.take_due() == [(b, "ttl")] and len(kept) == 0
+    assert kept.claim(settings(), (b"4", b"5", b"6", b"7"), [1] * 9, None)[1] == \
+        "expired (ttl)"
     dead = kept_run("d", exited=True)
-    kept.keep(dead, ("fp", None), (b"z",))
-    assert kept.claim(("fp", None), (b"z", b"w"))[0] is None and kept.take_due() == [dead]
+    kept.keep(dead, settings(), (b"z",))
+    assert kept.claim(settings(), (b"z", b"w"), [1] * 9, None)[:2] == (None, "process died")
+    assert kept.take_due() == [(dead, "exited")]
+
+
+def test_a_hint_the_client_appended_and_dropped_keeps_the_thread():
+    """aider appends "Reply in English." to its newest user message only."""
+    hint = "\n\nReply in English.\n"
+    first = [cp.Message("user", "fix the bug" + hint), cp.Message("assistant", "done")]
+    key, ends = cp.conversation_key(first)
+    kept = cp.KeptThreads(4, ttl=100)
+    run = kept_run("a")
+    kept.keep(run, settings(), key, cp.hint_candidates(first[0]), 0)
+    second = [cp.Message("user", "fix the bug"), cp.Message("assistant", "done"),
+              cp.Message("user", "and the test" + hint)]
+    key2, ends2 = cp.conversation_key(second)
+    assert key2[0] != key[0]
+    found, why, hinted = kept.claim(settings(), key2, ends2, second[-1])
+    assert found.run is run and hinted
+    kept.keep(run, settings(), key, cp.hint_candidates(first[0]), 0)
+    other = second[:2] + [cp.Message("user", "and the test")]        # no hint now: edited
+    found, why, _ = kept.claim(settings(), cp.conversation_key(other)[0], ends2, other[-1])
+    assert found is None                # it differs from the first message on: nothing shared
+    changed = [cp.Message("user", "fix the other bug")] + second[1:]  # more than the hint
+    found, why, _ = kept.claim(settings(), cp.conversation_key(changed)[0], ends2, changed[-1])
+    assert found is None
 
 
 CHAT_TURN = [{"thread": True}, {"text": "answer to: {prompt}"}, {"complete": {}}]
@@ -2054,31 +2200,35 @@ def test_an_edited_history_starts_a_new_thread_that_sees_the_edit(proxy, fake_co
     messages[1] = {"role": "assistant", "content": "an edited answer"}
     converse(proxy, messages + [answer, {"role": "user", "content": "three"}])
     records = fake_codex.wait_records(3)
-    assert records[0]["pid"] == records[1]["pid"] != records[2]["pid"]
+    assert records[0]["thread_id"] == records[1]["thread_id"] != records[2]["thread_id"]
     assert records[2]["prompt"] == "three"
     assert records[2]["injected"][1]["content"][0]["text"] == "an edited answer"
-    assert proxy.wait_event("conversation_started", 2)[1]["reason"] == \
-        "the history was edited or cut"
+    assert proxy.wait_event("conversation_started", 2)[1]["reason"] == "message 1 edited"
 
 
 def test_only_the_newest_conversations_are_kept(make_proxy, fake_codex):
     proxy = make_proxy(keep_conversations=1)
     fake_codex.scenario(CHAT_TURN)
     converse(proxy, [{"role": "user", "content": "first conversation"}])
-    first_pid = fake_codex.wait_records(1)[0]["pid"]
+    first = fake_codex.wait_records(1)[0]
     converse(proxy, [{"role": "user", "content": "second conversation"}])
     expired = proxy.wait_event("conversation_expired")[0]
-    assert expired["reason"] == "max_kept" and wait_until(lambda: not pid_alive(first_pid), 8)
+    assert expired["reason"] == "max_kept" and fake_codex.run_ended(first)
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 1
+    converse(proxy, [{"role": "user", "content": "first conversation"},
+                     {"role": "assistant", "content": "answer to: first conversation"},
+                     {"role": "user", "content": "again"}])
+    assert proxy.wait_event("conversation_started", 3)[2]["reason"] == "evicted (max_kept)"
 
 
 def test_an_idle_kept_conversation_ends_after_its_ttl(make_proxy, fake_codex):
     proxy = make_proxy(conversation_ttl=1.0)
     fake_codex.scenario(CHAT_TURN)
     converse(proxy, [{"role": "user", "content": "hello"}])
-    pid = fake_codex.wait_records(1)[0]["pid"]
+    record = fake_codex.wait_records(1)[0]
     assert proxy.wait_event("conversation_expired")[0]["reason"] == "ttl"
-    assert wait_until(lambda: not pid_alive(pid), 8) and len(proxy.server.turns.kept) == 0
+    assert fake_codex.run_ended(record) and len(proxy.server.turns.kept) == 0
+    assert pid_alive(record["pid"])             # the process serves other conversations
 
 
 def test_without_kept_conversations_every_turn_is_a_new_thread(make_proxy, fake_codex):
@@ -2087,9 +2237,9 @@ def test_without_kept_conversations_every_turn_is_a_new_thread(make_proxy, fake_
     answer, _ = converse(proxy, [{"role": "user", "content": "one"}])
     converse(proxy, [{"role": "user", "content": "one"}, answer, {"role": "user", "content": "two"}])
     first, second = fake_codex.wait_records(2)
-    assert first["pid"] != second["pid"] and [i["role"] for i in second["injected"]] == \
-        ["user", "assistant"]
-    assert wait_until(lambda: not any(pid_alive(p) for p in fake_codex.pids()), 8)
+    assert first["thread_id"] != second["thread_id"] and \
+        [i["role"] for i in second["injected"]] == ["user", "assistant"]
+    assert fake_codex.run_ended(first) and fake_codex.run_ended(second)
 
 
 def test_two_requests_for_one_kept_conversation_at_once_get_two_threads(proxy, fake_codex):
@@ -2109,7 +2259,7 @@ def test_two_requests_for_one_kept_conversation_at_once_get_two_threads(proxy, f
     first.join(20)
     second.join(20)
     assert [r[0]["content"] for r in replies] == ["answer to: two"] * 2
-    assert len({r["pid"] for r in fake_codex.records()}) == 2
+    assert len({r["thread_id"] for r in fake_codex.records()}) == 2
     assert len(proxy.events("conversation_continued")) == 1
 
 
@@ -2308,7 +2458,7 @@ def test_a_model_that_loops_on_an_undeclared_tool_is_stopped(both, fake_codex):
     error = json.loads(raw)["error"]
     assert status == 502 and error["code"] == "model_loop" and "nobody_tool" in error["message"]
     record = fake_codex.wait_records(1)[0]
-    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+    assert fake_codex.run_ended(record)
     calls = fake_codex.records()[0].get("model_calls")
     assert calls is not None and calls <= 20
     assert both.wait_event("stream_codex_error")[0]["code"] == "model_loop"
@@ -2325,7 +2475,7 @@ def test_forced_tool_calls_leave_nothing_parked(proxy, fake_codex):
         _, call, finish, _ = tool_round(proxy, [{"role": "user", "content": f"extract {n}"}],
                                         tool_choice=choice)
         assert finish == "tool_calls"
-    assert wait_until(lambda: not any(pid_alive(r["pid"]) for r in fake_codex.records()), 10)
+    assert all(fake_codex.run_ended(r) for r in fake_codex.wait_records(3))
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["parked_turns"] == 0
     messages = [{"role": "user", "content": "extract 2"}, call, *results_for(call)]
     _, final, _, _ = tool_round(proxy, messages, tool_choice=choice)
@@ -2657,9 +2807,10 @@ def test_a_kept_thread_is_not_continued_with_other_tools_offered(proxy, fake_cod
     answer, _ = converse(proxy, messages, tools=TOOLS, tool_choice="none")
     converse(proxy, messages + [answer, {"role": "user", "content": "two"}], tools=TOOLS)
     first, second = fake_codex.wait_records(2)
-    assert first["pid"] != second["pid"] and tool_names_of(second) == {
+    assert first["thread_id"] != second["thread_id"] and tool_names_of(second) == {
         "read_file", "list_dir", "ApplyPatch"}
-    assert proxy.wait_event("conversation_started", 2)[1]["reason"].startswith("other")
+    assert proxy.wait_event("conversation_started", 2)[1]["reason"] == \
+        "tools changed (+read_file +list_dir +ApplyPatch)"
 
 
 def test_ollama_results_never_resume_another_users_turn(proxy, fake_codex):
@@ -2804,13 +2955,16 @@ def test_app_server_thread_runs_codex_as_a_pure_forwarder(proxy, fake_codex, run
             thread["environments"]) == ("read-only", "never", True, [])
     for key, value in cp.FORWARDER_THREAD_CONFIG.items():
         assert thread["config"][key] == value, key
-    assert thread["config"]["model_catalog_json"].endswith(".json")
+    process = argv_config(record)       # given once to the process, for every thread
+    assert process["model_catalog_json"].endswith('.json"')
+    assert process["thread_unload_delay_secs"] == "0"      # a thread let go is unloaded
     assert thread["baseInstructions"].startswith(cp.INSTRUCTIONS_PREAMBLE)
     assert "SYSTEM RULES\n\nDEV RULES" in thread["baseInstructions"]
     assert thread["cwd"].startswith(str(run_tmp)) and record["cwd_files"] == []
     assert "model" not in thread and record["prompt"] == "hello"    # Codex's default model
     assert record["methods"][:5] == ["initialize", "initialized", "config/read", "thread/start",
                                      "turn/start"]
+    assert "model_catalog_json" not in thread["config"]
 
 
 def test_what_the_users_config_adds_is_switched_off(make_proxy, fake_codex):
@@ -2844,8 +2998,9 @@ def test_exec_forwards_config_toml_keys_and_nothing_else(make_proxy, fake_codex,
 def test_app_server_gets_extra_codex_config_on_its_command_line(make_proxy, fake_codex):
     proxy = make_proxy(codex_config=['model_verbosity="high"'])
     post_chat(proxy.base, chat_body())
-    argv = fake_codex.wait_records(1)[0]["argv"]
-    assert argv[:3] == ["app-server", "-c", 'model_verbosity="high"']
+    record = fake_codex.wait_records(1)[0]
+    assert record["argv"][0] == "app-server"
+    assert argv_config(record)["model_verbosity"] == '"high"'
 
 
 @pytest.mark.parametrize("model, body_extra, effort", [
@@ -3018,7 +3173,8 @@ def test_a_new_codex_version_gets_its_own_catalog(proxy, fake_codex, tmp_path):
                for m in models)        # the client's tools directly, none of Codex's own
     assert wait_until(lambda: proxy.server.launcher.catalog_path == str(catalog), 10)
     post_chat(proxy.base, chat_body())
-    assert fake_codex.wait_records(2)[-1]["thread"]["config"]["model_catalog_json"] == str(catalog)
+    assert argv_config(fake_codex.wait_records(2)[-1])["model_catalog_json"] == \
+        cp.toml_value(str(catalog))         # a process of the new version, with its catalog
 
 
 def test_remote_image_error_says_why(proxy):
@@ -3126,7 +3282,7 @@ def test_a_codex_that_runs_a_tool_of_its_own_is_stopped(both, fake_codex):
     assert status == 502 and json.loads(raw)["error"]["code"] == "codex_tool_used"
     assert headers["x-should-retry"] == "false"
     record = fake_codex.wait_records(1)[0]
-    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+    assert fake_codex.run_ended(record)
 
 
 def open_raw_stream(proxy, body, path="/v1/chat/completions"):
@@ -3246,8 +3402,7 @@ def test_idle_and_request_timeouts_end_the_run(make_proxy, fake_codex):
     status, _, raw = post_chat(proxy.base, chat_body(stream=True))
     errors = [e for e in sse_events(raw)[:-1] if "error" in e]
     assert errors[0]["error"]["code"] == "codex_request_timeout"
-    pids = [r["pid"] for r in fake_codex.wait_records(2)]
-    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 5)
+    assert all(fake_codex.run_ended(r) for r in fake_codex.wait_records(2))
 
 
 def test_codex_not_found_gives_503_with_install_hint_and_no_path(make_proxy, tmp_path):
@@ -3343,8 +3498,7 @@ def test_client_disconnect_terminates_codex(both, fake_codex, ignore_term):
     assert b"role" in recv_until(sock, b"role")
     assert wait_until((fake_codex.dir / "started").exists, 10)      # Codex is mid-turn
     sock.close()                                                    # and the client leaves
-    pid = fake_codex.wait_records(1)[0]["pid"]
-    assert wait_until(lambda: not pid_alive(pid), 8)
+    assert fake_codex.run_ended(fake_codex.wait_records(1)[0])
     assert wait_until(lambda: both.events("client_disconnected"), 5)
     if fake_codex.records()[0]["engine"] == "app-server":
         assert fake_codex.records()[0]["interrupted"] is True     # turn/interrupt went first
@@ -3357,9 +3511,9 @@ def test_client_disconnect_of_a_non_streaming_request_terminates_codex(proxy, fa
     body = json.dumps(chat_body()).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d"
                  b"\r\n\r\n%s" % (len(body), body))
-    pid = fake_codex.wait_records(1)[0]["pid"]
+    record = fake_codex.wait_records(1)[0]
     sock.close()
-    assert wait_until(lambda: not pid_alive(pid), 8)
+    assert fake_codex.run_ended(record)
 
 
 # ---------------------------------------------------------------------------
@@ -3403,7 +3557,7 @@ def test_key_accepted_in_each_header(make_proxy, headers):
 def test_keys_never_reach_the_log(make_proxy, tmp_path):
     stream = open(tmp_path / "stderr.txt", "w+")
     config = cp.Config(port=0, codex_bin="no-codex-here", api_keys=(KEY,),
-                       state_dir=str(tmp_path / "s"), warm=0)
+                       state_dir=str(tmp_path / "s"))
     server = cp.ProxyServer(config, log_stream=stream)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -3754,10 +3908,10 @@ def test_running_out_of_descriptors_closes_idle_connections_instead_of_failing(f
 
 
 def test_connections_leave_descriptors_for_codex():
-    config = cp.Config(max_connections=1000, max_concurrent=4, max_parked=16, warm=1,
-                       keep_conversations=4)
+    config = cp.Config(max_connections=1000, max_concurrent=4, max_parked=16,
+                       codex_processes=2)
     assert cp.connection_budget(config, soft_limit=20000) == 1000
-    assert cp.connection_budget(config, soft_limit=1024) == 1024 - 32 - 4 * 25
+    assert cp.connection_budget(config, soft_limit=1024) == 1024 - 32 - 4 * 22
     assert cp.connection_budget(config, soft_limit=96) == 8
 
 
@@ -3931,7 +4085,7 @@ def test_a_non_streaming_client_that_leaves_is_noticed_while_tokens_flow(proxy, 
     left = time.monotonic()
     assert proxy.wait_event("client_disconnected", timeout=10)
     record = fake_codex.records()[0]
-    assert wait_until(lambda: not pid_alive(record["pid"]), 10)
+    assert fake_codex.run_ended(record)
     assert time.monotonic() - left < 3
 
 
@@ -4093,14 +4247,14 @@ def test_main_prints_a_banner_and_sigterm_ends_parked_codex(fake_codex, tmp_path
         assert banner[1].strip() == f"base URL for Cursor / OpenAI clients: {base}/v1"
         assert "codex-cli 0.0.0-fake" in banner[2] and "logged in" in banner[2]
         assert "API key: none" in banner[3]
-        assert "engine: app-server" in banner[4] and "1 warm spare" in banner[4]
+        assert "engine: app-server" in banner[4] and "2 Codex process(es)" in banner[4]
         assert tool_round(types.SimpleNamespace(base=base),
                           [{"role": "user", "content": "x"}])[2] == "tool_calls"
         record = fake_codex.wait_records(1)[0]
         stop_process(proc)
         assert proc.returncode == 0
         pids = fake_codex.pids()
-        assert record["pid"] in pids and len(pids) >= 3     # probe, the turn, the spare(s)
+        assert record["pid"] in pids and len(pids) >= 3     # the probe, the pool's two
         assert wait_until(lambda: not any(pid_alive(p) for p in pids), 8)
     finally:
         if proc.poll() is None:
@@ -4221,6 +4375,7 @@ def test_addr_comes_from_the_environment(monkeypatch):
 def test_logs_hold_the_event_kinds_without_bodies(proxy, fake_codex):
     fake_codex.scenario([{"thread": True}, {"reasoning": "r"}, {"text": "SECRET ANSWER"},
                          {"complete": {}}])
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
     post_chat(proxy.base, chat_body("SECRET PROMPT"))
     fake_codex.scenario([{"thread": True}, {"fail": "boom"}])
     post_chat(proxy.base, chat_body())
@@ -4236,8 +4391,8 @@ def test_logs_hold_the_event_kinds_without_bodies(proxy, fake_codex):
     assert incoming["model"] == "xedoc-2.5-tpg" and incoming["messages"] == 1
     assert incoming["stream"] is False and incoming["client"] == "127.0.0.1"
     forward = [e for e in events if e["type"] == "codex_forward"][0]
-    assert forward["mapped_model"] == "gpt-5.2-codex" and forward["thread_id"] == "thread-fake"
-    assert forward["engine"] == "app-server" and forward["warm"] is False
+    assert forward["mapped_model"] == "gpt-5.2-codex" and forward["thread_id"].startswith("thread-")
+    assert forward["engine"] == "app-server" and forward["warm"] is True     # a pool process
     response = [e for e in events if e["type"] == "cursor_response"][0]
     assert response["finish_reason"] == "stop" and response["usage"]["total_tokens"] == 18
     assert b"SECRET" not in raw
@@ -4321,72 +4476,106 @@ def test_a_codex_without_app_server_falls_back_to_exec(make_proxy, fake_codex):
 
 
 def test_engine_exec_is_chosen_without_a_probe(make_proxy, fake_codex):
-    proxy = make_proxy(engine="exec", warm=2)
+    proxy = make_proxy(engine="exec", codex_processes=2)
     health = json.loads(http_request(proxy.base, "GET", "/health")[2])
-    assert health["engine"] == "exec" and health["warm_spares"] == 0
+    assert health["engine"] == "exec" and health["codex_processes"] == []
     assert post_chat(proxy.base, chat_body())[0] == 200
     assert [r["engine"] for r in fake_codex.all_records()] == ["exec"]
 
 
-def test_a_warm_spare_answers_the_next_request_and_is_replaced(make_proxy, fake_codex):
-    proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
-    spare_pid = [r["pid"] for r in fake_codex.all_records() if "thread" not in r][0]
-    assert post_chat(proxy.base, chat_body())[0] == 200
-    forward = proxy.wait_event("codex_forward")[0]
-    assert forward["warm"] is True and forward["pid"] == spare_pid
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)      # a replacement
-    assert post_chat(proxy.base, chat_body("another conversation"))[0] == 200
-    first, second = [e["pid"] for e in proxy.wait_event("codex_forward", 2)]
-    assert first != second                  # a process serves one conversation, never more
-    assert pid_alive(first) and len(proxy.server.turns.kept) == 2      # each kept for its next turn
+def pool_ready(proxy):
+    """Every process of the pool is up (--codex-processes of them)."""
+    return len(proxy.server.launcher.pool) == proxy.server.config.codex_processes
 
 
-def test_spares_do_not_count_against_max_concurrent(make_proxy, fake_codex):
-    proxy = make_proxy(warm=2, max_concurrent=1)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 2, 10)
-    assert post_chat(proxy.base, chat_body())[0] == 200
+def pool_pids(proxy):
+    return [p.proc.pid for p in proxy.server.launcher.pool.processes() if not p.retired]
 
 
-def test_spares_are_recycled_when_the_config_changes_or_they_sit_too_long(make_proxy,
-                                                                         fake_codex, tmp_path):
-    proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
-    old = [r["pid"] for r in fake_codex.all_records() if "thread" not in r]
+def test_one_process_hosts_many_conversations_each_on_its_own_thread(make_proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    proxy = make_proxy(codex_processes=1)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
+    for text in ("first conversation", "second conversation", "third conversation"):
+        converse(proxy, [{"role": "user", "content": text}])
+    records = fake_codex.wait_records(3)
+    assert len({r["pid"] for r in records}) == 1 == len(pool_pids(proxy))
+    assert len({r["thread_id"] for r in records}) == 3
+    assert all(e["warm"] for e in proxy.events("codex_forward"))      # no start on the path
+    health = json.loads(http_request(proxy.base, "GET", "/health")[2])
+    assert health["conversations"] == 3
+    assert [(p["threads"], p["served"]) for p in health["codex_processes"]] == [(3, 3)]
+
+
+def test_new_threads_go_to_the_least_busy_process(make_proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    proxy = make_proxy(codex_processes=2)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 2, 10)
+    for n in range(4):
+        converse(proxy, [{"role": "user", "content": f"conversation {n}"}])
+    counts = collections.Counter(r["pid"] for r in fake_codex.wait_records(4))
+    assert sorted(counts.values()) == [2, 2]
+
+
+def test_processes_retire_when_the_config_changes_and_their_threads_move(make_proxy,
+                                                                       fake_codex, tmp_path):
+    fake_codex.scenario(CHAT_TURN)
+    proxy = make_proxy(codex_processes=1)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
+    old = pool_pids(proxy)[0]
+    messages = [{"role": "user", "content": "one"}]
+    answer, _ = converse(proxy, messages)
     (tmp_path / "home" / "config.toml").write_text('model = "gpt-5.4"\n')
-    proxy.server.launcher.warm.refresh()
-    assert wait_until(lambda: not any(pid_alive(p) for p in old), 10)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
-    newer = [r["pid"] for r in fake_codex.all_records()
-             if "thread" not in r and r["pid"] not in old]
-    proxy.server.launcher.warm._max_idle = 0.0
-    proxy.server.launcher.warm.refresh()
-    assert wait_until(lambda: not any(pid_alive(p) for p in newer), 10)
+    proxy.server.launcher.pool.refresh()
+    assert wait_until(lambda: pool_pids(proxy) and pool_pids(proxy)[0] != old, 10)
+    assert pid_alive(old)                   # it still hosts the kept conversation
+    converse(proxy, messages + [answer, {"role": "user", "content": "two"}])
+    started = proxy.wait_event("conversation_started", 2)[1]
+    assert started["reason"] == "recycled (its process retired)"
+    second = fake_codex.wait_records(2)[1]
+    assert second["pid"] != old and [i["role"] for i in second["injected"]] == \
+        ["user", "assistant"]               # the history went to the fresh thread
+    assert wait_until(lambda: not pid_alive(old), 10)      # empty now: it stops
 
 
-def test_a_spare_that_died_is_not_used(make_proxy, fake_codex):
-    proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
-    spare = [r["pid"] for r in fake_codex.all_records() if "thread" not in r][0]
-    os.kill(spare, signal.SIGKILL)
-    assert wait_until(lambda: proxy.server.launcher.warm._spares and
-                      proxy.server.launcher.warm._spares[0][0].exited.is_set(), 10)
-    assert post_chat(proxy.base, chat_body())[0] == 200
-    assert proxy.wait_event("codex_forward")[0]["pid"] != spare
+def test_a_process_that_hosted_enough_threads_is_recycled(make_proxy, fake_codex, monkeypatch):
+    monkeypatch.setattr(cp, "PROCESS_RECYCLE_THREADS", 2)
+    fake_codex.scenario(CHAT_TURN)
+    proxy = make_proxy(codex_processes=1, keep_conversations=0)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
+    old = pool_pids(proxy)[0]
+    for n in range(2):
+        converse(proxy, [{"role": "user", "content": f"conversation {n}"}])
+    proxy.server.launcher.pool.refresh()
+    assert wait_until(lambda: not pid_alive(old), 10)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
+    converse(proxy, [{"role": "user", "content": "after"}])
+    assert fake_codex.wait_records(3)[2]["pid"] != old
 
 
-def test_a_spare_that_dies_as_it_is_taken_is_replaced_by_a_fresh_process(make_proxy,
-                                                                         fake_codex):
-    proxy = make_proxy(warm=1)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 10)
-    spare = proxy.server.launcher.warm.take()
-    os.kill(spare.proc.pid, signal.SIGKILL)
-    assert spare.exited.wait(10)
-    handed_out = iter([spare])              # it dies just as a request takes it
-    proxy.server.launcher.warm.take = lambda: next(handed_out, None)
-    assert post_chat(proxy.base, chat_body())[0] == 200
-    forward = proxy.wait_event("codex_forward")[0]
-    assert forward["warm"] is False and forward["pid"] != spare.proc.pid
+def test_a_dead_process_is_replaced(make_proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    proxy = make_proxy(codex_processes=1)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
+    dead = pool_pids(proxy)[0]
+    os.kill(dead, signal.SIGKILL)
+    assert wait_until(lambda: pool_pids(proxy) and pool_pids(proxy)[0] != dead, 10)
+    converse(proxy, [{"role": "user", "content": "hello"}])
+    assert proxy.wait_event("codex_forward")[0]["pid"] != dead
+
+
+def test_a_process_that_dies_as_a_thread_opens_is_passed_over(make_proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    proxy = make_proxy(codex_processes=1)
+    pool = proxy.server.launcher.pool
+    assert wait_until(lambda: len(pool) == 1, 10)
+    doomed = pool.processes()[0]
+    os.kill(doomed.proc.pid, signal.SIGKILL)
+    assert doomed.exited.wait(10)
+    handed_out, take = iter([(doomed, True)]), pool.take
+    pool.take = lambda: next(handed_out, None) or take()        # it dies just as it is taken
+    converse(proxy, [{"role": "user", "content": "hello"}])
+    assert proxy.wait_event("codex_forward")[0]["pid"] != doomed.proc.pid
 
 
 def test_an_app_server_that_exits_mid_turn_is_a_502(proxy, fake_codex):
@@ -4735,7 +4924,7 @@ def test_abandoned_parked_turn_expires(make_proxy, fake_codex):
     record = fake_codex.wait_records(1)[0]
     expired = proxy.wait_event("parked_expired")
     assert expired[0]["reason"] == "tool_result_timeout" and expired[0]["pending"] == ["call_m1"]
-    assert wait_until(lambda: not pid_alive(record["pid"]), 8)
+    assert fake_codex.run_ended(record)
     assert len(proxy.server.turns.parked) == 0
 
 
@@ -4746,8 +4935,8 @@ def test_max_parked_expires_the_oldest(make_proxy, fake_codex):
     tool_round(proxy, [{"role": "user", "content": "second"}])
     first, second = fake_codex.wait_records(2)
     assert proxy.wait_event("parked_expired")[0]["reason"] == "max_parked"
-    assert wait_until(lambda: not pid_alive(first["pid"]), 8)
-    assert pid_alive(second["pid"]) and len(proxy.server.turns.parked) == 1
+    assert fake_codex.run_ended(first)
+    assert fake_codex.run_alive(second) and len(proxy.server.turns.parked) == 1
 
 
 def test_parked_turns_do_not_count_against_max_concurrent(make_proxy, fake_codex):
@@ -4777,8 +4966,7 @@ def test_edited_history_expires_the_parked_turn_and_runs_fresh(proxy, fake_codex
     _, final, _, _ = tool_round(proxy, messages)
     assert final["content"] == "fresh"
     assert proxy.wait_event("parked_expired")[0]["reason"] == "history_changed"
-    first = fake_codex.records()[0]
-    assert wait_until(lambda: not pid_alive(first["pid"]), 8)
+    assert fake_codex.run_ended(fake_codex.records()[0])
 
 
 def test_call_ids_stay_unique_within_a_conversation(proxy, fake_codex):
@@ -5092,8 +5280,7 @@ def test_stop_cuts_the_answer_and_ends_the_turn(both, fake_codex, stream):
                                             tools=[], stop=["Observation:", "zzz"])
     assert status == 200 and finish == "stop"
     assert message["content"] == "Thought: look\nAction: search\n"
-    pid = fake_codex.wait_records(1)[0]["pid"]
-    assert wait_until(lambda: not pid_alive(pid), 8)
+    assert fake_codex.run_ended(fake_codex.wait_records(1)[0])
     if fake_codex.records()[0]["engine"] == "app-server":
         assert fake_codex.records()[0]["interrupted"] is True
 
@@ -5194,13 +5381,24 @@ class E2E:
         return proxy
 
     def pids(self):
-        return [e["pid"] for p in self.proxies for e in p.events("codex_forward")]
+        return [e["pid"] for p in self.proxies for e in p.events("codex_forward")] + \
+            [p.proc.pid for proxy in self.proxies for p in proxy.server.launcher.pool.processes()
+             if p.proc is not None]
 
     def close(self):
         for proxy in self.proxies:
             proxy.stop()
         self.upstream.close()
         assert wait_until(lambda: not any(pid_alive(p) for p in self.pids()), 10)
+
+
+def loaded_threads(proxy):
+    """The threads Codex holds loaded now, in every process of the pool."""
+    found = []
+    for process in proxy.server.launcher.pool.processes():
+        if not process.exited.is_set():
+            found += process.call("thread/loaded/list", {}, 10).get("data") or []
+    return found
 
 
 @pytest.fixture
@@ -5248,7 +5446,7 @@ MCP_RESOURCE_TOOLS = {"list_mcp_resources", "list_mcp_resource_templates", "read
 def test_e2e_sdk_answers_streamed_and_not_on_both_routes(e2e, openai_sdk):
     e2e.responder = lambda body, index: [reasoning_item("Pondering."), message_item("Hello from upstream")]
     proxy = e2e.proxy()
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)      # as users meet it
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 2, 20)      # as users meet it
     for base in (proxy.base + "/v1", proxy.base):
         client = sdk_client(openai_sdk, base)
         reply = client.chat.completions.create(model="5.5-tpg", messages=[
@@ -5285,8 +5483,8 @@ def test_e2e_answers_stream_token_by_token_three_at_once(e2e):
     10 content chunks: the words cannot have been held back to the end."""
     gate = threading.Event()
     e2e.responder = lambda body, index: ("drip", 0.01, WORDS, "Thinking it over.", (20, gate))
-    proxy = e2e.proxy(warm=3)
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 3, 20)
+    proxy = e2e.proxy()
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 2, 20)
     socks = [open_raw_stream(proxy, chat_body(stream=True, model="5.5-tpg")) for _ in range(3)]
     seen = [b""] * 3
 
@@ -5420,12 +5618,12 @@ def test_e2e_a_client_that_leaves_releases_codex_and_nothing_is_retried(e2e):
     sock = open_raw_stream(proxy, chat_body(stream=True, model="5.5-tpg"))
     assert b"role" in recv_until(sock, b"role")
     assert wait_until(lambda: e2e.upstream.requests, 20)     # Codex is waiting upstream
-    pid = proxy.wait_event("codex_forward")[0]["pid"]
-    assert pid_alive(pid)
+    thread = proxy.wait_event("codex_forward")[0]["thread_id"]
+    assert thread in loaded_threads(proxy)
     sock.close()
-    assert wait_until(lambda: not pid_alive(pid), 5)
+    assert wait_until(lambda: thread not in loaded_threads(proxy), 5)    # Codex unloaded it
     assert proxy.wait_event("client_disconnected")
-    assert len(e2e.upstream.requests) == 1            # Codex is gone: no retry can follow
+    assert len(e2e.upstream.requests) == 1            # the turn is gone: no retry can follow
 
 
 def agent_responder(body, index):
@@ -5548,9 +5746,9 @@ def test_e2e_abandoned_parked_turn_is_gone_after_the_timeout(e2e, openai_sdk):
     choice = sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
         model="5.5-tpg", messages=[{"role": "user", "content": "x"}], tools=TOOLS).choices[0]
     assert choice.finish_reason == "tool_calls"
-    pid = proxy.events("codex_forward")[0]["pid"]
+    thread = proxy.events("codex_forward")[0]["thread_id"]
     assert proxy.wait_event("parked_expired", timeout=10)
-    assert wait_until(lambda: not pid_alive(pid), 5)
+    assert wait_until(lambda: thread not in loaded_threads(proxy), 5)
 
 
 def test_e2e_responses_shaped_body_on_chat_gets_chat_chunks(e2e):
@@ -5928,9 +6126,9 @@ def test_e2e_kept_conversations_are_bounded_and_expire(e2e, openai_sdk):
         client.chat.completions.create(model="5.5-tpg", messages=[{"role": "user", "content": text}])
         health = json.loads(http_request(proxy.base, "GET", "/health")[2])
         assert health["conversations"] <= 1
-    first_pid = proxy.events("codex_forward")[0]["pid"]
+    first = proxy.events("codex_forward")[0]["thread_id"]
     assert proxy.wait_event("conversation_expired")[0]["reason"] == "max_kept"
-    assert wait_until(lambda: not pid_alive(first_pid), 8)
+    assert wait_until(lambda: first not in loaded_threads(proxy), 8)
     expired = proxy.wait_event("conversation_expired", 2, timeout=15)[1]
     assert expired["reason"] == "ttl"
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 0
@@ -5977,8 +6175,8 @@ def test_e2e_a_model_looping_on_an_undeclared_tool_is_stopped(e2e, openai_sdk):
             model="5.5-tpg", tools=TOOLS, messages=[{"role": "user", "content": "go"}])
     assert time.monotonic() - started < 30 and error.value.status_code == 502
     assert "nobody_tool" in str(error.value)
-    pid = proxy.events("codex_forward")[0]["pid"]
-    assert wait_until(lambda: not pid_alive(pid), 8)
+    thread = proxy.events("codex_forward")[0]["thread_id"]
+    assert wait_until(lambda: thread not in loaded_threads(proxy), 8)
     calls = len(e2e.upstream.requests)
     assert calls <= 20
     time.sleep(1.0)                         # nothing calls the model afterwards
@@ -6027,8 +6225,8 @@ def test_e2e_forced_extraction_calls_leave_no_parked_codex(e2e, openai_sdk):
             model="5.5-tpg", tools=TOOLS, messages=[{"role": "user", "content": f"extract {n}"}],
             tool_choice={"type": "function", "function": {"name": "read_file"}}).choices[0]
         assert choice.finish_reason == "tool_calls"
-    pids = [e["pid"] for e in proxy.events("codex_forward")]
-    assert len(pids) == 3 and wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
+    threads = {e["thread_id"] for e in proxy.events("codex_forward")}
+    assert len(threads) == 3 and wait_until(lambda: not threads & set(loaded_threads(proxy)), 10)
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["parked_turns"] == 0
 
 
@@ -6199,7 +6397,7 @@ class GatedDrip:
 def test_e2e_the_anthropic_sdk_streams_text_as_it_is_written(e2e, anthropic_sdk):
     e2e.responder = drip = GatedDrip()
     proxy = e2e.proxy()
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+    assert wait_until(lambda: pool_ready(proxy), 20)
     client = anthropic_client(anthropic_sdk, proxy)
     with client.messages.stream(model="claude-opus-4-8", max_tokens=500,
                                 messages=[{"role": "user", "content": "count"}]) as stream:
@@ -6282,7 +6480,7 @@ def test_e2e_the_ollama_library_lists_shows_chats_and_generates(e2e, ollama_lib)
 def test_e2e_the_ollama_library_streams_pieces_as_they_are_written(e2e, ollama_lib):
     e2e.responder = drip = GatedDrip()
     proxy = e2e.proxy()
-    assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+    assert wait_until(lambda: pool_ready(proxy), 20)
     text = ""
     for piece in ollama_lib.Client(host=proxy.base).chat(
             model="gpt-5.5", messages=[{"role": "user", "content": "count"}], stream=True):
@@ -6828,7 +7026,7 @@ def bench_real_codex(folder, runs=20):
         env.responder = lambda body, index: [message_item("ok")]
         via, direct = [], []
         for _ in range(runs):       # interleaved, so both see the same machine load
-            assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+            assert wait_until(lambda: pool_ready(proxy), 20)
             via += timed_requests(proxy.base, chat_body(model="5.5-tpg"), 1, 1)
             direct += direct_runs(argv, dict(proxy.server.env), "hello", 1)
         print(f"plain request, real codex: through the proxy (app-server, warm) {p50_p99(via)}; "
@@ -6837,7 +7035,7 @@ def bench_real_codex(folder, runs=20):
         env.responder = lambda body, index: ("drip", 0.05, WORDS, "Thinking.")
         firsts, lasts = [], []
         for _ in range(3):
-            assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+            assert wait_until(lambda: pool_ready(proxy), 20)
             first, last = stream_times(proxy, chat_body(model="5.5-tpg", stream=True))
             firsts.append(first)
             lasts.append(last)
@@ -6860,7 +7058,7 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
         to_call, to_token = [], []
         for n in range(runs):
             if name == "app-server":
-                assert wait_until(lambda: len(target.server.launcher.warm) == 1, 20)
+                assert wait_until(lambda: pool_ready(target), 20)
             messages = [{"role": "user", "content": f"read f{n}.py"}]
             start = time.perf_counter()
             _, message, finish, _ = tool_round(target, messages)
@@ -6881,7 +7079,7 @@ def bench_tools(env, proxy, exec_proxy, runs, direct_p50):
     env.responder = lambda body, index: [call_for(body, "read_file", {"path": "x"}, f"c{index}")]
     before = len(proxy.events("codex_forward"))
     for n in range(5):
-        assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+        assert wait_until(lambda: pool_ready(proxy), 20)
         assert tool_round(proxy, [{"role": "user", "content": f"park {n}"}])[2] == "tool_calls"
     pids = [e["pid"] for e in proxy.events("codex_forward")[before:]]
     print(f"memory per parked turn (app-server process tree): RSS "
@@ -6913,7 +7111,7 @@ def bench_conversations(env, sessions=3):
             messages = [{"role": "system", "content": "You read files."}]
             chat_session(client, messages, [f"s{n}a.py", f"s{n}b.py"])
             messages.append({"role": "user", "content": "stream now"})
-            assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+            assert wait_until(lambda: pool_ready(proxy), 20)
             first, _ = stream_times(proxy, {"model": "5.5-tpg", "messages": messages,
                                             "tools": TOOLS, "stream": True})
             firsts.append(first)
@@ -6932,7 +7130,7 @@ def bench_conversations(env, sessions=3):
             messages += [{"role": "user", "content": f"question {n}: " + "x" * 400},
                          {"role": "assistant", "content": f"answer {n}: " + "y" * 400}]
         messages.append({"role": "user", "content": "last"})
-        assert wait_until(lambda: len(proxy.server.launcher.warm) == 1, 20)
+        assert wait_until(lambda: pool_ready(proxy), 20)
         before = len(proxy.events("codex_forward"))
         assert post_chat(proxy.base, {"model": "5.5-tpg", "messages": messages})[0] == 200
         pid = proxy.events("codex_forward")[before]["pid"]
@@ -7072,7 +7270,7 @@ def stress_burst(folder, count=30):
     (fake.dir / "release_login").write_text("")
     (folder / "home").mkdir()
     proxy = start_proxy(cp.Config(port=0, codex_bin=str(slow), codex_home=str(folder / "home"),
-                                  state_dir=str(folder / "state"), quiet=True, warm=0,
+                                  state_dir=str(folder / "state"), quiet=True, codex_processes=1,
                                   max_concurrent=1), fake.env)
     try:
         (fake.dir / "release_login").unlink()
