@@ -606,6 +606,7 @@ def parse_effort(value, param):
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 INSTRUCTIONS_MESSAGE = "<instructions>"     # Message.name of a Responses `instructions`
+CONTEXT_MESSAGE = "<context>"   # Message.name of a call-less output: context, not a result
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
@@ -686,7 +687,8 @@ def parse_input_items(items, lookup=None):
             if call_id:
                 messages.append(Message("tool", text, tool_call_id=call_id, images=images))
             else:       # context a client adds (the Codex CLI after its goal tool)
-                messages.append(Message("user", "Tool output:\n" + text, images=images))
+                messages.append(Message("user", "Tool output:\n" + text, images=images,
+                                        name=CONTEXT_MESSAGE))
         elif kind == "reasoning":
             reasoning = reasoning_item(item, where)
             if reasoning is not None:
@@ -969,13 +971,25 @@ def resolve_model(name, aliases):
 
 
 def trailing_tool_results(messages):
-    """The tool messages after the last assistant message, or []."""
+    """The tool messages after the last assistant message, or [].  Context a
+    client adds after them (the Codex CLI's goal objective, a call-less
+    output) does not hide them: see trailing_context."""
     results = []
-    for msg in reversed(messages):
+    for msg in reversed(messages[:len(messages) - len(trailing_context(messages))]):
         if msg.role != "tool":
             break
         results.append(msg)
     return results[::-1]
+
+
+def trailing_context(messages):
+    """The context messages (call-less tool outputs) the request ends with."""
+    count = 0
+    for msg in reversed(messages):
+        if msg.role != "user" or msg.name != CONTEXT_MESSAGE:
+            break
+        count += 1
+    return messages[len(messages) - count:]
 
 
 # ---------------------------------------------------------------------------
@@ -3775,9 +3789,10 @@ class AppServerProcess:
         self.stderr_tail = collections.deque(maxlen=40)
         self.born = time.monotonic()
         self.retired = False            # takes no new thread; stops once it hosts none
-        # _lock guards _threads (thread id -> AppServerRun) and `served`.
+        # _lock guards _threads (thread id -> AppServerRun), _opening and `served`.
         self._lock = threading.Lock()
         self._threads = {}
+        self._opening = 0               # threads being opened: it is in use already
         self.served = 0                 # threads it has hosted
 
     def launch(self):
@@ -3812,6 +3827,12 @@ class AppServerProcess:
         return self
 
     # -- its threads ----------------------------------------------------------
+    def reserve(self, count=1):
+        """A thread is about to be opened here (count=1), or has been or
+        failed (-1): meanwhile the process counts as in use."""
+        with self._lock:
+            self._opening += count
+
     def attach(self, thread_id, run):
         with self._lock:
             self._threads[thread_id] = run
@@ -3822,8 +3843,9 @@ class AppServerProcess:
             self._threads.pop(thread_id, None)
 
     def thread_count(self):
+        """Its threads, those being opened included."""
         with self._lock:
-            return len(self._threads)
+            return len(self._threads) + self._opening
 
     def _run_of(self, params):
         thread_id = params.get("threadId") or (params.get("thread") or {}).get("id")
@@ -4140,6 +4162,8 @@ class AppServerEngine(Engine):
                 self.launcher.discard(run)
                 if attempt == 2 or run.thread_id is not None or not process.exited.is_set():
                     raise
+            finally:
+                process.reserve(-1)             # taken from take(): attached, or failed
         raise AssertionError("unreachable")
 
 
@@ -4193,8 +4217,11 @@ class ProcessPool:
             ready = [p for p, k in self._processes if k == key and not p.retired
                      and not p.exited.is_set() and not self._full(p)]
             if ready:
-                return min(ready, key=lambda p: p.thread_count()), True
+                process = min(ready, key=lambda p: p.thread_count())
+                process.reserve()
+                return process, True
         process = self._spawn()
+        process.reserve()
         with self._lock:
             self._processes.append((process, key))
         self._wake.set()
@@ -4524,12 +4551,14 @@ class ParkedTurns:
                 evicted.append(self._runs.popitem(last=False)[1][0])
         return evicted
 
-    def claim(self, call_ids):
-        """Take out the run whose open calls these results answer, if any."""
+    def claim(self, call_ids, key):
+        """Take out the run whose open calls these results answer, if any, in
+        a conversation whose key is `key`: a call id alone never resumes
+        another conversation's turn."""
         call_ids = set(call_ids)
         with self._lock:
             for run_id, (run, _) in self._runs.items():
-                if run.open_call_ids() & call_ids:
+                if run.parked_key == key and run.open_call_ids() & call_ids:
                     del self._runs[run_id]
                     return run
         return None
@@ -4548,12 +4577,13 @@ class ParkedTurns:
                     return run
         return None
 
-    def take_mentioning(self, call_ids):
-        """Take out runs whose open calls appear in an edited history."""
+    def take_mentioning(self, call_ids, key):
+        """Take out the runs of this conversation (its first entry is `key`'s)
+        whose open calls appear in its history: it was edited since."""
         call_ids = set(call_ids)
         with self._lock:
             stale = [rid for rid, (run, _) in self._runs.items()
-                     if run.open_call_ids() & call_ids]
+                     if run.parked_key[:1] == key[:1] and run.open_call_ids() & call_ids]
             return [self._runs.pop(rid)[0] for rid in stale]
 
     def take_due(self):
@@ -5694,13 +5724,19 @@ class Turns:
 
     def resume(self, request, request_id):
         """The parked run these tool results answer, with the results
-        delivered; None when no parked turn of this conversation matches."""
+        delivered; None when no parked turn of this conversation matches:
+        the request's history up to the results must be what the run has
+        seen, and the results must answer its calls."""
         results = trailing_tool_results(request.messages)
-        codex_run = self.parked.claim(r.tool_call_id for r in results) if results else None
+        context = trailing_context(request.messages)
+        asked = request.messages[:len(request.messages) - len(results) - len(context)]
+        key = conversation_key(asked)[0]
+        codex_run = self.parked.claim((r.tool_call_id for r in results), key) \
+            if results else None
         if codex_run is None and results and request.made_up_ids:
-            codex_run = self._claim_by_calls(request, results)
+            codex_run = self._claim_by_calls(request, results, key)
         history_ids = request.history_ids()
-        for stale in self.parked.take_mentioning(history_ids):
+        for stale in self.parked.take_mentioning(history_ids, key):
             self.release(stale, "history_changed", "parked")
         if codex_run is None:
             return None
@@ -5712,27 +5748,34 @@ class Turns:
             self.release(codex_run, "codex_exited", "parked")    # a fresh run answers instead
             return None
         codex_run.remember_ids(history_ids)
+        self._deliver(codex_run, results, context, request_id)
+        with self._lock:
+            self._active += 1
+        return codex_run
+
+    def _deliver(self, codex_run, results, context, request_id):
+        """The client's results to the calls Codex waits on; context the
+        client added after them goes with the last one; a call left without
+        a result is answered with an error."""
+        notes = "\n\n".join(m.text for m in context)
         answered = 0
-        for result in results:
-            if codex_run.answer(result.tool_call_id, result.text, images=result.images):
+        for n, result in enumerate(results):
+            text = result.text + ("\n\n" + notes if notes and n == len(results) - 1 else "")
+            if codex_run.answer(result.tool_call_id, text, images=result.images):
                 answered += 1
                 self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, run=codex_run.id,
                               call_id=result.tool_call_id, result_chars=len(result.text))
         for missing in codex_run.open_call_ids():
             codex_run.answer(missing, "The client sent no result for this call.", True)
         self.logs.add(LogEvent.TURN_RESUMED, request_id, run=codex_run.id, results=answered)
-        with self._lock:
-            self._active += 1
-        return codex_run
 
-    def _claim_by_calls(self, request, results):
+    def _claim_by_calls(self, request, results, key):
         """The parked run whose calls the request's last assistant message
         repeats (the ids were lost on the way); the request's ids become the
         run's."""
         asked = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
         if asked is None or not asked.tool_calls:
             return None
-        key = conversation_key(request.messages[:len(request.messages) - len(results)])[0]
         codex_run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls],
                                             key)
         if codex_run is not None:

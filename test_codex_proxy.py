@@ -4875,6 +4875,47 @@ def test_two_parked_turns_are_each_resumed_by_their_own_call_ids(proxy, fake_cod
     assert len(fake_codex.records()) == 2 and not proxy.events("fallback_transcript")
 
 
+def test_a_call_id_alone_never_resumes_another_conversations_turn(proxy, fake_codex):
+    """Bob's history answers Alice's call id: it is not Alice's turn that
+    gets his result, and Alice's turn waits on, for her own result."""
+    fake_codex.scenario(("bob's own history", [{"thread": True}, {"text": "fresh: {seen}"},
+                                               {"complete": {}}]), TOOL_TURN)
+    alice = [{"role": "user", "content": "read a.py"}]
+    _, call, finish, _ = tool_round(proxy, alice)
+    assert finish == "tool_calls"
+    bob = [{"role": "user", "content": "bob's own history"}, call, *results_for(call, "BOB")]
+    _, answer, _, _ = tool_round(proxy, bob)
+    assert answer["content"].startswith("fresh:") and "BOB" in answer["content"]
+    assert len(proxy.server.turns.parked) == 1 and not proxy.events("parked_expired")
+    _, final, finish, _ = tool_round(proxy, alice + [call, *results_for(call, "ALICE")])
+    assert final["content"].startswith("The file says ALICE") and finish == "stop"
+
+
+def test_the_codex_clis_goal_objective_after_a_result_resumes_the_turn(proxy, fake_codex):
+    """The Codex CLI adds its goal objective after the result of create_goal,
+    as a function_call_output with no call id: context, not a result."""
+    fake_codex.scenario([{"thread": True}, {"calls": [
+        {"name": "create_goal", "arguments": {"objective": "ship it"}, "id": "call_g"}]},
+        {"text": "got {results}"}, {"complete": {}}])
+    tools = [{"type": "function", "name": "create_goal",
+              "parameters": {"type": "object", "properties": {"objective": {"type": "string"}}}}]
+    items = [{"role": "user", "content": "set a goal"}]
+    status, _, raw = post_responses(proxy.base, {"model": "5.5-tpg", "input": items,
+                                                 "tools": tools, "store": False})
+    call = json.loads(raw)["output"][0]
+    assert call["type"] == "function_call" and call["name"] == "create_goal"
+    items += [call, {"type": "function_call_output", "call_id": call["call_id"],
+                     "output": "goal created"},
+              {"type": "function_call_output", "name": "goal_objective", "namespace": "agent",
+               "output": "ship it"}]
+    status, _, raw = post_responses(proxy.base, {"model": "5.5-tpg", "input": items,
+                                                 "tools": tools, "store": False})
+    text = json.loads(raw)["output"][0]["content"][0]["text"]
+    assert status == 200 and text.startswith("got goal created") and "ship it" in text
+    assert proxy.events("turn_resumed") and not proxy.events("parked_expired")
+    assert len(fake_codex.records()) == 1           # the same turn, not a second thread
+
+
 def test_a_handoff_to_another_agent_is_not_resumed_as_the_first(proxy, fake_codex):
     """Agents SDK handoffs: agent B answers A's tool call with its own tools and
     instructions; A's parked turn must not continue as B."""
