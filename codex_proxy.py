@@ -115,6 +115,10 @@ try:                        # Python 3.11+; older ones use read_toml() below
 except ImportError:         # pragma: no cover - exercised on 3.9/3.10
     tomllib = None
 try:
+    import sqlite3          # stored responses on disk; some Pythons are built without it
+except ImportError:         # pragma: no cover - such a Python keeps them in memory
+    sqlite3 = None
+try:
     import resource         # POSIX only: raising the descriptor limit
 except ImportError:         # pragma: no cover - Windows
     resource = None
@@ -147,9 +151,10 @@ RPC_SECONDS = 30.0                 # thread/start, turn/start... must answer wit
 MAX_INPUT_CHARS = 1048576          # Codex refuses a turn input longer than this
 MAX_JSON_DEPTH = 64
 MAX_STOP_SEQUENCES = 4
-RESPONSES_KEPT = 256               # stored responses for previous_response_id
-RESPONSES_TTL_SECONDS = 3600.0
-RESPONSES_KEPT_CHARS = 64 * 1024 * 1024
+RESPONSES_KEPT = 256               # responses kept in memory, when not on disk
+RESPONSES_TTL_SECONDS = 3600.0     # ... and for this long
+RESPONSES_KEPT_BYTES = 64 * 1024 * 1024    # ... and in this many bytes, all they hold
+STORE_DAYS = 30                    # stored responses on disk live this long, as OpenAI's
 MCP_PROTOCOL_VERSION = "2025-06-18"
 OLLAMA_VERSION = "0.13.0"          # what /api/version says: clients check for a recent Ollama
 INSTALL_HINT = "npm install -g @openai/codex"
@@ -292,6 +297,7 @@ class ProxyRequest:
     messages: list
     api: str = ""                   # the name of the API (the row of APIS) it came through
     made_up_ids: bool = False       # its call ids were made up here (the client drops them)
+    notes: list = dataclasses.field(default_factory=list)   # what the log should say of it
     stream: bool = False
     include_usage: bool = False
     tools: list = dataclasses.field(default_factory=list)
@@ -1315,18 +1321,47 @@ def parse_ollama_chat(body):
     return ollama_common(body, request)
 
 
-def parse_ollama_generate(body):
-    """Validate an Ollama /api/generate body -> ProxyRequest."""
+CONTEXT_MARK = 5803         # the first number of a `context` this proxy handed out
+
+
+def context_numbers(context_id):
+    """A stored conversation's id -> the `context` /api/generate returns: a
+    list of small ints, as Ollama's clients keep it."""
+    raw = bytes.fromhex(context_id[len("ctx_"):])
+    return [CONTEXT_MARK] + [int.from_bytes(raw[i:i + 3], "big") for i in range(0, 12, 3)]
+
+
+def context_id_of(numbers):
+    """A `context` a client sent back -> the stored conversation's id, or
+    None when it is not one of this proxy's."""
+    if not (isinstance(numbers, list) and len(numbers) == 5 and numbers[0] == CONTEXT_MARK and
+            all(type(n) is int and 0 <= n < 1 << 24 for n in numbers[1:])):
+        return None
+    return "ctx_" + b"".join(n.to_bytes(3, "big") for n in numbers[1:]).hex()
+
+
+def parse_ollama_generate(body, store=None):
+    """Validate an Ollama /api/generate body -> ProxyRequest.  A `context`
+    this proxy handed out brings back the conversation it ended (from
+    `store`), which the prompt continues."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     system = field(body, "system", (str,), default="")
     prompt = field(body, "prompt", (str,), default="")
     images = [ollama_image(d, f"images[{i}]") for i, d in
               enumerate(field(body, "images", (list,), default=[]))]
-    messages = ([Message("system", system)] if system else []) + \
+    earlier, notes = [], []
+    context = field(body, "context", (list,), default=[])
+    if context:
+        found = store.get(context_id_of(context)) if store is not None and \
+            context_id_of(context) else None
+        if found is None:
+            notes.append("the context is not one this proxy knows (expired, or from "
+                         "another server): answered without it")
+        earlier = [m for m in found or [] if m.role != "system" or not system]
+    messages = ([Message("system", system)] if system else []) + earlier + \
         [Message("user", prompt, images=images)]
-    return ollama_common(body, ProxyRequest(model=None,
-                                            messages=messages))
+    return ollama_common(body, ProxyRequest(model=None, messages=messages, notes=notes))
 
 
 # ---------------------------------------------------------------------------
@@ -4627,6 +4662,10 @@ GONE_WORDS = {"max_kept": "evicted (max_kept)", "ttl": "expired (ttl)",
               "continue_failed": "its thread failed"}
 
 
+def conversation_digest(key):
+    return hashlib.sha256(b"".join(key)).hexdigest()[:32]
+
+
 def shared_prefix(a, b):
     n = 0
     for x, y in zip(a, b):
@@ -4737,65 +4776,251 @@ class KeptThreads:
         return runs
 
 
+def messages_data(messages):
+    """Messages as plain data, for the store."""
+    return [dataclasses.asdict(m) for m in messages]
+
+
+def messages_of(data):
+    """Plain data from the store -> fresh Messages."""
+    return [Message(**dict(m, tool_calls=[ToolCall(**c) for c in m["tool_calls"]]))
+            for m in data]
+
+
 class ResponseStore:
-    """Recent Responses API conversations, for `previous_response_id`, and
-    their output items, for `item_reference`: bounded in count and
-    characters, and forgotten after a while."""
+    """Stored responses in memory: for `previous_response_id` the
+    conversation a response ended, for `item_reference` its output items,
+    and the contexts /api/generate hands out.  Bounded in count and in bytes
+    (everything an entry holds counts, encrypted reasoning included), and
+    forgotten after a while.  DiskStore keeps them on disk instead; this is
+    what serves when it cannot."""
 
     def __init__(self, keep=RESPONSES_KEPT, ttl=RESPONSES_TTL_SECONDS,
-                 max_chars=RESPONSES_KEPT_CHARS, clock=time.monotonic):
-        self._keep, self._ttl, self._max_chars, self._clock = keep, ttl, max_chars, clock
-        # _lock guards _items (response id -> (messages, output items, chars,
-        # stored_at)), _by_item (output item id -> response id) and _chars.
+                 max_bytes=RESPONSES_KEPT_BYTES, clock=time.monotonic):
+        self._keep, self._ttl, self._max_bytes, self._clock = keep, ttl, max_bytes, clock
+        # _lock guards _entries (response id -> (data, size, stored_at)),
+        # _by_item (output item id -> response id), _bytes and _seen.
         self._lock = threading.Lock()
-        self._items = collections.OrderedDict()
+        self._entries = collections.OrderedDict()
         self._by_item = {}
-        self._chars = 0
+        self._bytes = 0
+        self._seen = collections.OrderedDict()     # conversation digests kept
+        self.error = None
 
     def __len__(self):
         with self._lock:
-            return len(self._items)
+            return len(self._entries)
+
+    def size(self):
+        with self._lock:
+            return self._bytes
 
     def put(self, response_id, messages, output=()):
-        chars = message_chars(messages) + len(json.dumps(list(output)))
-        if chars > self._max_chars:
-            return
-        items = {item["id"]: item for item in output if isinstance(item.get("id"), str)}
+        """Store a response -> False when it is larger than the store."""
+        data = json.dumps({"messages": messages_data(messages), "output": list(output)})
+        if len(data) > self._max_bytes:
+            return False
+        items = [item["id"] for item in output if isinstance(item.get("id"), str)]
         with self._lock:
-            self._items[response_id] = (tuple(messages), items, chars, self._clock())
+            self._drop(response_id)
+            self._entries[response_id] = (data, len(data), self._clock())
             self._by_item.update((item_id, response_id) for item_id in items)
-            self._chars += chars
+            self._bytes += len(data)
             self._trim()
+        return True
 
     def get(self, response_id):
-        """A copy of the conversation a response ended, or None."""
+        """The conversation a response ended (fresh Messages), or None."""
         with self._lock:
             self._trim()
-            entry = self._items.get(response_id)
-            if entry is None:
-                return None
-            return [dataclasses.replace(m, tool_calls=list(m.tool_calls), images=list(m.images),
-                                        reasoning=list(m.reasoning)) for m in entry[0]]
+            entry = self._entries.get(response_id)
+        return messages_of(json.loads(entry[0])["messages"]) if entry else None
 
     def item(self, item_id):
         """A copy of an output item of a stored response, or None."""
         with self._lock:
             self._trim()
-            entry = self._items.get(self._by_item.get(item_id))
-            item = entry[1].get(item_id) if entry is not None else None
-            return json.loads(json.dumps(item)) if item is not None else None
+            entry = self._entries.get(self._by_item.get(item_id))
+        if entry is None:
+            return None
+        return next((i for i in json.loads(entry[0])["output"] if i.get("id") == item_id), None)
+
+    def remember(self, digest):
+        """A kept conversation's digest (see DiskStore.seen_before)."""
+        with self._lock:
+            self._seen[digest] = True
+            while len(self._seen) > 4096:
+                self._seen.popitem(last=False)
+
+    def seen_before(self, digests):
+        """In memory a restart forgets everything: never."""
+        return False
+
+    def _drop(self, response_id):
+        entry = self._entries.pop(response_id, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+            for item_id in [k for k, v in self._by_item.items() if v == response_id]:
+                del self._by_item[item_id]
 
     def _trim(self):
         now = self._clock()
-        while self._items:
-            oldest = next(iter(self._items.values()))
-            if len(self._items) <= self._keep and self._chars <= self._max_chars and \
-                    now - oldest[3] < self._ttl:
+        while self._entries:
+            response_id, (_, _, at) = next(iter(self._entries.items()))
+            if len(self._entries) <= self._keep and self._bytes <= self._max_bytes and \
+                    now - at < self._ttl:
                 break
-            _, (_, items, chars, _) = self._items.popitem(last=False)
-            self._chars -= chars
-            for item_id in items:
-                self._by_item.pop(item_id, None)
+            self._drop(response_id)
+
+
+class DiskStore(ResponseStore):
+    """Stored responses in a SQLite database in the state dir, so that
+    `previous_response_id` and `item_reference` outlive a restart, as
+    OpenAI's 30 days do: kept STORE_DAYS days and at most --store-size bytes,
+    the oldest let go first.  Memory holds no bodies.  Several proxies may
+    share the database (SQLite locks it).  A write that fails (a full disk)
+    lands in memory instead, and is logged once; a request never fails
+    because of the store.  It also remembers the digests of kept
+    conversations, so that one that comes back after a restart is named so."""
+
+    def __init__(self, path, max_bytes, instance, logs=None, clock=time.time):
+        super().__init__(clock=time.monotonic)
+        self.path, self.max_disk, self.instance = path, max_bytes, instance
+        self._logs, self._wall = logs, clock
+        self._warned = False
+        # _db_lock guards _db, one connection shared by the handler threads.
+        self._db_lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=10, check_same_thread=False,
+                                   isolation_level=None)
+        with self._db_lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(
+                "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL, "
+                "size INTEGER, body BLOB);"
+                "CREATE INDEX IF NOT EXISTS responses_created ON responses(created);"
+                "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, response TEXT);"
+                "CREATE TABLE IF NOT EXISTS conversations (digest TEXT PRIMARY KEY, "
+                "instance TEXT, seen REAL);")
+
+    def _sql(self, statement, args=(), many=False):
+        with self._db_lock:
+            cursor = (self._db.executemany if many else self._db.execute)(statement, args)
+            return cursor.fetchall()
+
+    def __len__(self):
+        try:
+            return self._sql("SELECT COUNT(*) FROM responses")[0][0] + super().__len__()
+        except sqlite3.Error:
+            return super().__len__()
+
+    def size(self):
+        try:
+            return self._sql("SELECT COALESCE(SUM(size), 0) FROM responses")[0][0] + \
+                super().size()
+        except sqlite3.Error:
+            return super().size()
+
+    def put(self, response_id, messages, output=()):
+        data = zlib.compress(json.dumps({"messages": messages_data(messages),
+                                         "output": list(output)}).encode())
+        if len(data) > self.max_disk:
+            return False
+        items = [(i["id"], response_id) for i in output if isinstance(i.get("id"), str)]
+        try:
+            self._sql("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                      (response_id, self._wall(), len(data), data))
+            self._sql("INSERT OR REPLACE INTO items VALUES (?, ?)", items, many=True)
+            self._prune()
+            return True
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return super().put(response_id, messages, output)
+
+    def _body(self, response_id):
+        try:
+            rows = self._sql("SELECT body, created FROM responses WHERE id = ?", (response_id,))
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return None
+        if not rows or self._wall() - rows[0][1] > STORE_DAYS * 86400:
+            return None
+        return json.loads(zlib.decompress(rows[0][0]))
+
+    def get(self, response_id):
+        body = self._body(response_id)
+        return messages_of(body["messages"]) if body else super().get(response_id)
+
+    def item(self, item_id):
+        try:
+            rows = self._sql("SELECT response FROM items WHERE id = ?", (item_id,))
+        except sqlite3.Error:
+            rows = []
+        body = self._body(rows[0][0]) if rows else None
+        if body is None:
+            return super().item(item_id)
+        return next((i for i in body["output"] if i.get("id") == item_id), None)
+
+    def _prune(self):
+        """The oldest go: those past STORE_DAYS, then until --store-size holds."""
+        old = self._wall() - STORE_DAYS * 86400
+        self._sql("DELETE FROM items WHERE response IN (SELECT id FROM responses "
+                  "WHERE created < ?)", (old,))
+        self._sql("DELETE FROM responses WHERE created < ?", (old,))
+        self._sql("DELETE FROM conversations WHERE seen < ?", (old,))
+        total = self._sql("SELECT COALESCE(SUM(size), 0) FROM responses")[0][0]
+        while total > self.max_disk:
+            oldest = self._sql("SELECT id, size FROM responses ORDER BY created LIMIT 64")
+            for response_id, size in oldest:
+                self._sql("DELETE FROM items WHERE response = ?", (response_id,))
+                self._sql("DELETE FROM responses WHERE id = ?", (response_id,))
+                total -= size
+                if total <= self.max_disk:
+                    break
+
+    def remember(self, digest):
+        try:
+            self._sql("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?)",
+                      (digest, self.instance, self._wall()))
+        except sqlite3.Error as exc:
+            self._failed(exc)
+
+    def seen_before(self, digests):
+        """Did a proxy before this one (a restart) keep one of these?"""
+        try:
+            return any(self._sql("SELECT 1 FROM conversations WHERE digest = ? AND "
+                                 "instance != ?", (d, self.instance)) for d in digests)
+        except sqlite3.Error:
+            return False
+
+    def _failed(self, exc):
+        if not self._warned and self._logs is not None:
+            self._warned = True
+            self._logs.add(LogEvent.CODEX_WARNING, message="the response store on disk "
+                           f"failed ({type(exc).__name__}); responses are kept in memory")
+
+    def close(self):
+        with self._db_lock:
+            self._db.close()
+
+
+def open_store(config, instance, logs):
+    """The store on disk in the state dir, or (named in the banner, as
+    `error`) in memory when it cannot be: --store-size 0, no sqlite3 in this
+    Python, a state dir that cannot be written."""
+    why = "--store-size 0" if not config.store_size else \
+        "this Python has no sqlite3 module" if sqlite3 is None else None
+    if why is None:
+        state_dir = config.state_dir or default_state_dir()
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+            return DiskStore(os.path.join(state_dir, "responses.sqlite3"), config.store_size,
+                             instance, logs)
+        except (OSError, sqlite3.Error) as exc:
+            why = f"{os.path.join(state_dir, 'responses.sqlite3')} could not be opened " \
+                  f"({getattr(exc, 'strerror', None) or exc})"
+    store = ResponseStore()
+    store.error = why
+    return store
 
 
 # ---------------------------------------------------------------------------
@@ -5481,7 +5706,7 @@ class OllamaResponder(Responder):
                   "prompt_eval_count": prompt, "prompt_eval_duration": 0,
                   "eval_count": completion, "eval_duration": elapsed}
         if not self.chat:
-            counts["context"] = []
+            counts["context"] = context_numbers(self.context_id)
         if not self.stream:
             self.handler.send_json(200, self._line(True, "".join(self.content),
                                                    "".join(self.thinking), self.calls, counts))
@@ -5498,10 +5723,17 @@ class OllamaResponder(Responder):
 
 
 class OllamaGenerateResponder(OllamaResponder):
-    """/api/generate: the answer as `response`, with the `context` a client
-    may send back."""
+    """/api/generate: the answer as `response`, with a `context` that names
+    the conversation so far (stored): sent back, it continues it."""
 
     chat = False
+
+    def __init__(self, handler, request, reasoning_mode):
+        super().__init__(handler, request, reasoning_mode)
+        self.context_id = "ctx_" + secrets.token_hex(12)
+
+    def stored(self):
+        return self.context_id, []
 
 # ---------------------------------------------------------------------------
 # Turns: one request from start to end, and what becomes of its run
@@ -5524,7 +5756,7 @@ class Turns:
     takes the conversation's next turn) or released, and what is stored,
     before the slot is given back and the last bytes go out."""
 
-    def __init__(self, config, launcher, logs, runs, stopping, clock=time.monotonic):
+    def __init__(self, config, launcher, logs, runs, stopping, store, clock=time.monotonic):
         self.config = config
         self.launcher = launcher
         self.logs = logs
@@ -5532,7 +5764,7 @@ class Turns:
         self.stopping = stopping
         self.parked = ParkedTurns(config.max_parked, config.tool_result_timeout, clock)
         self.kept = KeptThreads(config.keep_conversations, config.conversation_ttl, clock)
-        self.responses = ResponseStore(clock=clock)
+        self.responses = store          # ResponseStore or DiskStore
         # _lock guards _active, the requests being answered now; _answered is
         # told whenever it drops.
         self._lock = threading.Lock()
@@ -5576,6 +5808,8 @@ class Turns:
             fields["output_format"] = request.output_note
         if request.ignored_tools:
             fields["ignored_tools"] = request.ignored_tools     # hosted: the model never sees them
+        if request.notes:
+            fields["notes"] = request.notes
         if self.config.log_bodies:
             fields["prompt"] = render_prompt(request.messages)[-4000:]
         self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **fields)
@@ -5691,8 +5925,12 @@ class Turns:
         key, ends = conversation_key(request.messages)
         newest = next((m for m in reversed(request.messages) if m.role == "user"), None)
         kept, why, hinted = self.kept.claim(spec.match, key, ends, newest)
+        if kept is None and why is None:
+            restarted = self.responses.seen_before(
+                conversation_digest(key[:n]) for n in range(len(key) - 1, 0, -1)[:32])
+            why = "proxy restarted" if restarted else "no kept thread holds this history"
         if kept is None:
-            return None, why or "no kept thread holds this history"
+            return None, why
         codex_run = kept.run
         if codex_run.retired:           # its process retires: a fresh thread takes over
             self.release(codex_run, "recycled", "kept")
@@ -5720,6 +5958,7 @@ class Turns:
         last_user = ends.index(newest + 1) if newest is not None else -1
         for evicted in self.kept.keep(codex_run, codex_run.match, key, hints, last_user):
             self.release(evicted, "max_kept", "kept")
+        self.responses.remember(conversation_digest(key))   # a restart can say so
         return "kept"
 
     def resume(self, request, request_id):
@@ -6692,7 +6931,9 @@ def endpoint_health(handler):
                                  "threads": p.thread_count(), "served": p.served,
                                  "retired": p.retired} for p in launcher.pool.processes()],
             "parked_turns": len(server.turns.parked),
-            "conversations": len(server.turns.kept)}
+            "conversations": len(server.turns.kept),
+            "stored_responses": {"count": len(server.store), "bytes": server.store.size(),
+                                 "on_disk": server.store.error is None}}
     if server.access.key_ok(handler.headers):
         body["rate_limits"] = server.rate_limits.view()
     handler.send_json(200, body)
@@ -6863,7 +7104,8 @@ APIS = (
                         "/api/ps": Route(("GET",), endpoint_ollama_ps)},
         ollama_error, lambda body, server: parse_ollama_chat(body), OllamaResponder),
     Api("ollama_generate", {"/api/generate": TURN}, ollama_error,
-        lambda body, server: parse_ollama_generate(body), OllamaGenerateResponder),
+        lambda body, server: parse_ollama_generate(body, server.turns.responses),
+        OllamaGenerateResponder),
     Api("proxy", {"/models": Route(("GET",), endpoint_models),
                   "/": Route(("GET", "HEAD"), endpoint_root, key="none"),
                   "/favicon.ico": Route(("GET",), endpoint_favicon, key="none"),
@@ -7010,7 +7252,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.runs = RunTable()
         self.launcher = CodexLauncher(config, self.env, self.logs, self.rate_limits,
                                       self.runs, self.stopping, clock)
-        self.turns = Turns(config, self.launcher, self.logs, self.runs, self.stopping, clock)
+        self.store = open_store(config, self.instance, self.logs)
+        self.turns = Turns(config, self.launcher, self.logs, self.runs, self.stopping,
+                           self.store, clock)
         self._logs_html = None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         super().__init__((config.host, config.port), ProxyHandler)
@@ -7036,6 +7280,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.turns.wait_answered(SHUTDOWN_ANSWER_SECONDS)    # before their sockets close
         self.connections.close_all()
         self.launcher.close()
+        if hasattr(self.store, "close"):
+            self.store.close()
         self.server_close()
 
     # -- socketserver hooks: connections ----------------------------------------
@@ -7214,8 +7460,14 @@ FLAGS = (
     Flag("--tool-quiet-ms", "CODEX_PROXY_TOOL_QUIET_MS", "tool_quiet", 0.15,
          "milliseconds to wait for sibling tool calls when Codex does not say the model "
          "has finished its response", kind="int", metavar="MS", low=0, scale=0.001),
+    Flag("--store-size", "CODEX_PROXY_STORE_SIZE", "store_size", 256 * 1024 * 1024,
+         "bytes of stored responses (for `previous_response_id`, `item_reference` and "
+         "Ollama's `context`) kept on disk, 30 days at most, the oldest let go first; 0 "
+         "keeps them in memory only, for an hour", kind="int", metavar="BYTES", low=0,
+         shown=mib(256 * 1024 * 1024)),
     Flag("--state-dir", "CODEX_PROXY_STATE_DIR", "state_dir", None,
-         "where the proxy keeps its own files (the model catalog copy)", metavar="DIR",
+         "where the proxy keeps its own files: the model catalog copy and the stored "
+         "responses", metavar="DIR",
          shown="`~/.local/state/codex-openai-proxy` (`%LOCALAPPDATA%\\codex-openai-proxy` "
                "on Windows)"),
     Flag("--log-size", "CODEX_PROXY_LOG_SIZE", "log_size", 2000,
@@ -7382,6 +7634,9 @@ def banner(server):
     if user_config.error:
         lines.append(f"  note: {user_config.path} could not be read "
                      f"({user_config.error}); its model settings are ignored")
+    if server.store.error:
+        lines.append(f"  note: stored responses are kept in memory only, for an hour: "
+                     f"{server.store.error}")
     if launcher.catalog_error:
         lines.append(f"  note: the model catalog copy could not be written to "
                      f"{cfg.state_dir or default_state_dir()} ({launcher.catalog_error}): "

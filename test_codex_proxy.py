@@ -1599,17 +1599,128 @@ def test_user_config_additions_become_switches():
 
 def test_response_store_is_bounded_and_forgets():
     now = [0.0]
-    store = cp.ResponseStore(keep=2, ttl=10, max_chars=100, clock=lambda: now[0])
+    store = cp.ResponseStore(keep=2, ttl=10, max_bytes=400, clock=lambda: now[0])
     store.put("a", [cp.Message("user", "x" * 10)])
     store.put("b", [cp.Message("user", "y" * 10)])
     store.put("c", [cp.Message("user", "z" * 10)])
     assert store.get("a") is None and store.get("c")[0].text == "z" * 10
     store.get("c")[0].text = "changed"                   # a copy
     assert store.get("c")[0].text == "z" * 10
-    store.put("big", [cp.Message("user", "w" * 200)])    # over the character budget
+    assert not store.put("big", [cp.Message("user", "w" * 400)])    # over the byte budget
     assert store.get("big") is None
     now[0] = 11
-    assert store.get("b") is None and len(store) == 0
+    assert store.get("b") is None and len(store) == 0 and store.size() == 0
+
+
+def test_everything_a_stored_response_holds_counts():
+    """Encrypted reasoning is bytes too: 20 big reasoning items cannot hide."""
+    store = cp.ResponseStore(max_bytes=10 * 1024 * 1024)
+    reasoning = {"type": "reasoning", "summary": [], "encrypted_content": "E" * 1024 * 1024}
+    for n in range(20):
+        store.put(f"r{n}", [cp.Message("assistant", "ok", reasoning=[reasoning])])
+    assert store.size() <= 10 * 1024 * 1024 and len(store) < 20
+
+
+def test_the_store_accounting_stays_right_over_many_puts_and_evictions():
+    now = [0.0]
+    store = cp.ResponseStore(keep=7, ttl=50, max_bytes=3000, clock=lambda: now[0])
+    rng = random.Random(5)
+    for n in range(500):
+        now[0] += rng.random() * 3
+        store.put(f"r{rng.randrange(40)}", [cp.Message("user", "x" * rng.randrange(600))],
+                  [{"id": f"i{n}", "type": "message"}])
+        entries = store._entries
+        assert store.size() == sum(size for _, size, _ in entries.values()) <= 3000
+        assert len(entries) <= 7
+        assert set(store._by_item.values()) <= set(entries)
+
+
+def stored_conversation():
+    call = cp.ToolCall("call_1", "read_file", '{"path": "a"}')
+    reasoning = {"type": "reasoning", "summary": [], "encrypted_content": "ENC"}
+    return [cp.Message("system", "rules", name=cp.INSTRUCTIONS_MESSAGE),
+            cp.Message("user", "look", images=["data:image/png;base64,AAAA"]),
+            cp.Message("assistant", "", tool_calls=[call], reasoning=[reasoning]),
+            cp.Message("tool", "content", tool_call_id="call_1")]
+
+
+def test_stored_responses_outlive_a_restart_on_disk(tmp_path):
+    path = str(tmp_path / "responses.sqlite3")
+    store = cp.DiskStore(path, 10 ** 6, "first")
+    item = {"id": "msg_1", "type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": "hi"}]}
+    assert store.put("resp_1", stored_conversation(), [item])
+    store.remember("kept-digest")
+    assert store._entries == {} and len(store) == 1         # memory holds no body
+    store.close()
+    again = cp.DiskStore(path, 10 ** 6, "second")
+    assert again.get("resp_1") == stored_conversation() and again.item("msg_1") == item
+    assert again.get("resp_2") is None and again.item("msg_2") is None
+    assert again.seen_before(["kept-digest"]) and not again.seen_before(["other"])
+    again.close()
+    first = cp.DiskStore(path, 10 ** 6, "first")
+    assert not first.seen_before(["kept-digest"])           # its own: not a restart
+    first.close()
+
+
+def test_the_store_on_disk_lets_the_oldest_go(tmp_path):
+    now = [1000.0]
+    store = cp.DiskStore(str(tmp_path / "r.sqlite3"), 20000, "x", clock=lambda: now[0])
+    for n in range(30):                                     # incompressible: ~1.1 KB each
+        now[0] += 1
+        store.put(f"r{n}", [cp.Message("user", os.urandom(800).hex())],
+                  [{"id": f"i{n}", "type": "message"}])
+    assert store.size() <= 20000 and store.get("r29") is not None
+    assert store.get("r0") is None and store.item("i0") is None      # the oldest went first
+    kept = len(store)
+    now[0] += cp.STORE_DAYS * 86400 + 1                     # 30 days later
+    assert store.get("r29") is None
+    store.put("new", [cp.Message("user", "x")])
+    assert len(store) == 1 < kept and store.item("i29") is None
+    store.close()
+
+
+STORE_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import codex_proxy as cp
+store = cp.DiskStore(sys.argv[2], 10 ** 8, sys.argv[3])
+for n in range(150):
+    store.put(f"{sys.argv[3]}-{n}", [cp.Message("user", f"text {n}")],
+              [{"id": f"{sys.argv[3]}-item-{n}", "type": "message"}])
+    store.remember(f"{sys.argv[3]}-{n}")
+store.close()
+"""
+
+
+def test_two_proxies_share_one_store_without_harm(tmp_path):
+    path = str(tmp_path / "shared.sqlite3")
+    script = tmp_path / "writer.py"
+    script.write_text(STORE_WRITER)
+    writers = [subprocess.Popen([sys.executable, str(script), HERE, path, name])
+               for name in ("a", "b")]
+    try:
+        assert [w.wait(120) for w in writers] == [0, 0]
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    store = cp.DiskStore(path, 10 ** 8, "reader")
+    assert store._sql("PRAGMA integrity_check") == [("ok",)]
+    assert len(store) == 300 and store.get("a-149")[0].text == "text 149"
+    assert store.item("b-item-7") == {"id": "b-item-7", "type": "message"}
+    store.close()
+
+
+def test_a_store_that_cannot_be_opened_keeps_responses_in_memory(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    config = cp.Config(state_dir=str(blocker / "state"))
+    store = cp.open_store(config, "x", cp.LogBuffer(10))
+    assert type(store) is cp.ResponseStore and "could not be opened" in store.error
+    assert store.put("r", [cp.Message("user", "x")]) and store.get("r")[0].text == "x"
+    assert "--store-size 0" in cp.open_store(cp.Config(store_size=0), "x", None).error
 
 
 def test_response_store_keeps_a_response_for_an_hour_by_default():
@@ -2750,6 +2861,27 @@ def test_ollama_tool_results_resume_the_parked_turn_without_ids(proxy, fake_code
     final = json.loads(http_request(proxy.base, "POST", "/api/chat", {
         "model": "gpt-5.5", "stream": False, "messages": messages, "tools": tools})[2])
     assert final["message"]["content"] == "It is Sunny" and proxy.events("turn_resumed")
+
+
+def test_ollama_generate_context_continues_the_conversation(proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+
+    def generate(**fields):
+        status, _, raw = http_request(proxy.base, "POST", "/api/generate",
+                                      dict({"model": "5.5-tpg", "stream": False}, **fields))
+        assert status == 200, raw
+        return json.loads(raw)
+    first = generate(prompt="one")
+    assert first["response"] == "answer to: one" and first["context"][0] == cp.CONTEXT_MARK
+    second = generate(prompt="two", context=first["context"])
+    assert second["response"] == "answer to: two" and second["context"] != first["context"]
+    records = fake_codex.wait_records(2)
+    assert records[0]["thread_id"] == records[1]["thread_id"] and records[1]["prompt"] == "two"
+    assert proxy.wait_event("conversation_continued")
+    third = generate(prompt="three", context=[1, 2, 3])      # another server's: a fresh answer
+    assert third["response"] == "answer to: three"
+    assert "context is not one this proxy knows" in proxy.events("incoming_request")[2]["notes"][0]
+    assert cp.context_id_of(cp.context_numbers("ctx_" + "ab" * 12)) == "ctx_" + "ab" * 12
 
 
 def test_a_signature_that_inflates_too_far_is_not_read():
