@@ -155,6 +155,7 @@ RESPONSES_KEPT = 256               # responses kept in memory, when not on disk
 RESPONSES_TTL_SECONDS = 3600.0     # ... and for this long
 RESPONSES_KEPT_BYTES = 64 * 1024 * 1024    # ... and in this many bytes, all they hold
 STORE_DAYS = 30                    # stored responses on disk live this long, as OpenAI's
+ONE_SHOT_GRACE = 120.0             # a kept one-shot this fresh yields to older ones (see KeptThreads)
 MCP_PROTOCOL_VERSION = "2025-06-18"
 OLLAMA_VERSION = "0.13.0"          # what /api/version says: clients check for a recent Ollama
 INSTALL_HINT = "npm install -g @openai/codex"
@@ -2822,6 +2823,7 @@ class TurnEnd:
     cut: bool = False               # answered, but cut at a stop sequence: Codex went on
     forced: bool = False            # calls the client forced: it answers them fresh, if at all
     first_output: float = None      # when the first text, reasoning or call was seen
+    process_died: bool = False      # failed because Codex's process ended
 
 
 class TurnPump:
@@ -2853,6 +2855,7 @@ class TurnPump:
         self.stop = StopFilter(self.request.stop) if self.request.stop else None
         self.heard_model = False    # anything from the model since this response began
         self.first_output = None    # when the first text, reasoning or call was seen
+        self.exit_seen = False      # the run's process ended
         self.unknown_streak = 0     # model calls in a row of tools nobody declared
         self.silent_calls = 0       # model calls since something reached the client
         self._text_key = None
@@ -2863,7 +2866,8 @@ class TurnPump:
         try:
             return self._relay()
         except ProxyError as error:
-            return TurnEnd("failed", error=error, first_output=self.first_output)
+            return TurnEnd("failed", error=error, first_output=self.first_output,
+                           process_died=self.exit_seen)
         except DISCONNECT_ERRORS:
             return TurnEnd("gone", first_output=self.first_output)
 
@@ -3019,6 +3023,7 @@ class TurnPump:
         if kind == "interrupted":
             return launcher.failure({"message": "Codex interrupted the turn"})
         code, plain = payload
+        self.exit_seen = True
         how = f"was killed by signal {signal_name(-code)}" if code is not None and code < 0 \
             else f"exited with status {code}"
         detail = plain or "\n".join(list(self.codex_run.stderr_tail)[-5:])
@@ -4704,10 +4709,20 @@ class KeptThreads:
             self._kept.move_to_end(run.id)
             evicted = []
             while len(self._kept) > self.size:
-                victim = next((rid for rid, k in self._kept.items() if k.one_shot),
-                              next(iter(self._kept)))
-                evicted.append(self._forget(victim, "max_kept"))
+                evicted.append(self._forget(self._victim(), "max_kept"))
         return evicted
+
+    def _victim(self):
+        """(under _lock) The thread to let go: one-shots before conversations.
+        Of one-shots idle ONE_SHOT_GRACE or longer, the least recently used;
+        else the newest one-shot, so that a chat UI's side requests (titles,
+        tags...), which come right after an answer, push each other out and
+        not the conversation they follow; with no one-shot, the least
+        recently used."""
+        now = self._clock()
+        shots = [rid for rid, k in self._kept.items() if k.one_shot]
+        idle = [rid for rid in shots if now - self._kept[rid].at >= ONE_SHOT_GRACE]
+        return idle[0] if idle else shots[-1] if shots else next(iter(self._kept))
 
     def _forget(self, run_id, reason):
         """(under _lock) Take a thread out, remembering why -> its run."""
@@ -5792,6 +5807,10 @@ class Turns:
         try:
             responder.open()
             end = TurnPump(codex_run, responder, handler, self.launcher).pump()
+            if end.process_died and end.first_output is None and codex_run.can_continue \
+                    and not self.stopping.is_set():
+                codex_run = self._restart(codex_run, request, handler.request_id)
+                end = TurnPump(codex_run, responder, handler, self.launcher).pump()
         except DISCONNECT_ERRORS:
             end = TurnEnd("gone")
         except BaseException:       # a bug: still the run ends and the slot is given back
@@ -5799,6 +5818,22 @@ class Turns:
             self.release(codex_run, "failed")
             raise
         self.settle(handler, codex_run, responder, end, started)
+
+    def _restart(self, codex_run, request, request_id):
+        """The Codex process of a turn died before anything reached the
+        client: the turn starts again on a fresh thread, from the history
+        the request holds -> the new run (the request keeps its slot)."""
+        self.release(codex_run, "exited")
+        try:
+            spec = run_spec(request, self.config.aliases, self.launcher.engine.namespaces)
+            codex_run = self.launcher.start_run(spec)
+        except BaseException:
+            self._done_answering()
+            raise
+        self.logs.add(LogEvent.CONVERSATION_STARTED, request_id, run=codex_run.id,
+                      reason="process died (the turn starts again)",
+                      history_messages=len(spec.messages) - 1)
+        return codex_run
 
     def _log_incoming(self, handler, request):
         fields = {"api": request.api, "model": request.model, "stream": request.stream,
@@ -5940,8 +5975,9 @@ class Turns:
         try:
             codex_run.continue_turn(dataclasses.replace(spec, messages=added))
         except ProxyError as error:
-            self.release(codex_run, "continue_failed")
-            return None, f"its thread failed: {error.message[:200]}"
+            died = codex_run.exited.is_set()
+            self.release(codex_run, "exited" if died else "continue_failed")
+            return None, "process died" if died else f"its thread failed ({error.code})"
         self.logs.add(LogEvent.CONVERSATION_CONTINUED, request_id, run=codex_run.id,
                       thread_id=codex_run.thread_id, new_messages=len(added),
                       **({"note": "the client dropped the hint it had appended to "

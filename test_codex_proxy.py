@@ -2202,18 +2202,25 @@ def test_kept_threads_match_by_history_and_settings_and_say_why_not():
 
 def test_side_requests_never_push_a_conversation_out():
     """Past the size, one-shot requests (a chat UI's title, tags, follow-ups)
-    go first, then the least recently used."""
-    kept = cp.KeptThreads(3, ttl=100)
-    talk = kept_run("talk")
-    kept.keep(talk, settings(), (b"q1", b"a1", b"q2", b"a2"))
+    go first: the newest of those fresher than ONE_SHOT_GRACE (the side
+    requests that follow an answer push each other out, not the chat's
+    first turn), else the least recently used one-shot; then the least
+    recently used conversation."""
+    now = [0.0]
+    kept = cp.KeptThreads(3, ttl=1000, clock=lambda: now[0])
+    chat = kept_run("chat")
+    kept.keep(chat, settings(), (b"q1", b"a1"))          # its first turn: a one-shot so far
     evicted = []
-    for n in range(6):                                  # six side requests after each answer
+    for n in range(6):                                  # six side requests after the answer
+        now[0] += 1
         evicted += kept.keep(kept_run(f"side{n}"), settings(), (b"s%d" % n, b"t%d" % n))
-    assert [r.id for r in evicted] == ["side0", "side1", "side2", "side3"]
-    assert kept.claim(settings(), (b"q1", b"a1", b"q2", b"a2", b"q3"), [1] * 9,
-                      None)[0].run is talk
+    assert [r.id for r in evicted] == ["side2", "side3", "side4", "side5"]
+    assert kept.claim(settings(), (b"q1", b"a1", b"q2"), [1] * 9, None)[0].run is chat
+    kept.keep(chat, settings(), (b"q1", b"a1", b"q2", b"a2"))
+    now[0] += cp.ONE_SHOT_GRACE                         # side0 and side1 have gone stale
+    assert [r.id for r in kept.keep(kept_run("new"), settings(), (b"n", b"m"))] == ["side0"]
+    kept = cp.KeptThreads(2, ttl=100, clock=lambda: now[0])
     old = kept_run("old")
-    kept = cp.KeptThreads(2, ttl=100)
     kept.keep(old, settings(), (b"1", b"2", b"3"))
     kept.keep(kept_run("x"), settings(), (b"4", b"5", b"6"))
     assert kept.keep(kept_run("y"), settings(), (b"7", b"8", b"9")) == [old]   # then the oldest
@@ -2318,18 +2325,29 @@ def test_an_edited_history_starts_a_new_thread_that_sees_the_edit(proxy, fake_co
 
 
 def test_only_the_newest_conversations_are_kept(make_proxy, fake_codex):
+    """With room for one: a one-shot never pushes out a conversation (it is
+    let go itself), and of two conversations the older goes."""
     proxy = make_proxy(keep_conversations=1)
     fake_codex.scenario(CHAT_TURN)
-    converse(proxy, [{"role": "user", "content": "first conversation"}])
-    first = fake_codex.wait_records(1)[0]
+
+    def two_turns(name):
+        messages = [{"role": "user", "content": f"{name} conversation"}]
+        answer, _ = converse(proxy, messages)
+        messages += [answer, {"role": "user", "content": "more"}]
+        return messages + [converse(proxy, messages)[0]]
+    first = two_turns("first")
+    assert len(proxy.events("conversation_continued")) == 1
     converse(proxy, [{"role": "user", "content": "second conversation"}])
-    expired = proxy.wait_event("conversation_expired")[0]
-    assert expired["reason"] == "max_kept" and fake_codex.run_ended(first)
+    assert proxy.wait_event("conversation_expired")[0]["reason"] == "max_kept"
+    assert len(proxy.server.turns.kept) == 1        # the one-shot went, the conversation stays
+    first += [{"role": "user", "content": "still there?"}]
+    first.append(converse(proxy, first)[0])
+    assert len(proxy.events("conversation_continued")) == 2
+    two_turns("third")                              # a second conversation: the older goes
+    assert fake_codex.run_ended(fake_codex.records()[0])
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 1
-    converse(proxy, [{"role": "user", "content": "first conversation"},
-                     {"role": "assistant", "content": "answer to: first conversation"},
-                     {"role": "user", "content": "again"}])
-    assert proxy.wait_event("conversation_started", 3)[2]["reason"] == "evicted (max_kept)"
+    converse(proxy, first + [{"role": "user", "content": "again"}])
+    assert proxy.events("conversation_started")[-1]["reason"] == "evicted (max_kept)"
 
 
 def test_an_idle_kept_conversation_ends_after_its_ttl(make_proxy, fake_codex):
@@ -4260,7 +4278,10 @@ def test_a_child_that_died_is_gone_even_while_another_thread_waits_for_it():
 
 
 def test_a_codex_killed_mid_turn_is_named_by_its_signal(proxy, fake_codex):
-    fake_codex.scenario([{"thread": True}, {"touch": "started"}, {"sleep": 30}])
+    """Once the model has said something, a turn whose Codex dies cannot
+    start again unseen: the client hears how Codex ended."""
+    fake_codex.scenario([{"thread": True}, {"text": "partial"}, {"touch": "started"},
+                         {"sleep": 30}])
     replies = []
     thread = threading.Thread(target=lambda: replies.append(post_chat(proxy.base, chat_body())))
     thread.start()
@@ -4694,6 +4715,42 @@ def test_a_dead_process_is_replaced(make_proxy, fake_codex):
     assert wait_until(lambda: pool_pids(proxy) and pool_pids(proxy)[0] != dead, 10)
     converse(proxy, [{"role": "user", "content": "hello"}])
     assert proxy.wait_event("codex_forward")[0]["pid"] != dead
+
+
+def test_a_process_that_dies_takes_no_conversation_with_it(make_proxy, fake_codex):
+    """Three kept conversations and a turn in flight (nothing written yet) on
+    one process, killed: the turn starts again on a fresh thread and is
+    answered; each conversation's next turn continues on a fresh thread
+    with its history, and no client sees an error."""
+    fake_codex.scenario(("in flight", [{"thread": True}, {"touch": "holding"},
+                                       {"wait_file": "go"}, {"text": "answer to: {prompt}"},
+                                       {"complete": {}}]), CHAT_TURN)
+    proxy = make_proxy(codex_processes=1)
+    assert wait_until(lambda: len(proxy.server.launcher.pool) == 1, 10)
+    talks = []
+    for n in range(3):
+        messages = [{"role": "user", "content": f"conversation {n}"}]
+        talks.append(messages + [converse(proxy, messages)[0]])
+    replies = []
+    flight = threading.Thread(target=lambda: replies.append(
+        converse(proxy, [{"role": "user", "content": "in flight"}])))
+    flight.start()
+    assert wait_until((fake_codex.dir / "holding").exists, 10)
+    victim = pool_pids(proxy)[0]
+    (fake_codex.dir / "holding").unlink()
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until((fake_codex.dir / "holding").exists, 10)    # started again, elsewhere
+    (fake_codex.dir / "go").write_text("")
+    flight.join(20)
+    assert replies[0][0]["content"] == "answer to: in flight"
+    for n, messages in enumerate(talks):
+        answer, _ = converse(proxy, messages + [{"role": "user", "content": f"more {n}"}])
+        assert answer["content"] == f"answer to: more {n}"
+    reasons = [e["reason"] for e in proxy.events("conversation_started")]
+    assert reasons.count("process died") == 3
+    assert "process died (the turn starts again)" in reasons
+    last = fake_codex.records()[-3:]
+    assert {r["pid"] for r in last} != {victim} and all(len(r["injected"]) == 2 for r in last)
 
 
 def test_a_process_that_dies_as_a_thread_opens_is_passed_over(make_proxy, fake_codex):
@@ -6305,6 +6362,201 @@ def test_e2e_kept_conversations_are_bounded_and_expire(e2e, openai_sdk):
     expired = proxy.wait_event("conversation_expired", 2, timeout=15)[1]
     assert expired["reason"] == "ttl"
     assert json.loads(http_request(proxy.base, "GET", "/health")[2])["conversations"] == 0
+
+
+def by_cache_key(bodies):
+    """Upstream request bodies grouped by prompt_cache_key (Codex's thread)."""
+    groups = {}
+    for body in bodies:
+        groups.setdefault(body["prompt_cache_key"], []).append(body)
+    return groups
+
+
+def test_e2e_two_conversations_share_one_process_each_with_its_own_tools(e2e, openai_sdk):
+    gate = threading.Event()
+
+    def responder(body, index):
+        if "hold" in json.dumps(body["input"][-1]):
+            gate.wait(30)           # both turns are running at once
+        return [upstream_message(f"tools: {sorted(tool_names(body))}", index)]
+    e2e.responder = responder
+    proxy = e2e.proxy(codex_processes=1)
+    assert wait_until(lambda: pool_ready(proxy), 20)
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    offers = {"alice": [TOOLS[0]], "bob": [TOOLS[1]]}
+    answers = {}
+
+    def talk(who):
+        answers[who] = client.chat.completions.create(
+            model="5.5-tpg", tools=offers[who], messages=[
+                {"role": "system", "content": f"You help {who}."},
+                {"role": "user", "content": f"hold for {who}"}]).choices[0].message.content
+    threads = [threading.Thread(target=talk, args=(who,)) for who in offers]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: len(e2e.upstream.requests) == 2, 30)
+    gate.set()
+    for thread in threads:
+        thread.join(60)
+    assert answers == {"alice": "tools: ['read_file']", "bob": "tools: ['list_dir']"}
+    forwards = proxy.events("codex_forward")
+    assert len({f["pid"] for f in forwards}) == 1 and len({f["thread_id"] for f in forwards}) == 2
+    for key, bodies in by_cache_key(e2e.upstream.bodies()).items():
+        who = "alice" if "alice" in developer_text(bodies[0]) else "bob"
+        other = "bob" if who == "alice" else "alice"
+        assert other not in json.dumps(bodies) and key in {f["thread_id"] for f in forwards}
+
+
+def test_e2e_killing_a_process_with_three_conversations_loses_none(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(
+        "seen: " + " / ".join(i["content"][0]["text"] for i in body["input"]
+                              if i.get("role") == "user"), index)]
+    proxy = e2e.proxy(codex_processes=1)
+    assert wait_until(lambda: pool_ready(proxy), 20)
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    talks = []
+    for n in range(3):
+        messages = [{"role": "user", "content": f"talk {n}"}]
+        reply = client.chat.completions.create(model="5.5-tpg", messages=messages)
+        talks.append(messages + [reply.choices[0].message.model_dump(exclude_none=True)])
+    victim = {e["pid"] for e in proxy.events("codex_forward")}
+    assert len(victim) == 1
+    os.kill(victim.pop(), signal.SIGKILL)
+    for n, messages in enumerate(talks):
+        messages.append({"role": "user", "content": f"more {n}"})
+        reply = client.chat.completions.create(model="5.5-tpg", messages=messages)
+        assert reply.choices[0].message.content == f"seen: talk {n} / more {n}"
+    reasons = [e["reason"] for e in proxy.events("conversation_started")[3:]]
+    assert reasons == ["process died"] * 3
+
+
+def test_e2e_aiders_hint_keeps_the_thread(e2e, openai_sdk):
+    hint = "\n\nReply in English.\n"
+    e2e.responder = lambda body, index: [upstream_message(f"answer {index}", index)]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    history = [{"role": "system", "content": "Act as an expert software developer."}]
+    for n, question in enumerate(("fix the bug", "add a test", "rename it")):
+        sent = history + [{"role": "user", "content": question + hint}]
+        reply = client.chat.completions.create(model="5.5-tpg", messages=sent)
+        history += [{"role": "user", "content": question},     # aider keeps it without the hint
+                    reply.choices[0].message.model_dump(exclude_none=True)]
+    assert len(proxy.events("conversation_continued")) == 2
+    assert len(by_cache_key(e2e.upstream.bodies())) == 1
+
+
+def test_e2e_a_chat_uis_side_requests_never_push_its_chat_out(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(f"answer {index}", index)]
+    proxy = e2e.proxy(keep_conversations=4)
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    chat = [{"role": "user", "content": "tell me about tides"}]
+    for turn in range(3):
+        reply = client.chat.completions.create(model="5.5-tpg", messages=chat)
+        chat += [reply.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "user", "content": f"and then {turn}?"}]
+        for task in ("title", "tags", "follow-ups", "search query", "emoji", "summary"):
+            client.chat.completions.create(model="5.5-tpg", messages=[
+                {"role": "user", "content": f"### Task: write a {task} for: {chat[0]['content']}"
+                                            f" ({turn})"}])
+    assert len(proxy.events("conversation_continued")) == 2
+    chat_keys = [b["prompt_cache_key"] for b in e2e.upstream.bodies()
+                 if "tides" in json.dumps(b["input"][1:2]) and "Task" not in json.dumps(b)]
+    assert len(chat_keys) == 3 and len(set(chat_keys)) == 1
+
+
+def test_e2e_a_restart_keeps_previous_response_id_and_item_reference(e2e, openai_sdk):
+    e2e.responder = lambda body, index: [upstream_message(
+        "heard: " + " / ".join(i["content"][0]["text"] for i in body["input"]
+                               if i.get("role") in ("user", "assistant")), index)]
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    first = client.responses.create(model="5.5-tpg", input="the code is 42")
+    proxy.stop()
+    e2e.proxies.remove(proxy)
+    proxy = e2e.proxy()                     # the same state dir: a restart
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    second = client.responses.create(model="5.5-tpg", input="what is the code?",
+                                     previous_response_id=first.id)
+    assert second.output_text == "heard: the code is 42 / heard: the code is 42 / " \
+        "what is the code?"
+    third = client.responses.create(model="5.5-tpg", input=[
+        {"role": "user", "content": "the code is 42"},
+        {"type": "item_reference", "id": first.output[-1].id},
+        {"role": "user", "content": "again?"}])
+    assert "heard: the code is 42 / again?" in third.output_text
+    assert proxy.events("conversation_started")[0]["reason"] == "proxy restarted"
+
+
+def test_e2e_an_image_changed_inside_a_tool_result_is_a_new_conversation(e2e, openai_sdk):
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            images = [p["image_url"][-12:] for o in outputs if isinstance(o, list)
+                      for p in o if p.get("type") == "input_image"]
+            return [upstream_message(f"I see {images}", index)]
+        return [call_for(body, "read_file", {"path": "shot.png"}, "call_img")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    messages = [{"role": "user", "content": "look at the screenshot"}]
+    call = client.chat.completions.create(model="5.5-tpg", messages=messages,
+                                          tools=TOOLS).choices[0].message
+    images = [base64.b64encode(tiny_png()).decode(), base64.b64encode(tiny_png() + b"2").decode()]
+
+    def with_image(data):
+        return messages + [call.model_dump(exclude_none=True), {
+            "role": "tool", "tool_call_id": call.tool_calls[0].id, "content": [
+                {"type": "text", "text": "the file"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]}]
+    first = client.chat.completions.create(model="5.5-tpg", messages=with_image(images[0]),
+                                           tools=TOOLS).choices[0].message
+    followed = with_image(images[0]) + [first.model_dump(exclude_none=True),
+                                        {"role": "user", "content": "and now?"}]
+    client.chat.completions.create(model="5.5-tpg", messages=followed, tools=TOOLS)
+    changed = with_image(images[1]) + [first.model_dump(exclude_none=True),
+                                       {"role": "user", "content": "and now?"}]
+    client.chat.completions.create(model="5.5-tpg", messages=changed, tools=TOOLS)
+    keys = [b["prompt_cache_key"] for b in e2e.upstream.bodies()]
+    assert keys[0] == keys[1] == keys[2] != keys[3]          # the changed image: a new thread
+    assert images[1][-12:] in json.dumps(e2e.upstream.bodies()[3]["input"])
+    assert proxy.events("conversation_started")[-1]["reason"] == "message 2 edited"
+
+
+def test_e2e_alices_call_id_in_bobs_history_resumes_nothing_of_hers(e2e, openai_sdk):
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        users = [i["content"][0]["text"] for i in body["input"] if i.get("role") == "user"]
+        if outputs:
+            return [upstream_message(f"{users[0]} got {outputs[-1]}", index)]
+        return [call_for(body, "read_file", {"path": "a.py"}, "call_shared")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    alice = [{"role": "user", "content": "alice asks"}]
+    call = client.chat.completions.create(model="5.5-tpg", messages=alice,
+                                          tools=TOOLS).choices[0].message
+    bob = [{"role": "user", "content": "bob asks"}, call.model_dump(exclude_none=True),
+           {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "BOB-DATA"}]
+    reply = client.chat.completions.create(model="5.5-tpg", messages=bob, tools=TOOLS)
+    assert reply.choices[0].message.content == "bob asks got BOB-DATA"
+    alice += [call.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "ALICE-DATA"}]
+    reply = client.chat.completions.create(model="5.5-tpg", messages=alice, tools=TOOLS)
+    assert reply.choices[0].message.content == "alice asks got ALICE-DATA"
+    assert len(proxy.events("turn_resumed")) == 1 and not proxy.events("parked_expired")
+
+
+def test_e2e_ollama_generate_with_context_continues(e2e, ollama_lib):
+    e2e.responder = lambda body, index: [upstream_message(
+        "seen: " + " / ".join(i["content"][0]["text"] for i in body["input"]
+                              if i.get("role") == "user"), index)]
+    proxy = e2e.proxy()
+    client = ollama_lib.Client(host=proxy.base)
+    first = client.generate(model="5.5-tpg", prompt="my name is Ada")
+    second = client.generate(model="5.5-tpg", prompt="what is my name?", context=first.context)
+    assert second.response == "seen: my name is Ada / what is my name?"
+    assert len(by_cache_key(e2e.upstream.bodies())) == 1
+    assert proxy.events("conversation_continued")
 
 
 def test_e2e_odd_tool_names_reach_the_model_and_come_back_as_their_own(e2e, openai_sdk):
