@@ -4268,7 +4268,8 @@ class ProcessPool:
         return process, False
 
     def _full(self, process):
-        return self.max_threads and process.thread_count() >= self.max_threads
+        """With `max_threads`, a process serves that many threads, once each."""
+        return self.max_threads and process.served + process.thread_count() >= self.max_threads
 
     def refresh(self):
         """Look at the processes again now (Codex or its config changed)."""
@@ -4280,7 +4281,8 @@ class ProcessPool:
         with self._lock:
             for process, k in self._processes:
                 if k != key or process.served >= PROCESS_RECYCLE_THREADS or \
-                        process_bytes(process.proc) > PROCESS_RECYCLE_BYTES:
+                        process_bytes(process.proc) > PROCESS_RECYCLE_BYTES or \
+                        (self.max_threads and process.served >= self.max_threads):
                     process.retired = True
             live = [p for p, _ in self._processes if not p.retired and not p.exited.is_set()]
             for process, k in list(self._processes):

@@ -7202,6 +7202,9 @@ def test_logs_page_sums_up_the_buffer_and_keeps_it_live(make_proxy, browser):
     logs.add("incoming_request", "req_9", api="messages", model="claude-x", stream=True,
              messages=2, tools=0, client="127.0.0.1")                  # live, as it comes
     assert wait_until(lambda: page_text(browser, "s-requests") == "4", 10)
+    assert wait_until(lambda: "Codex processes 1 (threads 0)" in page_text(browser, "s-codex"), 10)
+    assert "conversations 0" in page_text(browser, "s-codex")
+    assert "stored 0 (0.0 MiB)" in page_text(browser, "s-codex")
 
 
 def test_logs_page_draws_a_tool_round_trip_as_a_timeline(make_proxy, fake_codex, browser):
@@ -7400,10 +7403,9 @@ def rss_kib(pid, field="VmRSS", source="status"):
         try:
             with open(f"/proc/{current}/{source}") as f:
                 total += int(re.search(field + r":\s+(\d+)", f.read()).group(1))
-            with open(f"/proc/{current}/task/{current}/children") as f:
-                todo += [int(p) for p in f.read().split()]
         except (OSError, AttributeError):
             pass
+        todo += children_of(current)
     return total
 
 
@@ -7469,6 +7471,7 @@ def bench_real_codex(folder, runs=20):
               f"{percentile(firsts, 50) / percentile(lasts, 50):.3f} (target <= 0.2; p50 of 3)")
         bench_tools(env, proxy, exec_proxy, runs, percentile(direct, 50))
         bench_conversations(env)
+        bench_shared_processes(env)
     finally:
         env.close()
 
@@ -7725,7 +7728,150 @@ def stress_burst(folder, count=30):
         proxy.stop()
 
 
-if __name__ == "__main__" and ("--bench" in sys.argv or "--stress" in sys.argv):
+def serve_for_bench(overrides):
+    """`python3 test_codex_proxy.py --serve-proxy JSON`: a proxy in its own
+    process (so that its CPU is its own), with Config fields a flag does not
+    reach (process_threads: the old design); prints its port, serves until
+    SIGTERM."""
+    server = cp.ProxyServer(cp.Config(**dict({"port": 0, "quiet": True}, **overrides)),
+                            log_stream=None)
+    server.start_background()
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"port {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.1)
+    finally:
+        server.close()
+
+
+def tree_cpu(pid):
+    """CPU seconds of a process, its live descendants and the ones it reaped."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15])
+        except OSError:
+            pass
+        todo += children_of(current)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid):
+    """A process's children, whichever of its threads started them (Linux)."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+class BenchProxy:
+    """A proxy process on the real Codex against the E2E fake upstream."""
+
+    def __init__(self, env, **overrides):
+        fields = dict(codex_bin=env.codex_path, codex_home=str(env.home),
+                      state_dir=str(env.tmp_path / f"state-{id(self)}"), **overrides)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-proxy", json.dumps(fields)],
+            env=dict(os.environ, MOCK_KEY="mock-key"), stdout=subprocess.PIPE, text=True)
+        self.base = f"http://127.0.0.1:{int(self.proc.stdout.readline().split()[1])}"
+        assert wait_until(lambda: self.health()["codex_processes"], 30)
+
+    def health(self):
+        return json.loads(http_request(self.base, "GET", "/health")[2])
+
+    def events(self, kind):
+        raw = http_request(self.base, "GET", "/logs?format=json")[2]
+        return [e for e in json.loads(raw)["events"] if e["type"] == kind]
+
+    def codex_pss_mib(self):
+        return sum(pss_kib(pid) for pid in children_of(self.proc.pid)) / 1024
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def bench_shared_processes(env, conversations=40):
+    """Issue 22's figures, old design (a process per conversation, 4 kept,
+    one spare) beside new (threads on 2 processes, 64 kept), one run."""
+    import openai
+    env.responder = lambda body, index: (
+        ("drip", 0.02, WORDS[:10], None) if "stream" in json.dumps(body["input"][-1])
+        else [upstream_message(f"answer {index}", index)])
+    designs = (("old design", dict(process_threads=1, codex_processes=1, keep_conversations=4)),
+               ("new design", {}))
+    for label, overrides in designs:
+        proxy = BenchProxy(env, **overrides)
+        try:
+            client = sdk_client(openai, proxy.base + "/v1")
+            talks = [[{"role": "user", "content": f"conversation {n}"}]
+                     for n in range(conversations)]
+            cpu = tree_cpu(proxy.proc.pid)
+            for messages in talks:
+                reply = client.chat.completions.create(model="5.5-tpg", messages=messages)
+                messages += [reply.choices[0].message.model_dump(exclude_none=True),
+                             {"role": "user", "content": "and then?"}]
+            new_cpu, cpu = (tree_cpu(proxy.proc.pid) - cpu) / conversations, \
+                tree_cpu(proxy.proc.pid)
+            pss = proxy.codex_pss_mib()
+            for messages in talks:
+                client.chat.completions.create(model="5.5-tpg", messages=messages)
+            next_cpu = (tree_cpu(proxy.proc.pid) - cpu) / conversations
+            pids = {e["pid"] for e in proxy.events("codex_forward")}
+            continued = len(proxy.events("conversation_continued"))
+            firsts = []
+            for n in range(8):
+                time.sleep(0.5)             # the old design's spare is ready, as users meet it
+                firsts.append(stream_times(proxy, chat_body(
+                    f"stream {n}", model="5.5-tpg", stream=True))[0])
+            print(f"{label}: {conversations} conversations of two turns: follow-ups continued "
+                  f"{continued}/{conversations} ({100 * continued / conversations:.0f} %); Codex "
+                  f"processes {len(pids)}; Codex PSS {pss:.0f} MiB with them kept; CPU (proxy "
+                  f"and Codex) {new_cpu:.3f} s a new conversation, {next_cpu:.3f} s a continued "
+                  f"turn; a new conversation's first token {p50_p99(firsts)}")
+        finally:
+            proxy.stop()
+    bench_client_sessions(env)
+
+
+def bench_client_sessions(env):
+    """aider's hint and a chat UI's side requests: follow-ups continued."""
+    import openai
+    env.responder = lambda body, index: [upstream_message(f"answer {index}", index)]
+    proxy = BenchProxy(env)
+    try:
+        client = sdk_client(openai, proxy.base + "/v1")
+        history = [{"role": "system", "content": "Act as an expert software developer."}]
+        for question in ("fix the bug", "add a test", "rename it", "document it"):
+            reply = client.chat.completions.create(model="5.5-tpg", messages=history + [
+                {"role": "user", "content": question + "\n\nReply in English.\n"}])
+            history += [{"role": "user", "content": question},
+                        reply.choices[0].message.model_dump(exclude_none=True)]
+        aider = len(proxy.events("conversation_continued"))
+        chat = [{"role": "user", "content": "tell me about tides"}]
+        for turn in range(4):
+            reply = client.chat.completions.create(model="5.5-tpg", messages=chat)
+            chat += [reply.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "user", "content": f"and then {turn}?"}]
+            for task in ("title", "tags", "follow-ups", "search query", "emoji", "summary"):
+                client.chat.completions.create(model="5.5-tpg", messages=[
+                    {"role": "user", "content": f"### Task: {task} for the chat ({turn})"}])
+        ui = len(proxy.events("conversation_continued")) - aider
+        print(f"aider-style session: {aider} of 3 follow-ups continued; chat-UI-style session "
+              f"with 6 side requests a turn: {ui} of 3 follow-ups continued")
+    finally:
+        proxy.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve-proxy"]:
+    serve_for_bench(json.loads(sys.argv[2]))
+elif __name__ == "__main__" and ("--bench" in sys.argv or "--stress" in sys.argv):
     import pathlib
     import tempfile
     with tempfile.TemporaryDirectory(prefix="codex-proxy-bench-") as tmp:
