@@ -6698,6 +6698,40 @@ def test_e2e_the_codex_cli_as_a_client_runs_its_own_shell_tool(e2e, tmp_path):
     assert [e["name"] for e in forwarded] == ["exec_command"]
 
 
+def test_e2e_the_codex_clis_goal_follow_up_resumes_its_own_turn(e2e, tmp_path):
+    """The Codex CLI as a client: the model sets a goal; the CLI answers
+    create_goal, then adds its goal objective as a call-less output.  The
+    follow-up resumes the turn that made the call; no second thread."""
+    def responder(body, index):
+        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(f"goal noted: {json.dumps(outputs)[:200]}", index)]
+        if "create_goal" in tool_names(body):
+            return [function_call_item("create_goal", {"objective": "ship the fix"},
+                                       "call_goal")]
+        return [upstream_message("no goal tool offered", index)]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    home = tmp_path / "client-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        'model_provider = "proxy"\n[model_providers.proxy]\nname = "proxy"\n'
+        f'base_url = "{proxy.base}/v1"\nwire_api = "responses"\nenv_key = "PROXY_KEY"\n'
+        'request_max_retries = 0\nstream_max_retries = 0\n')
+    work = tmp_path / "client-work"
+    work.mkdir()
+    done = subprocess.run([e2e.codex_path, "exec", "--skip-git-repo-check", "-C", str(work),
+                           "-m", "gpt-5.5", "set a goal to ship the fix"],
+                          env=dict(os.environ, CODEX_HOME=str(home), PROXY_KEY="unused"),
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "goal noted" in done.stdout + done.stderr, \
+        (done.stdout + done.stderr)[-2000:]
+    assert [e["name"] for e in proxy.events("tool_call_forwarded")] == ["create_goal"]
+    assert proxy.events("turn_resumed") and not proxy.events("parked_expired")
+    assert len({b["prompt_cache_key"] for b in e2e.upstream.bodies()}) == 1
+    assert "ship the fix" in json.dumps(e2e.upstream.bodies()[-1]["input"])
+
+
 def test_e2e_a_dead_backend_ends_the_request_by_the_idle_timeout(e2e, openai_sdk):
     (e2e.home / "config.toml").write_text(
         'model_provider = "mock"\n[model_providers.mock]\nname = "mock"\n'
