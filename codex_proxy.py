@@ -2718,6 +2718,21 @@ class CodexRun:
         self._deliver(pending)
         return True
 
+    def take_results(self, results, context=()):
+        """The client's results (tool Messages) to the calls Codex waits on ->
+        [(call id, characters)] answered.  Context the client added after
+        them goes with the last one; a call left without a result is
+        answered with an error."""
+        notes = "\n\n".join(m.text for m in context)
+        answered = []
+        for n, result in enumerate(results):
+            text = result.text + ("\n\n" + notes if notes and n == len(results) - 1 else "")
+            if self.answer(result.tool_call_id, text, images=result.images):
+                answered.append((result.tool_call_id, len(result.text)))
+        for missing in self.open_call_ids():
+            self.answer(missing, "The client sent no result for this call.", True)
+        return answered
+
     def _deliver(self, pending):
         """Hand an answered call back to Codex (the exec bridge waits on `done`)."""
 
@@ -4593,6 +4608,36 @@ class ParkedTurns:
                 evicted.append(self._runs.popitem(last=False)[1][0])
         return evicted
 
+    def resumed_by(self, request):
+        """-> (the parked run a request's tool results answer, taken out, or
+        None; the runs of its conversation that its history shows are stale,
+        taken out).  The request's history up to the results must be what
+        the run has seen: a call id alone never resumes another
+        conversation's turn.  When the client made up the call ids (Ollama's
+        drop them), the calls themselves are matched, and the request takes
+        the run's ids."""
+        results = trailing_tool_results(request.messages)
+        asked = request.messages[:len(request.messages) - len(results) -
+                                 len(trailing_context(request.messages))]
+        key = conversation_key(asked)[0]
+        run = self.claim((r.tool_call_id for r in results), key) if results else None
+        if run is None and results and request.made_up_ids:
+            run = self._claim_by_calls(asked, results, key)
+        return run, self.take_mentioning(request.history_ids(), key)
+
+    def _claim_by_calls(self, asked, results, key):
+        last = next((m for m in reversed(asked) if m.role == "assistant"), None)
+        if last is None or not last.tool_calls:
+            return None
+        run = self.claim_calls([(c.name, c.arguments) for c in last.tool_calls], key)
+        if run is not None:
+            ids = dict(zip([c.id for c in last.tool_calls], [c.id for c in run.open_calls()]))
+            for call in last.tool_calls:
+                call.id = ids.get(call.id, call.id)
+            for result in results:
+                result.tool_call_id = ids.get(result.tool_call_id, result.tool_call_id)
+        return run
+
     def claim(self, call_ids, key):
         """Take out the run whose open calls these results answer, if any, in
         a conversation whose key is `key`: a call id alone never resumes
@@ -5760,6 +5805,47 @@ class OllamaGenerateResponder(OllamaResponder):
 IDLE_ENDS = ("answered", "max_kept", "ttl")
 
 
+def incoming_fields(request, client, log_bodies):
+    """What the log says of a request as it comes in."""
+    fields = {"api": request.api, "model": request.model, "stream": request.stream,
+              "messages": len(request.messages), "tools": len(request.tools), "client": client}
+    if request.output_note:
+        fields["output_format"] = request.output_note
+    if request.ignored_tools:
+        fields["ignored_tools"] = request.ignored_tools     # hosted: the model never sees them
+    if request.notes:
+        fields["notes"] = request.notes
+    if log_bodies:
+        fields["prompt"] = render_prompt(request.messages)[-4000:]
+    return fields
+
+
+def forgotten_why(store, key):
+    """Why no kept thread holds a conversation: a proxy before this one kept
+    it (the store remembers), or nothing is known of it."""
+    digests = (conversation_digest(key[:n]) for n in range(len(key) - 1, 0, -1)[:32])
+    return "proxy restarted" if store.seen_before(digests) else \
+        "no kept thread holds this history"
+
+
+def end_event(end, fate, responder, started, log_bodies):
+    """What the log says of a turn's end -> (event, fields)."""
+    elapsed = int((time.monotonic() - started) * 1000)
+    if end.kind == "failed":
+        return LogEvent.STREAM_CODEX_ERROR, {"status": end.error.status, "code": end.error.code,
+                                             "message": end.error.message[:500]}
+    if fate == "gone":
+        return LogEvent.CLIENT_DISCONNECTED, {"duration_ms": elapsed}
+    first = end.first_output
+    fields = {"api": responder.request.api, "finish_reason": end.reason, "duration_ms": elapsed,
+              "first_token_ms": int((first - started) * 1000) if first else None,
+              "usage": openai_usage(end.usage) if fate != "parked" else None,
+              "tool_calls": len(responder.calls)}
+    if log_bodies:
+        fields["answer"] = responder.answer_text()[-4000:]
+    return LogEvent.CURSOR_RESPONSE, fields
+
+
 class Turns:
     """Every turn being answered, and the runs between turns.
 
@@ -5838,18 +5924,9 @@ class Turns:
         return codex_run
 
     def _log_incoming(self, handler, request):
-        fields = {"api": request.api, "model": request.model, "stream": request.stream,
-                  "messages": len(request.messages), "tools": len(request.tools),
-                  "client": handler.client_address[0]}
-        if request.output_note:
-            fields["output_format"] = request.output_note
-        if request.ignored_tools:
-            fields["ignored_tools"] = request.ignored_tools     # hosted: the model never sees them
-        if request.notes:
-            fields["notes"] = request.notes
-        if self.config.log_bodies:
-            fields["prompt"] = render_prompt(request.messages)[-4000:]
-        self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **fields)
+        self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id,
+                      **incoming_fields(request, handler.client_address[0],
+                                        self.config.log_bodies))
 
     def settle(self, handler, codex_run, responder, end, started):
         """The end of a turn, in one place.  First what becomes of the run
@@ -5905,25 +5982,10 @@ class Turns:
         return False
 
     def _log_end(self, handler, codex_run, responder, end, fate, started):
-        rid, elapsed = handler.request_id, int((time.monotonic() - started) * 1000)
         if end.kind == "failed":
             end.error.message = self.launcher.redact(end.error.message)
-            self.logs.add(LogEvent.STREAM_CODEX_ERROR, rid, run=codex_run.id,
-                          status=end.error.status, code=end.error.code,
-                          message=end.error.message[:500])
-        elif fate == "gone":
-            self.logs.add(LogEvent.CLIENT_DISCONNECTED, rid, run=codex_run.id,
-                          duration_ms=elapsed)
-        else:
-            first = end.first_output
-            self.logs.add(
-                LogEvent.CURSOR_RESPONSE, rid, run=codex_run.id, api=responder.request.api,
-                finish_reason=end.reason, duration_ms=elapsed,
-                first_token_ms=int((first - started) * 1000) if first else None,
-                usage=openai_usage(end.usage) if fate != "parked" else None,
-                tool_calls=len(responder.calls),
-                **({"answer": responder.answer_text()[-4000:]} if self.config.log_bodies
-                   else {}))
+        kind, fields = end_event(end, fate, responder, started, self.config.log_bodies)
+        self.logs.add(kind, handler.request_id, run=codex_run.id, **fields)
 
     # -- admitting, continuing and resuming -----------------------------------
     def admit(self, request, request_id):
@@ -5962,12 +6024,8 @@ class Turns:
         key, ends = conversation_key(request.messages)
         newest = next((m for m in reversed(request.messages) if m.role == "user"), None)
         kept, why, hinted = self.kept.claim(spec.match, key, ends, newest)
-        if kept is None and why is None:
-            restarted = self.responses.seen_before(
-                conversation_digest(key[:n]) for n in range(len(key) - 1, 0, -1)[:32])
-            why = "proxy restarted" if restarted else "no kept thread holds this history"
         if kept is None:
-            return None, why
+            return None, why or forgotten_why(self.responses, key)
         codex_run = kept.run
         if codex_run.retired:           # its process retires: a fresh thread takes over
             self.release(codex_run, "recycled", "kept")
@@ -6001,20 +6059,10 @@ class Turns:
 
     def resume(self, request, request_id):
         """The parked run these tool results answer, with the results
-        delivered; None when no parked turn of this conversation matches:
-        the request's history up to the results must be what the run has
-        seen, and the results must answer its calls."""
-        results = trailing_tool_results(request.messages)
-        context = trailing_context(request.messages)
-        asked = request.messages[:len(request.messages) - len(results) - len(context)]
-        key = conversation_key(asked)[0]
-        codex_run = self.parked.claim((r.tool_call_id for r in results), key) \
-            if results else None
-        if codex_run is None and results and request.made_up_ids:
-            codex_run = self._claim_by_calls(request, results, key)
-        history_ids = request.history_ids()
-        for stale in self.parked.take_mentioning(history_ids, key):
-            self.release(stale, "history_changed", "parked")
+        delivered; None when no parked turn of this conversation matches."""
+        codex_run, stale = self.parked.resumed_by(request)
+        for run in stale:
+            self.release(run, "history_changed", "parked")
         if codex_run is None:
             return None
         if codex_run.fingerprint != request.fingerprint():    # a handoff to another agent
@@ -6024,44 +6072,16 @@ class Turns:
                                          process_gone(codex_run.proc)):
             self.release(codex_run, "codex_exited", "parked")    # a fresh run answers instead
             return None
-        codex_run.remember_ids(history_ids)
-        self._deliver(codex_run, results, context, request_id)
+        codex_run.remember_ids(request.history_ids())
+        answered = codex_run.take_results(trailing_tool_results(request.messages),
+                                          trailing_context(request.messages))
+        for call_id, chars in answered:
+            self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, run=codex_run.id,
+                          call_id=call_id, result_chars=chars)
+        self.logs.add(LogEvent.TURN_RESUMED, request_id, run=codex_run.id,
+                      results=len(answered))
         with self._lock:
             self._active += 1
-        return codex_run
-
-    def _deliver(self, codex_run, results, context, request_id):
-        """The client's results to the calls Codex waits on; context the
-        client added after them goes with the last one; a call left without
-        a result is answered with an error."""
-        notes = "\n\n".join(m.text for m in context)
-        answered = 0
-        for n, result in enumerate(results):
-            text = result.text + ("\n\n" + notes if notes and n == len(results) - 1 else "")
-            if codex_run.answer(result.tool_call_id, text, images=result.images):
-                answered += 1
-                self.logs.add(LogEvent.TOOL_RESULT_RECEIVED, request_id, run=codex_run.id,
-                              call_id=result.tool_call_id, result_chars=len(result.text))
-        for missing in codex_run.open_call_ids():
-            codex_run.answer(missing, "The client sent no result for this call.", True)
-        self.logs.add(LogEvent.TURN_RESUMED, request_id, run=codex_run.id, results=answered)
-
-    def _claim_by_calls(self, request, results, key):
-        """The parked run whose calls the request's last assistant message
-        repeats (the ids were lost on the way); the request's ids become the
-        run's."""
-        asked = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
-        if asked is None or not asked.tool_calls:
-            return None
-        codex_run = self.parked.claim_calls([(c.name, c.arguments) for c in asked.tool_calls],
-                                            key)
-        if codex_run is not None:
-            ids = dict(zip([c.id for c in asked.tool_calls],
-                           [c.id for c in codex_run.open_calls()]))
-            for call in asked.tool_calls:
-                call.id = ids.get(call.id, call.id)
-            for result in results:
-                result.tool_call_id = ids.get(result.tool_call_id, result.tool_call_id)
         return codex_run
 
     # -- slots, parking and the one way a run ends -----------------------------
