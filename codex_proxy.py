@@ -1366,7 +1366,7 @@ def parse_ollama_generate(body, store=None):
 
 
 # ---------------------------------------------------------------------------
-# Prompt rendering (pure)
+# Instructions (pure): what the model is told, whichever engine runs it
 # ---------------------------------------------------------------------------
 
 def tool_choice_instruction(tool_choice, tools):
@@ -1397,54 +1397,6 @@ def request_instructions(request, tools, names=None):
     if isinstance(choice, dict) and names is not None:     # the name the model knows
         choice = {"name": names.to_codex(None, choice["name"])[1]}
     return render_instructions(request.messages, tools, choice, extras)
-
-
-def render_prompt(messages, names=None):
-    """The conversation as Codex's prompt.
-
-    A conversation that is one user message is sent as its text.  Anything
-    longer becomes a transcript, oldest first, one block per message:
-
-        <transcript>
-        <message role="user">
-        Fix the bug in a.py
-        </message>
-        <message role="assistant">
-        Let me look.
-        <tool_call id="call_1" name="read_file">{"path": "a.py"}</tool_call>
-        </message>
-        <tool_result id="call_1" name="read_file">
-        print('hi')
-        </tool_result>
-        </transcript>
-
-    followed by one line asking the model to continue as the assistant.
-    System and developer messages are not here: they are the instructions.
-    """
-    convo = [m for m in messages if m.role != "system"]
-    if len(convo) == 1 and convo[0].role == "user":
-        return convo[0].text
-    def codex_name(call):
-        return names.to_codex(call.namespace, call.name)[1] if names else call.name
-    called = {c.id: codex_name(c) for m in convo for c in m.tool_calls}
-    lines = ["<transcript>"]
-    for m in convo:
-        if m.role == "tool":
-            name = called.get(m.tool_call_id) or m.name or ""
-            lines += [f'<tool_result id="{m.tool_call_id}" name="{name}">',
-                      m.text, "</tool_result>"]
-            continue
-        lines.append(f'<message role="{m.role}">')
-        if m.text:
-            lines.append(m.text)
-        for c in m.tool_calls:
-            lines.append(f'<tool_call id="{c.id}" name="{codex_name(c)}">'
-                         f'{c.arguments}</tool_call>')
-        lines.append("</message>")
-    lines.append("</transcript>")
-    lines.append("Continue this conversation: write the assistant's next "
-                 "message (call a tool if you need one).")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -1542,60 +1494,8 @@ class ToolNames:
 
 
 # ---------------------------------------------------------------------------
-# Native history and conversation keys (pure): what a Codex thread holds
+# Conversation keys (pure): what a thread has seen, and what it was started with
 # ---------------------------------------------------------------------------
-
-def split_turn(messages):
-    """A conversation -> (history, input): the turn's input is the last
-    message when it is the user's; when the conversation ends otherwise (in
-    tool results, say) the input is None and everything is history.  System
-    messages are neither: they are the thread's instructions."""
-    convo = [m for m in messages if m.role != "system"]
-    if convo and convo[-1].role == "user":
-        return convo[:-1], convo[-1]
-    return convo, None
-
-
-def history_items(messages, names):
-    """Messages -> the raw Responses items a thread's history holds
-    (thread/inject_items): messages with roles, the client's calls (under
-    the names Codex knows them by) and results with the client's call ids,
-    and reasoning sent back."""
-    custom = {c.id for m in messages for c in m.tool_calls if c.custom}
-    items = []
-    for m in messages:
-        if m.role == "user":
-            items.append({"type": "message", "role": "user", "content": user_parts(m)})
-        elif m.role == "assistant":
-            items += m.reasoning
-            if m.text:
-                items.append({"type": "message", "role": "assistant",
-                              "content": [{"type": "output_text", "text": m.text}]})
-            items += [call_item(c, *names.to_codex(c.namespace, c.name)) for c in m.tool_calls]
-        elif m.role == "tool":
-            kind = "custom_tool_call_output" if m.tool_call_id in custom else \
-                "function_call_output"
-            output = m.text if not m.images else [{"type": "input_text", "text": m.text}] + [
-                {"type": "input_image", "image_url": url} for url in m.images]
-            items.append({"type": kind, "call_id": m.tool_call_id, "output": output})
-    return items
-
-
-def user_parts(message):
-    parts = [{"type": "input_text", "text": message.text}] if message.text else []
-    return parts + [{"type": "input_image", "image_url": url} for url in message.images]
-
-
-def call_item(call, namespace, name):
-    if call.custom:
-        item = {"type": "custom_tool_call", "call_id": call.id, "name": name,
-                "input": call.arguments}
-    else:
-        item = {"type": "function_call", "call_id": call.id, "name": name,
-                "arguments": call.arguments}
-    if namespace:
-        item["namespace"] = namespace
-    return item
 
 
 def message_chars(messages):
@@ -3111,6 +3011,54 @@ class TurnPump:
 # ---------------------------------------------------------------------------
 
 
+def render_prompt(messages, names=None):
+    """The conversation as Codex's prompt.
+
+    A conversation that is one user message is sent as its text.  Anything
+    longer becomes a transcript, oldest first, one block per message:
+
+        <transcript>
+        <message role="user">
+        Fix the bug in a.py
+        </message>
+        <message role="assistant">
+        Let me look.
+        <tool_call id="call_1" name="read_file">{"path": "a.py"}</tool_call>
+        </message>
+        <tool_result id="call_1" name="read_file">
+        print('hi')
+        </tool_result>
+        </transcript>
+
+    followed by one line asking the model to continue as the assistant.
+    System and developer messages are not here: they are the instructions.
+    """
+    convo = [m for m in messages if m.role != "system"]
+    if len(convo) == 1 and convo[0].role == "user":
+        return convo[0].text
+    def codex_name(call):
+        return names.to_codex(call.namespace, call.name)[1] if names else call.name
+    called = {c.id: codex_name(c) for m in convo for c in m.tool_calls}
+    lines = ["<transcript>"]
+    for m in convo:
+        if m.role == "tool":
+            name = called.get(m.tool_call_id) or m.name or ""
+            lines += [f'<tool_result id="{m.tool_call_id}" name="{name}">',
+                      m.text, "</tool_result>"]
+            continue
+        lines.append(f'<message role="{m.role}">')
+        if m.text:
+            lines.append(m.text)
+        for c in m.tool_calls:
+            lines.append(f'<tool_call id="{c.id}" name="{codex_name(c)}">'
+                         f'{c.arguments}</tool_call>')
+        lines.append("</message>")
+    lines.append("</transcript>")
+    lines.append("Continue this conversation: write the assistant's next "
+                 "message (call a tool if you need one).")
+    return "\n".join(lines)
+
+
 def translate_codex_event(event):
     """One parsed `codex exec --json` line -> [(kind, payload)] (CodexRun's kinds).
 
@@ -3802,6 +3750,59 @@ def refused_by_codex():
                              "invalid_request_error", "context_length_exceeded")
         raise ProxyError(502, f"Codex refused the request: {exc}", "api_error",
                          "codex_error")
+
+
+def split_turn(messages):
+    """A conversation -> (history, input): the turn's input is the last
+    message when it is the user's; when the conversation ends otherwise (in
+    tool results, say) the input is None and everything is history.  System
+    messages are neither: they are the thread's instructions."""
+    convo = [m for m in messages if m.role != "system"]
+    if convo and convo[-1].role == "user":
+        return convo[:-1], convo[-1]
+    return convo, None
+
+
+def history_items(messages, names):
+    """Messages -> the raw Responses items a thread's history holds
+    (thread/inject_items): messages with roles, the client's calls (under
+    the names Codex knows them by) and results with the client's call ids,
+    and reasoning sent back."""
+    custom = {c.id for m in messages for c in m.tool_calls if c.custom}
+    items = []
+    for m in messages:
+        if m.role == "user":
+            items.append({"type": "message", "role": "user", "content": user_parts(m)})
+        elif m.role == "assistant":
+            items += m.reasoning
+            if m.text:
+                items.append({"type": "message", "role": "assistant",
+                              "content": [{"type": "output_text", "text": m.text}]})
+            items += [call_item(c, *names.to_codex(c.namespace, c.name)) for c in m.tool_calls]
+        elif m.role == "tool":
+            kind = "custom_tool_call_output" if m.tool_call_id in custom else \
+                "function_call_output"
+            output = m.text if not m.images else [{"type": "input_text", "text": m.text}] + [
+                {"type": "input_image", "image_url": url} for url in m.images]
+            items.append({"type": kind, "call_id": m.tool_call_id, "output": output})
+    return items
+
+
+def user_parts(message):
+    parts = [{"type": "input_text", "text": message.text}] if message.text else []
+    return parts + [{"type": "input_image", "image_url": url} for url in message.images]
+
+
+def call_item(call, namespace, name):
+    if call.custom:
+        item = {"type": "custom_tool_call", "call_id": call.id, "name": name,
+                "input": call.arguments}
+    else:
+        item = {"type": "function_call", "call_id": call.id, "name": name,
+                "arguments": call.arguments}
+    if namespace:
+        item["namespace"] = namespace
+    return item
 
 
 def inject_batches(items, limit=INJECT_BATCH_BYTES):
@@ -5569,8 +5570,6 @@ def ollama_error(error):
     return {"error": error.message}
 
 
-
-
 def anthropic_usage(usage):
     """Codex turn usage -> Messages API usage (input_tokens there leaves out
     what was read from the cache)."""
@@ -6560,7 +6559,6 @@ class RateLimits:
 # ---------------------------------------------------------------------------
 # HTTP: framing (pure), the connection's plumbing, endpoints, routing
 # ---------------------------------------------------------------------------
-
 
 
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
