@@ -8,17 +8,18 @@ API), all on one port.  Sign in once with `codex login`, then run:
 
     python3 codex_proxy.py            # serves http://127.0.0.1:11435/v1
 
-Every conversation is answered by one Codex CLI process.  The default engine
-is `codex app-server` (JSON-RPC on stdio): started and initialized ahead of
-time, it streams the answer token by token, takes the client's tools as plain
-functions, and keeps the conversation's thread for its next turn.  The fallback engine is `codex exec
---json`, whose client tools reach the model through an MCP server that is this
-same file (`--mcp-bridge`).  Either way Codex runs with every setting that
-leaves the model no tool of Codex's own (no shell, no file reads, no web
-search, none of the user's MCP servers), and when the model calls a client
-tool the call goes back to the client as `tool_calls`; the Codex process waits
-("parks") on the unanswered call, and the client's next request, carrying the
-results, resumes the same turn.  Codex itself never runs a tool.
+The default engine is `codex app-server` (JSON-RPC on stdio): a few
+long-lived processes host every conversation, each as its own Codex thread,
+stream the answer token by token, take the client's tools as plain
+functions, and keep the thread for the conversation's next turn.  The
+fallback engine is `codex exec --json`, one process per request, whose
+client tools reach the model through an MCP server that is this same file
+(`--mcp-bridge`).  Either way Codex runs with every setting that leaves the
+model no tool of Codex's own (no shell, no file reads, none of the user's
+MCP servers), and when the model calls a client tool the call goes back to
+the client as `tool_calls`; the Codex turn waits ("parks") on the unanswered
+call, and the client's next request, carrying the results, resumes the same
+turn.  Codex itself never runs a tool.
 
 Standard library only, Python 3.9+.  `python3 codex_proxy.py --help` lists
 every flag and its environment variable.
@@ -29,47 +30,67 @@ Host names (browsers and DNS rebinding are real attackers) and refuses
 requests that carry tunnel headers.  Before exposing it (a Cloudflare Tunnel
 or ngrok for Cursor), set a key with `--api-key-file` / CODEX_PROXY_API_KEY.
 
-How a request flows, and where each step lives (the sections, in file order):
+One request's trip, a streamed chat whose model calls a client tool:
 
-    Defaults                 every tunable number and fixed setting
-    Errors                   ProxyError (status, type, code) and ClientGone
+     1. ProxyServer accepts the connection; ConnectionTable admits it.
+     2. HttpHandler reads the head strictly; a RequestBody knows the framing.
+     3. ProxyHandler.dispatch: AccessPolicy.check, then the path's row of APIS.
+     4. endpoint_turn: RequestBody.read_json, the row's parser
+        (parse_chat_request) -> a ProxyRequest.
+     5. Turns.serve: no parked run to resume (ParkedTurns.resumed_by), so
+        admit: a --max-concurrent slot, then no kept thread to continue
+        (KeptThreads.claim), so CodexLauncher.start_run ->
+        AppServerEngine.new_run: a thread on the ProcessPool's least busy
+        AppServerProcess, the history injected as items, the turn started.
+     6. The row's responder (ChatResponder) opens the stream.
+     7. TurnPump.pump relays the run's events (AppServerEvents makes them of
+        Codex's notifications): text streams; the call arrives; when the
+        model's response ends, the pump returns TurnEnd("calls").
+     8. Turns.settle: the run is parked, the calls written, the slot given
+        back, the stream finished (the last bytes).
+     9. The client's next request carries the result: Turns.resume finds the
+        parked run, the run takes the result (CodexRun.take_results), and
+        6-8 again, to TurnEnd("answered"): settle keeps the thread
+        (KeptThreads) for the conversation's next turn.
+
+The sections, in file order:
+
+    Defaults                 fixed numbers and settings (flags: see FLAGS)
+    Errors                   ProxyError and ClientGone
     The request model        ToolSpec, ToolCall, Message, ProxyRequest
-    Parsing requests         JSON checks; Chat Completions and Responses bodies
-                             -> ProxyRequest (pure)
-    Parsing requests: Anthropic and Ollama
-                             Messages API and Ollama bodies -> ProxyRequest
-    Prompt rendering         instructions, and the transcript exec gets (pure)
+    Parsing requests         JSON checks; Chat Completions, Responses,
+                             Anthropic Messages and Ollama bodies ->
+                             ProxyRequest (pure)
+    Instructions             what the model is told (pure)
     Tool names               ToolNames: names Codex takes, aliases, and back
-    Native history           history_items (a thread's items), conversation_key
-    Configuration            Config, TOML, $CODEX_HOME/config.toml, environment
-    The log                  LogEvent names, LogBuffer (/logs, /logs/stream, stderr)
+    Conversation keys        conversation_key, ThreadSettings: what a kept
+                             thread has seen and was started with (pure)
+    Configuration            TOML, $CODEX_HOME/config.toml, the environment
+    The log                  LogEvent names, LogBuffer (/logs, stderr)
     Codex failures           Codex's errors -> ProxyError (pure)
-    Processes                process trees, finding Codex, CodexInfo, the catalog
+    Processes                process trees, finding Codex, CodexInfo, catalog
     Runs                     the engine interface: CodexRun and its events,
                              Engine, RunSpec, PendingCall
-    Engine: exec             `codex exec --json`: ExecRun, its argv, ExecEngine,
-                             and the MCP bridge that carries client tools
-    Engine: app-server       `codex app-server`: JsonRpcPipe, AppServerEvents
-                             (notifications -> events), AppServerRun,
-                             AppServerEngine, WarmPool; ENGINES by name
-    Launching Codex          RunTable, CodexLauncher: engine choice, spawning,
-                             what failures mean
-    Parked turns, kept conversations and stored responses
-                             ParkedTurns, KeptThreads, ResponseStore
-    Responders               one per API: Responder (the contract),
-                             ChatResponder, ResponsesResponder,
-                             MessagesResponder, OllamaResponder; error bodies
-    The pump                 TurnPump: one run's events -> one responder
-    Turns                    Turns: admission, resume, continue, park, expire;
-                             one request served from start to end
+    The pump                 TurnPump: one run's events -> one responder,
+                             and how the turn ended (TurnEnd)
+    Engine: exec             the transcript (render_prompt), ExecRun,
+                             ExecEngine, the MCP bridge
+    Engine: app-server       native history (history_items), JsonRpcPipe,
+                             AppServerEvents, AppServerProcess, AppServerRun
+                             (a thread), AppServerEngine, ProcessPool; ENGINES
+    Launching Codex          RunTable, CodexLauncher: the engine choice,
+                             starting runs, what failures mean
+    Parked, kept and stored  ParkedTurns, KeptThreads, ResponseStore, DiskStore
+    Responders               one per API: Responder (the contract), Chat,
+                             Responses, Messages, Ollama; error bodies
+    Turns                    serve, settle (park, keep, store, release)
     Access, connections and rate limits
                              AccessPolicy, ConnectionTable, BodyBudget,
                              RateLimits
-    HTTP                     framing (pure), BodyReader and HttpHandler
-                             (plumbing), endpoints, ROUTES, ProxyHandler
-                             (routing and errors)
+    HTTP                     framing (pure), RequestBody, HttpHandler
+    APIs                     endpoints, the APIS table, ProxyHandler
     The server               ProxyServer: wiring and lifecycle
-    Command line             flags, banner, main()
+    Command line             FLAGS, Config, the parser, the banner, main()
 """
 
 from __future__ import annotations
@@ -90,6 +111,7 @@ import datetime
 import errno
 import hashlib
 import hmac
+import http.client
 import http.server
 import ipaddress
 import json
@@ -220,7 +242,10 @@ INSTRUCTIONS_PREAMBLE = (
 
 
 class ProxyError(Exception):
-    """Every failure a client sees: an HTTP status and an OpenAI error body."""
+    """Every failure a client sees: an HTTP status, an error type and code,
+    and the message.  The body is written in the shape of the API the
+    request came through (OpenAI's `body()`, anthropic_error, ollama_error;
+    see Api.errors)."""
 
     def __init__(self, status, message, type="invalid_request_error",
                  code=None, param=None, headers=None):
@@ -737,6 +762,8 @@ def input_message(messages, item, where):
 
 
 def input_call(messages, item, kind, where):
+    """A Responses function_call or custom_tool_call item -> a ToolCall on the
+    assistant message it belongs to (a new one when none is open)."""
     call_id = field(item, "call_id", (str,), f"{where}.call_id") or \
         field(item, "id", (str,), f"{where}.id", "")
     name = field(item, "name", (str,), f"{where}.name")
@@ -820,6 +847,8 @@ def strict_schema(schema):
 
 
 def _strict(node):
+    """strict_schema's walk: closes every object and requires every property;
+    raises ValueError where strict mode would change what the schema allows."""
     if isinstance(node, list):
         return [_strict(n) for n in node]
     if not isinstance(node, dict):
@@ -1442,6 +1471,8 @@ class ToolNames:
     the client's exact names."""
 
     def __init__(self, tools, nested):
+        """Name every tool: plain ones first (a name Codex takes keeps it), then
+        namespaces and their children, each unique where Codex looks."""
         self.tools = tools
         self.nested = nested
         self._to = {}               # (client namespace, client name) -> (namespace, name)
@@ -1669,6 +1700,8 @@ class _TomlReader:
                 return
 
     def parse(self):
+        """The whole document -> a dict: key/value lines, [tables] and
+        [[arrays of tables]]."""
         root = current = {}
         while True:
             self.skip(newlines=True)
@@ -1714,6 +1747,7 @@ class _TomlReader:
         self.i += len(token)
 
     def key(self):
+        """A dotted key of bare and quoted parts -> [part, ...]."""
         parts = []
         while True:
             self.skip()
@@ -1732,6 +1766,7 @@ class _TomlReader:
             self.i += 1
 
     def string(self):
+        """One of TOML's four kinds of string, at the reader's place."""
         s, quote = self.s, self.s[self.i]
         if s.startswith(quote * 3, self.i):
             end = s.find(quote * 3, self.i + 3)
@@ -1756,6 +1791,7 @@ class _TomlReader:
         return raw if quote == "'" else self.unescape(raw)
 
     def unescape(self, raw):
+        """A basic string's escapes (\\n, \\uXXXX...) -> the characters."""
         out, i = [], 0
         while True:
             j = raw.find("\\", i)
@@ -1779,6 +1815,8 @@ class _TomlReader:
             i = j + 2 + size
 
     def value(self):
+        """Any value at the reader's place: a string, number, boolean, date (as
+        text), array or inline table."""
         s, c = self.s, self.s[self.i:self.i + 1]
         if c in ('"', "'"):
             return self.string()
@@ -1981,6 +2019,8 @@ class LogBuffer:
         return event
 
     def _write_line(self, event):
+        """One event as one line on stderr: time, type, request, fields;
+        control characters escaped, cut at 2000 characters."""
         stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
         extras = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
                           for k, v in event.items()
@@ -2502,6 +2542,7 @@ class CodexRun:
     can_continue = False            # takes a conversation's next turn (continue_turn)
 
     def __init__(self, run_id, env):
+        """A run with no process yet: its events queue, its calls, its state."""
         self.id = run_id
         self.env = env
         self.events = queue.Queue()
@@ -2757,6 +2798,8 @@ class TurnPump:
                "you still need it.")
 
     def __init__(self, codex_run, responder, handler, launcher):
+        """A pump for one run and one responder; `launcher` gives the config,
+        the log, what failures mean and whether a warning is worth logging."""
         self.codex_run, self.responder, self.handler = codex_run, responder, handler
         self.request = responder.request
         self.launcher = launcher
@@ -3140,6 +3183,8 @@ class ExecRun(CodexRun):
             self.events.put(("model_call", (match.group(1),)))
 
     def _read_stdout(self):
+        """The reader thread: each JSONL line -> events (plain text lines are
+        Config errors, kept for the exit's message); the exit last."""
         plain = []
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").strip()
@@ -3265,6 +3310,8 @@ class ExecEngine(Engine):
         self.bridge.server_close()
 
     def new_run(self, spec):
+        """A `codex exec` process for `spec`: its files, its bridge config, its
+        command line; the prompt (the transcript) on its stdin."""
         launcher = self.launcher
         prompt = render_prompt(spec.messages, spec.names)
         check_input_size(len(prompt))       # the transcript is what Codex counts
@@ -3318,6 +3365,8 @@ class BridgeRelayHandler(socketserver.StreamRequestHandler):
     timeout = BRIDGE_READ_SECONDS
 
     def handle(self):
+        """One relayed call: the hello checked (run and secret) before the call
+        is read; the answer written when the client's result comes."""
         listener = self.server
         hello = self._line(BRIDGE_HELLO_LIMIT)
         if not isinstance(hello, dict):
@@ -3449,6 +3498,8 @@ def run_mcp_bridge(config_path, stdin=None, stdout=None):
 
 
 def _bridge_call(conf, msg_id, params, send):
+    """One tools/call, relayed to the proxy on its own connection; the
+    client's result (text and images) back to Codex as the MCP result."""
     meta = params.get("_meta") or {}
     hello = {"run": conf["run"], "secret": conf["secret"]}
     request = {"call_id": meta.get("callId") or meta.get("call_id"),
@@ -3639,6 +3690,7 @@ class AppServerEvents:
         return {"error": {"code": -32601, "message": f"{method} is not supported here"}}, []
 
     def notification(self, method, params):
+        """One notification -> [(kind, payload)] events."""
         if method == "item/agentMessage/delta":
             self._deltas.add(params.get("itemId"))
             return [("text", (params.get("itemId"), params.get("delta") or ""))]
@@ -3833,6 +3885,8 @@ class AppServerProcess:
     exits, every thread it hosts hears of it."""
 
     def __init__(self, argv, env, rate_limits):
+        """A process not started yet: its empty working folder, its pipe to
+        come, no threads."""
         self.id = "codex_" + secrets.token_hex(4)
         self.argv, self.env = argv, env
         self.rate_limits = rate_limits
@@ -3910,6 +3964,8 @@ class AppServerProcess:
 
     # -- what Codex says -------------------------------------------------------
     def _read_stdout(self):
+        """The reader thread: every line Codex writes, to the pipe's waiting
+        call or to the thread it names; when Codex exits, every thread hears."""
         for raw in iter(self.proc.stdout.readline, b""):
             try:
                 message = json.loads(raw)
@@ -4036,6 +4092,8 @@ class AppServerRun(CodexRun):
         self._turn(spec)
 
     def _turn(self, spec):
+        """The turn: history (in batches) into the thread, then turn/start with
+        the turn's input and settings."""
         history, message = split_turn(spec.messages)
         with refused_by_codex():
             for batch in inject_batches(history_items(history, self.names)):
@@ -4313,6 +4371,8 @@ class ProcessPool:
         return stop, missing
 
     def _loop(self):
+        """The filler: tidy (retire, stop what can stop), then start what is
+        missing; a Codex that fails to start is retried with a growing pause."""
         failures = 0
         while not self._stopping.is_set():
             self._wake.wait(min(5.0, 0.5 * 2 ** failures) if failures else 1.0)
@@ -4375,8 +4435,10 @@ def new_run_id():
 
 
 class RunTable:
-    """The runs alive now, by id: those answering a request and those parked.
-    The exec bridge finds its run here."""
+    """The runs alive now, by id: those answering a request, those parked on
+    the client's tool calls, and the kept threads between a conversation's
+    turns.  The exec bridge finds its run here, and a new call id is checked
+    against every run's (RunTable.call_known)."""
 
     def __init__(self):
         # _lock guards _runs (run id -> CodexRun).
@@ -4414,6 +4476,7 @@ class CodexLauncher:
     client."""
 
     def __init__(self, config, env, logs, rate_limits, runs, stopping, clock=time.monotonic):
+        """The launcher's parts; nothing starts until open()."""
         self.config = config
         self.env = env
         self.logs = logs
@@ -4947,6 +5010,8 @@ class DiskStore(ResponseStore):
     conversations, so that one that comes back after a restart is named so."""
 
     def __init__(self, path, max_bytes, instance, logs=None, clock=time.time):
+        """Open (or create) the database at `path`; raises sqlite3.Error or
+        OSError when it cannot be (open_store falls back to memory)."""
         super().__init__(clock=time.monotonic)
         self.path, self.max_disk, self.instance = path, max_bytes, instance
         self._logs, self._wall = logs, clock
@@ -4984,6 +5049,8 @@ class DiskStore(ResponseStore):
             return super().size()
 
     def put(self, response_id, messages, output=()):
+        """Store a response, compressed; the oldest go past the size. A failed
+        write lands in memory instead."""
         data = zlib.compress(json.dumps({"messages": messages_data(messages),
                                          "output": list(output)}).encode())
         if len(data) > self.max_disk:
@@ -5245,6 +5312,7 @@ def tool_call_chunks(cid, created, model, calls, start_index=0):
 
 def make_completion(cid, created, model, content, reasoning, calls,
                     finish_reason, usage):
+    """A whole chat.completion object."""
     message = {"role": "assistant", "content": content or None}
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -5307,6 +5375,8 @@ class ChatResponder(Responder):
         self._content(prefix + delta)
 
     def reasoning(self, item, part, delta):
+        """Reasoning summary text: as reasoning_content, inside <think> in the
+        content, or nowhere (--reasoning)."""
         if not delta:
             return
         new_part = (item, part) != self._reasoning_key
@@ -5394,11 +5464,10 @@ def output_call_item(item_id, call, status="completed"):
 def make_response(rid, created, model, request, status, output, usage=None, error=None):
     """A Responses API Response object."""
     echo = request.echo
-    incomplete = {"reason": "stop_sequence"} if status == "incomplete" else None
     return {"id": rid, "object": "response", "created_at": created, "status": status,
             "model": model, "output": output,
             "usage": responses_usage(usage) if usage is not None else None,
-            "error": error, "incomplete_details": incomplete,
+            "error": error, "incomplete_details": None,
             "instructions": echo.get("instructions"),
             "tools": echo.get("tools") or [],
             "tool_choice": echo.get("tool_choice") or "auto",
@@ -5449,6 +5518,8 @@ class ResponsesResponder(Responder):
         self._event("response.output_item.added", output_index=len(self.output), item=item)
 
     def text(self, key, delta):
+        """Answer text: a new message item (and its output_text part) when the
+        key changes, then a delta."""
         if not delta:
             return
         item = self._item
@@ -5468,6 +5539,8 @@ class ResponsesResponder(Responder):
                     logprobs=[])
 
     def reasoning(self, item_key, part, delta):
+        """Reasoning summary text: a reasoning item, a summary part for each
+        part index, then a delta."""
         if not delta or not self.show_reasoning:
             return
         item = self._item
@@ -5488,6 +5561,7 @@ class ResponsesResponder(Responder):
                     output_index=len(self.output), summary_index=index, delta=delta)
 
     def _close(self):
+        """Close the item being written: its .done events, then it joins the output."""
         item, self._item = self._item, None
         if item is None:
             return
@@ -5512,6 +5586,8 @@ class ResponsesResponder(Responder):
         self._event("response.output_item.done", output_index=index, item=done)
 
     def tool_calls(self, calls):
+        """Each call as a function_call (or custom_tool_call) item: added, its
+        arguments as one delta, done."""
         self._close()
         self.calls += calls
         for call in calls:
@@ -5719,6 +5795,7 @@ class OllamaResponder(Responder):
         self.started = time.monotonic()
 
     def _line(self, done=False, content="", thinking="", calls=(), extra=None):
+        """One NDJSON object: /api/chat's `message` or /api/generate's `response`."""
         line = {"model": self.model or "", "created_at": ollama_time()}
         if self.chat:
             message = {"role": "assistant", "content": content}
@@ -6557,7 +6634,7 @@ class RateLimits:
         return max(windows, key=lambda w: w["used_percent"] or 0)["resets_in_seconds"] or None
 
 # ---------------------------------------------------------------------------
-# HTTP: framing (pure), the connection's plumbing, endpoints, routing
+# HTTP: framing (pure), a request's body, the connection's plumbing
 # ---------------------------------------------------------------------------
 
 
@@ -6974,9 +7051,15 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-# -- endpoints: each takes the handler of one request ---------------------
+
+# ---------------------------------------------------------------------------
+# APIs: the endpoints, the table of APIs and routes, routing and errors
+# ---------------------------------------------------------------------------
 
 def endpoint_health(handler):
+    """The proxy's state for monitors: Codex, the engine, its processes and
+    threads, parked turns, conversations, stored responses; the plan's
+    windows only with the key."""
     server = handler.server
     launcher = server.launcher
     _, version, logged_in = launcher.codex_state()
@@ -7032,6 +7115,8 @@ def since_of(handler):
 
 
 def endpoint_logs_stream(handler):
+    """New log events as SSE, as they come, with keepalives, until the
+    client leaves or the proxy stops."""
     server = handler.server
     seq = since_of(handler)
     handler.start_event_stream()
@@ -7201,6 +7286,9 @@ class ProxyHandler(HttpHandler):
     methods = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
     def dispatch(self, method):
+        """One request: framing and access checks, its route, its endpoint;
+        every error answered here in its API's shape (and logged), never a
+        traceback."""
         self.request_id = "req_" + secrets.token_hex(5)
         server = self.server
         self.api = api_near(server.routes, self.route)    # whose error shape
@@ -7295,6 +7383,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     request_queue_size = 1024      # a burst of connections waits in the kernel, not in SYN retries
 
     def __init__(self, config, log_stream=sys.stderr, clock=time.monotonic, apis=APIS):
+        """Wire the parts (nothing runs until start_background) and bind."""
         self.config = config
         self.routes = route_table(apis)         # path -> (Api, Route)
         self.logs = LogBuffer(config.log_size, None if config.quiet else log_stream)
@@ -7666,6 +7755,8 @@ def raise_descriptor_limit():
 
 
 def banner(server):
+    """What a user sees at start-up: where it listens, the Codex it found and
+    its login, the key, the engine, and notes on what needs fixing."""
     cfg, launcher = server.config, server.launcher
     codex = launcher.codex
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -7706,6 +7797,8 @@ def banner(server):
 
 
 def main(argv=None):
+    """Run the proxy (or, with --mcp-bridge, the bridge Codex starts);
+    -> the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.mcp_bridge:
