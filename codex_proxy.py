@@ -5020,8 +5020,21 @@ class DiskStore(ResponseStore):
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False,
                                    isolation_level=None)
+        deadline = time.monotonic() + 10
+        while True:     # another proxy may be creating it this very moment
+            try:
+                self._setup()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    self._db.close()
+                    raise
+                time.sleep(0.05)
+
+    def _setup(self):
         with self._db_lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(
                 "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL, "
                 "size INTEGER, body BLOB);"
