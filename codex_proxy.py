@@ -6772,8 +6772,8 @@ class RequestBody:
     def _read_exact(self, size):
         buffer = bytearray(size)
         view, got = memoryview(buffer), 0
-        while got < size:
-            count = self._rfile.readinto(view[got:got + 65536])
+        while got < size:       # readinto1: what has come, so progress counts as it comes
+            count = self._rfile.readinto1(view[got:got + 65536])
             if not count:
                 raise ClientGone()
             got += count
