@@ -1034,36 +1034,114 @@ def trailing_context(messages):
 
 ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh",
                      "xhigh": "xhigh"}
-SIGNATURE_PREFIX = "cxp1."      # a thinking block's signature that holds Codex's reasoning
-MAX_SIGNATURE_BYTES = 4 * 1024 * 1024      # what one may inflate to
+SIGNATURE_PREFIX = "cxp2."      # a thinking block's signature that holds Codex's reasoning
 
 
-def reasoning_signature(item):
-    """An encrypted reasoning item -> the signature of the thinking block
-    that shows it, which brings it back when the client returns the block."""
-    data = json.dumps({"summary": item.get("summary") or [],
-                       "encrypted_content": item.get("encrypted_content")}).encode()
-    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(zlib.compress(data)).decode()
+class Room:
+    """What one request may grow to as it is parsed (thinking signatures
+    opened with `seal`): at most `limit` bytes more, each reserved from the
+    body budget (--max-body-memory) until the request is parsed.  Past the
+    limit, a 413 that names --max-body; with the budget spent, a 503.  It
+    counts the signatures it could not open."""
+
+    def __init__(self, limit, budget=None, max_body=None, seal=None):
+        self.limit, self.budget, self.max_body, self.seal = limit, budget, max_body, seal
+        self.used = 0
+        self.dropped = 0            # signatures this proxy did not make (or altered)
+
+    def reasoning(self, signature):
+        """A thinking block's signature -> its reasoning item, or None."""
+        item = self.seal.open(signature, self) if self.seal is not None else None
+        if item is None and signature:
+            self.dropped += 1
+        return item
+
+    def take(self, size):
+        if self.used + size > self.limit:
+            raise ProxyError(413, "the request holds more than --max-body "
+                             f"({self.max_body or self.limit} bytes) once its thinking "
+                             "signatures are opened; send fewer thinking blocks",
+                             code="request_too_large")
+        if self.budget is not None and not self.budget.reserve(size, DRAIN_LIMIT + 1):
+            raise busy_receiving()
+        self.used += size
+
+    def release(self):
+        if self.budget is not None:
+            self.budget.release(self.used)
+        self.used = 0
 
 
-def reasoning_from_signature(signature):
-    """A thinking block's signature -> the reasoning item it holds, or None."""
-    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
-        return None
-    try:
-        inflate = zlib.decompressobj()
-        raw = inflate.decompress(base64.urlsafe_b64decode(
-            signature[len(SIGNATURE_PREFIX):].encode()), MAX_SIGNATURE_BYTES)
-        if inflate.unconsumed_tail:
-            return None                 # a bomb, not a signature of ours
-        data = json.loads(raw)
-    except (ValueError, zlib.error, binascii.Error):
-        return None
+class Seal:
+    """Thinking signatures the proxy hands out, and opens again.  A signature
+    carries Codex's encrypted reasoning (compressed) and an HMAC made with a
+    secret of the proxy's, kept in the state dir: only a signature this proxy
+    made is opened (Anthropic too drops signatures it did not issue), so a
+    forged one costs nothing to refuse.  A lost secret only means that old
+    thinking blocks come back without their reasoning."""
+
+    def __init__(self, secret):
+        self._secret = secret
+
+    @classmethod
+    def in_folder(cls, folder):
+        """The seal of the secret in `folder` (made on first start) -> (Seal,
+        why the secret is only in memory, or None)."""
+        path = os.path.join(folder, "signature.key")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if not os.path.exists(path):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+            with open(path) as f:
+                return cls(bytes.fromhex(f.read().strip())), None
+        except (OSError, ValueError) as exc:
+            return cls(secrets.token_bytes(32)), f"{path}: {getattr(exc, 'strerror', None) or exc}"
+
+    def _mac(self, payload):
+        return base64.urlsafe_b64encode(hmac.new(self._secret, payload.encode(),
+                                                 hashlib.sha256).digest()[:18]).decode()
+
+    def sign(self, item):
+        """An encrypted reasoning item -> the signature of the thinking block
+        that shows it, which brings it back when the client returns the block."""
+        data = json.dumps({"summary": item.get("summary") or [],
+                           "encrypted_content": item.get("encrypted_content")}).encode()
+        payload = base64.urlsafe_b64encode(zlib.compress(data)).decode()
+        return f"{SIGNATURE_PREFIX}{payload}.{self._mac(payload)}"
+
+    def open(self, signature, room):
+        """A thinking block's signature -> the reasoning item it holds, or
+        None when this proxy did not make it (or it was altered).  What it
+        inflates to is taken from `room`."""
+        if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+            return None
+        payload, _, mac = signature[len(SIGNATURE_PREFIX):].rpartition(".")
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+            return None
+        try:
+            raw = zlib.decompress(base64.urlsafe_b64decode(payload.encode()))
+            room.take(len(raw))
+            data = json.loads(raw)
+        except (ValueError, zlib.error, binascii.Error):
+            return None
+        return reasoning_of(data)
+
+
+def reasoning_of(data):
+    """An opened signature's data -> the reasoning item, its summary only
+    summary_text parts; None when it holds anything else (a 4xx, never a
+    thread that Codex refuses)."""
     if not isinstance(data, dict) or not isinstance(data.get("encrypted_content"), str):
         return None
-    return {"type": "reasoning", "summary": [p for p in data.get("summary") or []
-                                             if isinstance(p, dict)],
-            "encrypted_content": data["encrypted_content"]}
+    summary = data.get("summary") or []
+    if not isinstance(summary, list) or not all(
+            isinstance(p, dict) and p.get("type") == "summary_text" and
+            isinstance(p.get("text"), str) for p in summary):
+        return None
+    return {"type": "reasoning", "encrypted_content": data["encrypted_content"],
+            "summary": [{"type": "summary_text", "text": p["text"]} for p in summary]}
 
 
 def anthropic_image(block, where):
@@ -1098,9 +1176,10 @@ def anthropic_text(content, where, images=None):
     return "\n".join(t for t in texts if t)
 
 
-def anthropic_message(raw, index):
+def anthropic_message(raw, index, room=None):
     """One Messages API message -> [Message]: a user turn's tool results
-    first (as tool messages), then its text and images."""
+    first (as tool messages), then its text and images; thinking blocks
+    bring back the reasoning their signature holds (`room` opens them)."""
     where = f"messages[{index}]"
     if not isinstance(raw, dict):
         raise bad_request(f"{where} must be an object", "messages")
@@ -1140,7 +1219,7 @@ def anthropic_message(raw, index):
             main.tool_calls.append(ToolCall(field(block, "id", (str,), f"{at}.id", ""), name,
                                             json.dumps(tool_input, ensure_ascii=False)))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            reasoning = reasoning_from_signature(block.get("signature") or block.get("data"))
+            reasoning = (room or Room(0)).reasoning(block.get("signature") or block.get("data"))
             if reasoning is not None:
                 main.reasoning.append(reasoning)
         else:
@@ -1210,8 +1289,9 @@ def anthropic_reasoning(body):
     return effort, "auto" if kind in ("enabled", "adaptive") else None
 
 
-def parse_messages_request(body):
-    """Validate an Anthropic Messages API body -> ProxyRequest."""
+def parse_messages_request(body, room=None):
+    """Validate an Anthropic Messages API body -> ProxyRequest.  `room`
+    opens the thinking blocks' signatures (none are opened without it)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     raw_messages = body.get("messages")
@@ -1219,11 +1299,15 @@ def parse_messages_request(body):
         raise bad_request("messages must be a non-empty list", "messages")
     system = body.get("system")
     messages = [Message("system", anthropic_text(system, "system"))] if system else []
+    room = room or Room(0)
     for n, raw in enumerate(raw_messages):
-        messages += anthropic_message(raw, n)
+        messages += anthropic_message(raw, n, room)
     field(body, "max_tokens", (int,), "max_tokens")
     field(body, "metadata", (dict,), "metadata")
     request = ProxyRequest(model=parse_model(body), messages=messages)
+    if room.dropped:
+        request.notes.append(f"{room.dropped} thinking signature(s) this proxy did not make "
+                             "(or altered) were dropped: their reasoning is not sent")
     request.stream = bool(field(body, "stream", (bool,), default=False))
     tools, request.ignored_tools = anthropic_tools(body.get("tools"))
     request.tools = normalize_tools(tools)
@@ -5689,6 +5773,7 @@ class MessagesResponder(Responder):
     def __init__(self, handler, request, reasoning_mode):
         super().__init__(handler, request, reasoning_mode)
         self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.seal = handler.server.seal       # signs the reasoning a thinking block carries
         self.show_thinking = request.reasoning_summary is not None
         self.blocks = []            # finished content blocks
         self._block = None          # the block being written
@@ -5724,7 +5809,7 @@ class MessagesResponder(Responder):
         if block["type"] == "thinking":
             used = sum(1 for b in self.blocks if b["type"] == "thinking")
             item = self.reasoning_items[used] if used < len(self.reasoning_items) else None
-            block["signature"] = reasoning_signature(item) if item else ""
+            block["signature"] = self.seal.sign(item) if item and self.seal else ""
             self._event("content_block_delta", index=len(self.blocks),
                         delta={"type": "signature_delta", "signature": block["signature"]})
         self._event("content_block_stop", index=len(self.blocks))
@@ -6724,6 +6809,7 @@ class RequestBody:
         self._framing = framing     # body_framing(), or ("read", 0) once read or dropped
         self._expect = expect       # the client waits for 100 Continue before sending it
         self._reserved = 0          # bytes of the body budget this body holds
+        self.length = 0             # bytes read
         self.close = False
         self.linger = False
 
@@ -6761,6 +6847,7 @@ class RequestBody:
             self._wfile.flush()
         self._connections.phase(self._sock, "body")
         body = self._read_exact(length) if kind == "length" else self._read_chunked()
+        self.length = len(body)
         if not self._connections.phase(self._sock, "busy"):
             raise ClientGone()          # the reaper cut it (and answered 408) meanwhile
         return body
@@ -7150,10 +7237,17 @@ def endpoint_logs_stream(handler):
 
 
 def endpoint_turn(handler):
-    """A model route: the body, parsed in the API's own way, answered as a
-    turn of Codex in the API's own shape."""
+    """A model route: the body, parsed in the API's own way (what it grows
+    to as it is parsed counts against --max-body and the body budget),
+    answered as a turn of Codex in the API's own shape."""
     api, server = handler.api, handler.server
-    request = api.parse(handler.body.read_json(), server)
+    body = handler.body.read_json()
+    room = Room(max(0, server.config.max_body - handler.body.length), server.body_budget,
+                server.config.max_body, server.seal)
+    try:
+        request = api.parse(body, server, room)
+    finally:
+        room.release()
     request.api = api.name
     server.turns.serve(handler, request, api)
 
@@ -7232,7 +7326,7 @@ class Api:
     name: str
     routes: dict                # path (without /v1) -> Route
     errors: object              # ProxyError -> the error body in this API's shape
-    parse: object = None        # (body, server) -> ProxyRequest, for its turns
+    parse: object = None        # (body, server, room) -> ProxyRequest, for its turns
     responder: object = None    # the Responder class that writes its turns
 
 
@@ -7242,23 +7336,23 @@ TURN = Route()
 # its parser and its responder.
 APIS = (
     Api("chat", {"/chat/completions": TURN}, ProxyError.body,
-        lambda body, server: parse_chat_request(body, server.config.reasoning,
-                                                 server.turns.responses), ChatResponder),
+        lambda body, server, room: parse_chat_request(body, server.config.reasoning,
+                                                       server.turns.responses), ChatResponder),
     Api("responses", {"/responses": TURN}, ProxyError.body,
-        lambda body, server: parse_responses_request(body, server.turns.responses),
+        lambda body, server, room: parse_responses_request(body, server.turns.responses),
         ResponsesResponder),
     Api("messages", {"/messages": TURN,
                      "/messages/count_tokens": Route(endpoint=endpoint_count_tokens)},
-        anthropic_error, lambda body, server: parse_messages_request(body),
+        anthropic_error, lambda body, server, room: parse_messages_request(body, room),
         MessagesResponder),
     Api("ollama_chat", {"/api/chat": TURN,
                         "/api/tags": Route(("GET",), endpoint_ollama_tags),
                         "/api/show": Route(("POST",), endpoint_ollama_show),
                         "/api/version": Route(("GET",), endpoint_ollama_version),
                         "/api/ps": Route(("GET",), endpoint_ollama_ps)},
-        ollama_error, lambda body, server: parse_ollama_chat(body), OllamaResponder),
+        ollama_error, lambda body, server, room: parse_ollama_chat(body), OllamaResponder),
     Api("ollama_generate", {"/api/generate": TURN}, ollama_error,
-        lambda body, server: parse_ollama_generate(body, server.turns.responses),
+        lambda body, server, room: parse_ollama_generate(body, server.turns.responses),
         OllamaGenerateResponder),
     Api("proxy", {"/models": Route(("GET",), endpoint_models),
                   "/": Route(("GET", "HEAD"), endpoint_root, key="none"),
@@ -7411,6 +7505,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.launcher = CodexLauncher(config, self.env, self.logs, self.rate_limits,
                                       self.runs, self.stopping, clock)
         self.store = open_store(config, self.instance, self.logs)
+        self.seal, self.seal_error = Seal.in_folder(config.state_dir or default_state_dir())
         self.turns = Turns(config, self.launcher, self.logs, self.runs, self.stopping,
                            self.store, clock)
         self._logs_html = None
@@ -7794,6 +7889,10 @@ def banner(server):
     if user_config.error:
         lines.append(f"  note: {user_config.path} could not be read "
                      f"({user_config.error}); its model settings are ignored")
+    if server.seal_error:
+        lines.append(f"  note: the secret that seals thinking signatures is only in memory "
+                     f"({server.seal_error}): after a restart, old thinking blocks come back "
+                     "without their reasoning")
     if server.store.error:
         lines.append(f"  note: stored responses are kept in memory only, for an hour: "
                      f"{server.store.error}")

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import types
 import urllib.error
 import urllib.request
@@ -1772,6 +1773,7 @@ class FakeHandler:
         self.started = self.ended = False
         self.gone = gone
         self.close_connection = False
+        self.server = types.SimpleNamespace(seal=SEAL)
 
     def start_event_stream(self, content_type="text/event-stream"):
         self.started = True
@@ -2754,10 +2756,17 @@ def test_cursors_responses_shaped_chat_body_gets_its_usage_chunk(proxy, fake_cod
 # The Anthropic and Ollama dialects: parsing and writing, by hand
 # ---------------------------------------------------------------------------
 
+SEAL = cp.Seal(b"k" * 32)
+
+
+def room(limit=10 ** 7):
+    return cp.Room(limit, seal=SEAL)
+
+
 def test_a_claude_code_turn_parses_into_the_request_model():
     png = base64.b64encode(tiny_png()).decode()
-    enc = cp.reasoning_signature({"summary": [{"type": "summary_text", "text": "hm"}],
-                                  "encrypted_content": "ENC"})
+    enc = SEAL.sign({"summary": [{"type": "summary_text", "text": "hm"}],
+                     "encrypted_content": "ENC"})
     request = cp.parse_messages_request({
         "model": "claude-opus-4-8", "max_tokens": 64000, "stream": True,
         "system": [{"type": "text", "text": "billing tag"},
@@ -2784,7 +2793,7 @@ def test_a_claude_code_turn_parses_into_the_request_model():
             "properties": {"file_path": {"type": "string"}}, "required": ["file_path"],
             "additionalProperties": False}}, {"type": "web_search_20250305", "name": "web"}],
         "thinking": {"type": "adaptive"}, "output_config": {"effort": "max"},
-        "metadata": {"user_id": "{}"}, "context_management": {"edits": []}})
+        "metadata": {"user_id": "{}"}, "context_management": {"edits": []}}, room())
     assert request.stream and request.model == "claude-opus-4-8"
     assert [m.role for m in request.messages] == ["system", "user", "system", "assistant",
                                                   "tool", "user"]
@@ -2836,14 +2845,36 @@ def test_anthropic_tool_choice_thinking_and_format_map_to_the_shared_fields():
     assert cp.count_tokens_estimate(dict(base, system="s" * 4000)) >= 1000
 
 
-def test_thinking_signatures_carry_encrypted_reasoning_and_nothing_else():
+def test_thinking_signatures_are_sealed_and_carry_encrypted_reasoning_only():
     item = {"summary": [{"type": "summary_text", "text": "a"}], "encrypted_content": "E" * 500}
-    signature = cp.reasoning_signature(item)
-    assert signature.startswith("cxp1.") and len(signature) < 200        # compressed
-    assert cp.reasoning_from_signature(signature)["encrypted_content"] == "E" * 500
-    for foreign in ("", "EqQBCkYIBRgC", "cxp1.!!!", "cxp1." + base64.urlsafe_b64encode(
-            zlib.compress(b"[1]")).decode(), None):
-        assert cp.reasoning_from_signature(foreign) is None
+    signature = SEAL.sign(item)
+    assert signature.startswith("cxp2.") and len(signature) < 200        # compressed
+    assert SEAL.open(signature, room())["encrypted_content"] == "E" * 500
+    payload, mac = signature[5:].rsplit(".", 1)
+    altered = "cxp2." + base64.urlsafe_b64encode(zlib.compress(json.dumps(
+        {"summary": [], "encrypted_content": "FORGED"}).encode())).decode() + "." + mac
+    for foreign in ("", "EqQBCkYIBRgC", "cxp1." + payload, "cxp2.!!!", altered, None,
+                    cp.Seal(b"other" * 8).sign(item)):        # another proxy's secret
+        assert SEAL.open(foreign, room()) is None
+    for summary in ([{"type": "summary_text", "text": 5}], [{"type": "other", "text": "x"}],
+                    "text", [["summary_text", "x"]]):          # ours, but odd inside: dropped
+        odd = SEAL.sign({"summary": summary, "encrypted_content": "E"})
+        assert SEAL.open(odd, room()) is None
+
+
+def test_a_thinking_block_that_is_not_ours_is_dropped_and_said():
+    mine = SEAL.sign({"summary": [], "encrypted_content": "MINE"})
+    forged = cp.Seal(b"x" * 32).sign({"summary": [], "encrypted_content": "FORGED"})
+    request = cp.parse_messages_request({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "a", "signature": mine},
+            {"type": "thinking", "thinking": "b", "signature": forged},
+            {"type": "text", "text": "answer"}]},
+        {"role": "user", "content": "more"}]}, room())
+    assert [r["encrypted_content"] for r in request.messages[1].reasoning] == ["MINE"]
+    assert request.notes == ["1 thinking signature(s) this proxy did not make (or altered) "
+                             "were dropped: their reasoning is not sent"]
 
 
 def test_the_messages_responder_streams_blocks_in_the_order_the_sdk_asserts():
@@ -2869,7 +2900,7 @@ def test_the_messages_responder_streams_blocks_in_the_order_the_sdk_asserts():
     events = sse_events(handler.body())
     assert events[0]["message"]["model"] == "claude-x" and "usage" in events[0]["message"]
     assert events[3]["delta"]["type"] == "signature_delta"
-    assert cp.reasoning_from_signature(events[3]["delta"]["signature"])["encrypted_content"] == "ENC"
+    assert SEAL.open(events[3]["delta"]["signature"], room())["encrypted_content"] == "ENC"
     assert events[10]["delta"] == {"type": "input_json_delta",
                                    "partial_json": '{"file_path": "a"}'}
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
@@ -3021,10 +3052,23 @@ def test_ollama_generate_context_continues_the_conversation(proxy, fake_codex):
     assert cp.context_id_of(cp.context_numbers("ctx_" + "ab" * 12)) == "ctx_" + "ab" * 12
 
 
-def test_a_signature_that_inflates_too_far_is_not_read():
-    bomb = "cxp1." + base64.urlsafe_b64encode(zlib.compress(b" " * (64 * 1024 * 1024))).decode()
-    started = time.monotonic()
-    assert cp.reasoning_from_signature(bomb) is None and time.monotonic() - started < 5
+def test_a_signature_bomb_costs_nothing_and_ours_count_against_max_body():
+    """A forged bomb that inflates to valid-looking JSON is refused before
+    it is inflated (memory stays flat); a real one still counts, whole, in
+    what the request may grow to (--max-body)."""
+    data = json.dumps({"summary": [], "encrypted_content": "A" * (64 * 1024 * 1024)}).encode()
+    payload = base64.urlsafe_b64encode(zlib.compress(data)).decode()
+    bomb = f"cxp2.{payload}.{'A' * 24}"
+    tracemalloc.start()
+    try:
+        assert SEAL.open(bomb, room()) is None
+        assert tracemalloc.get_traced_memory()[1] < 8 * 1024 * 1024
+    finally:
+        tracemalloc.stop()
+    big = SEAL.sign({"summary": [], "encrypted_content": "E" * 3000})
+    with pytest.raises(cp.ProxyError) as refused:
+        SEAL.open(big, room(limit=2000))
+    assert refused.value.status == 413 and "--max-body" in refused.value.message
 
 
 def test_a_flattened_namespace_tool_and_a_function_of_its_name_stay_apart():
