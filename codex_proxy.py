@@ -164,13 +164,16 @@ DRAIN_LIMIT = 64 * 1024            # an unread body this small is read and dropp
 LINGER_SECONDS = 10.0              # after an early answer, how long a client may still send
 MAX_HEADER_LINES = 100
 KEEPALIVE_IDLE_SECONDS = 60.0      # a kept-alive connection may wait this long for its next request
-WRITE_STALL_SECONDS = 120.0        # a client that reads nothing for this long is gone
 PROCESS_RECYCLE_THREADS = 1000     # an app-server process that hosted this many threads retires
 PROCESS_RECYCLE_BYTES = 2 << 30    # ... or that grew to this much resident memory
 INJECT_BATCH_BYTES = 256 * 1024    # a long history goes in batches, so one never holds the pipe
 APP_SERVER_START_SECONDS = 30.0    # initialize must answer within this
 RPC_SECONDS = 30.0                 # thread/start, turn/start... must answer within this
 MAX_INPUT_CHARS = 1048576          # Codex refuses a turn input longer than this
+MAX_CONVERSATION_CHARS = 4 << 20   # all a conversation's text: past any model's context
+MAX_MESSAGES = 10000               # messages in one request's history
+MAX_JSON_VALUES = 250000           # values one body may hold: parsing makes an object of each
+PARSED_VALUE_BYTES = 120           # about what one parsed value costs (the body budget counts it)
 MAX_JSON_DEPTH = 64
 MAX_STOP_SEQUENCES = 4
 RESPONSES_KEPT = 256               # responses kept in memory, when not on disk
@@ -185,9 +188,14 @@ EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
 SUMMARIES = ("auto", "concise", "detailed", "none")
 # Any copy of one of these, even empty, means the request came through a tunnel
 # or a proxy: without a key such requests are refused.
-TUNNEL_HEADERS = ("forwarded", "x-real-ip", "cf-connecting-ip", "cf-ray", "cdn-loop",
-                  "true-client-ip", "via", "x-client-ip", "fastly-client-ip")
-TUNNEL_HEADER_PREFIXES = ("x-forwarded-",)
+TUNNEL_HEADERS = ("forwarded", "x-real-ip", "cdn-loop", "true-client-ip", "via",
+                  "x-client-ip", "fastly-client-ip", "x-cluster-client-ip",
+                  "x-original-forwarded-for", "x-vercel-forwarded-for", "x-azure-clientip")
+# Cloudflare (cf-connecting-ip, cf-ray...), Fly (fly-client-ip...), Tailscale
+# Funnel and Serve (tailscale-funnel-request, tailscale-user-login...), ngrok,
+# Railway (x-railway-edge...), Render (rndr-id), Envoy-based gateways.
+TUNNEL_HEADER_PREFIXES = ("x-forwarded-", "cf-", "fly-", "tailscale-", "ngrok-", "x-railway-",
+                          "rndr-", "x-envoy-")
 # Request headers a browser page may send (CORS preflight); never echoed blindly.
 CORS_HEADERS = ("authorization", "content-type", "api-key", "x-api-key", "openai-organization",
                 "openai-project", "openai-beta", "accept", "cache-control")
@@ -974,12 +982,23 @@ def parse_responses_request(body, store=None, strict_previous=True):
 
 
 def check_request(request, param="messages"):
-    """What Codex would refuse or answer badly, refused here with a clear 400."""
+    """What Codex would refuse or answer badly, refused here with a clear
+    400: an empty conversation, more than MAX_MESSAGES messages, or more
+    than MAX_CONVERSATION_CHARS characters of text in all."""
     convo = [m for m in request.messages if m.role != "system"]
     if not any(m.text.strip() or m.tool_calls or m.images or m.role == "tool"
                for m in convo):
         raise bad_request("the conversation is empty: send at least one message with text",
                           param, "empty_prompt")
+    if len(request.messages) > MAX_MESSAGES:
+        raise bad_request(f"the conversation has {len(request.messages)} messages; at most "
+                          f"{MAX_MESSAGES} are taken", param, "too_many_messages")
+    chars = message_chars(request.messages)
+    if chars > MAX_CONVERSATION_CHARS:
+        raise ProxyError(400, f"the conversation holds {chars} characters of text; at most "
+                         f"{MAX_CONVERSATION_CHARS} are taken (no model reads more). "
+                         "Shorten it.", "invalid_request_error", "context_length_exceeded",
+                         param)
     return request
 
 
@@ -2060,6 +2079,7 @@ class LogEvent:
     STREAM_CODEX_ERROR = "stream_codex_error"       # a turn failed
     CODEX_WARNING = "codex_warning"
     CLIENT_DISCONNECTED = "client_disconnected"
+    CLIENT_STALLED = "client_stalled"               # cut: it took no byte (--send-timeout)
     AUTH_REJECTED = "auth_rejected"                 # an access error answered
     REQUEST_REJECTED = "request_rejected"           # any other error answered
     TOOL_CALL_FORWARDED = "tool_call_forwarded"
@@ -2571,14 +2591,16 @@ def run_spec(request, aliases, nested=False, messages=None):
                    instructions=request_instructions(request, tools, names), messages=messages,
                    names=names, output_schema=request.output_schema,
                    fingerprint=request.fingerprint(), known_ids=frozenset(request.history_ids()))
-    check_input_size(message_chars(messages))
+    last = messages[-1] if messages and messages[-1].role == "user" else None
+    check_input_size(len(last.text) if last else 0)      # the turn's own input
     return spec
 
 
-def check_input_size(chars):
+def check_input_size(chars, what="the turn's input (the newest user message)"):
+    """Codex refuses a turn whose input is over MAX_INPUT_CHARS."""
     if chars > MAX_INPUT_CHARS:
-        raise ProxyError(400, f"the conversation is {chars} characters; Codex takes at "
-                         f"most {MAX_INPUT_CHARS}. Shorten it.", "invalid_request_error",
+        raise ProxyError(400, f"{what} is {chars} characters; Codex takes at most "
+                         f"{MAX_INPUT_CHARS}. Shorten it.", "invalid_request_error",
                          "context_length_exceeded", "messages")
 
 
@@ -3398,7 +3420,8 @@ class ExecEngine(Engine):
         command line; the prompt (the transcript) on its stdin."""
         launcher = self.launcher
         prompt = render_prompt(spec.messages, spec.names)
-        check_input_size(len(prompt))       # the transcript is what Codex counts
+        check_input_size(len(prompt), "the conversation (exec sends it all as the "
+                                      "turn's input)")
         run = ExecRun(new_run_id(), launcher.env, tempfile.mkdtemp(prefix="codex-proxy-"))
         run.assign(spec, launcher.runs)
         try:
@@ -6002,14 +6025,15 @@ def forgotten_why(store, key):
         "no kept thread holds this history"
 
 
-def end_event(end, fate, responder, started, log_bodies):
+def end_event(end, fate, responder, started, log_bodies, stalled=False):
     """What the log says of a turn's end -> (event, fields)."""
     elapsed = int((time.monotonic() - started) * 1000)
     if end.kind == "failed":
         return LogEvent.STREAM_CODEX_ERROR, {"status": end.error.status, "code": end.error.code,
                                              "message": end.error.message[:500]}
     if fate == "gone":
-        return LogEvent.CLIENT_DISCONNECTED, {"duration_ms": elapsed}
+        return (LogEvent.CLIENT_STALLED if stalled else LogEvent.CLIENT_DISCONNECTED), \
+            {"duration_ms": elapsed}
     first = end.first_output
     fields = {"api": responder.request.api, "finish_reason": end.reason, "duration_ms": elapsed,
               "first_token_ms": int((first - started) * 1000) if first else None,
@@ -6112,9 +6136,13 @@ class Turns:
         self._log_end(handler, codex_run, responder, end, fate, started)
         self._done_answering()
         if self._write_end(handler, codex_run, responder, end, fate) and fate != "gone":
-            self.logs.add(LogEvent.CLIENT_DISCONNECTED, handler.request_id, run=codex_run.id,
+            self.logs.add(LogEvent.CLIENT_STALLED if handler.stalled else
+                          LogEvent.CLIENT_DISCONNECTED, handler.request_id, run=codex_run.id,
                           duration_ms=int((time.monotonic() - started) * 1000))
-            fate = "gone" if fate != "parked" or self.parked.discard(codex_run) else fate
+            if fate == "parked" and self.parked.discard(codex_run):
+                fate = "gone"           # nobody has its calls
+            elif fate not in ("parked", "kept"):
+                fate = "gone"           # a kept thread stays: its conversation may go on
         if fate not in ("parked", "kept"):
             self.release(codex_run, fate)
 
@@ -6158,7 +6186,8 @@ class Turns:
     def _log_end(self, handler, codex_run, responder, end, fate, started):
         if end.kind == "failed":
             end.error.message = self.launcher.redact(end.error.message)
-        kind, fields = end_event(end, fate, responder, started, self.config.log_bodies)
+        kind, fields = end_event(end, fate, responder, started, self.config.log_bodies,
+                                 handler.stalled)
         self.logs.add(kind, handler.request_id, run=codex_run.id, **fields)
 
     # -- admitting, continuing and resuming -----------------------------------
@@ -6353,20 +6382,14 @@ def split_host(value):
     return host or None
 
 
-def host_allowed(value, allowed=(), own_names=(), own_addresses=()):
-    """DNS rebinding and port-forward guard: a Host must be local, this
-    machine's own name or one of its own addresses, or listed by the user.
-    Another IP literal means the request was forwarded here (ssh -R, socat,
-    which add no tunnel header) from a machine that named its own address."""
+def host_allowed(value, allowed=()):
+    """DNS rebinding and port-forward guard: a Host must be a loopback name
+    (localhost, *.localhost, a loopback IP) or listed by the user.  The
+    machine's own name, a .local name (any neighbour can answer for it) or
+    another IP literal (a forward such as ssh -R names the far machine)
+    need a key."""
     host = split_host(value)
-    if host is None:
-        return False
-    if is_local_name(host) or host in own_names or host in allowed:
-        return True
-    try:
-        return str(ipaddress.ip_address(host)) in own_addresses
-    except ValueError:
-        return False
+    return host is not None and (is_local_name(host) or host in allowed)
 
 
 ORIGIN = re.compile(r"(https?)://([a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])"
@@ -6381,7 +6404,7 @@ def origin_allowed(origin, allowed=()):
     if not well_formed_origin(origin):
         return False
     origin = origin.lower()
-    if origin in allowed or "*" in allowed:
+    if origin in allowed:           # "*" is for keyed proxies only: main refuses it without
         return True
     return is_local_name(ORIGIN.fullmatch(origin).group(2).strip("[]"))
 
@@ -6416,24 +6439,6 @@ def offered_keys(headers):
     return keys
 
 
-def own_host_names():
-    name = socket.gethostname().lower()
-    short = name.split(".")[0]
-    return {n for n in (name, short, short + ".local") if n}
-
-
-def own_addresses():
-    """This machine's addresses that its name resolves to (the address a
-    connection arrived on is added per request)."""
-    found = set()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None):
-            found.add(str(ipaddress.ip_address(info[4][0].split("%")[0])))
-    except (OSError, ValueError):
-        pass
-    return found
-
-
 class AccessPolicy:
     """Who may use the proxy.  With a key, the key guards everything, from
     any origin and through any tunnel.  Without one, only this machine:
@@ -6444,12 +6449,9 @@ class AccessPolicy:
         self.keys = config.api_keys
         self.allow_origins = config.allow_origins
         self.allow_hosts = config.allow_hosts
-        self.own_names = own_host_names()
-        self.own_addresses = own_addresses()
 
-    def check(self, headers, local_address=None):
-        """Without a key: refuse tunnels, foreign pages and foreign Hosts (403).
-        `local_address`: the address the connection arrived on (this machine's)."""
+    def check(self, headers):
+        """Without a key: refuse tunnels, foreign pages and foreign Hosts (403)."""
         if self.keys:
             return
         tunnel = tunnel_headers(headers)
@@ -6467,12 +6469,11 @@ class AccessPolicy:
                                  "allow the origin with --allow-origin, or set an API key",
                                  "permission_error", "origin_not_allowed")
         hosts = headers.get_all("Host") or []
-        addresses = self.own_addresses | ({str(local_address)} if local_address else set())
-        if len(hosts) > 1 or not all(host_allowed(h, self.allow_hosts, self.own_names, addresses)
-                                     for h in hosts):
-            raise ProxyError(403, "the Host header names neither this machine nor a local "
-                             "address (DNS rebinding?); allow it with --allow-host, or set "
-                             "an API key", "permission_error", "host_not_allowed")
+        if len(hosts) > 1 or not all(host_allowed(h, self.allow_hosts) for h in hosts):
+            raise ProxyError(403, "without an API key only loopback names may be used "
+                             "(localhost, 127.0.0.1); the Host header names another "
+                             "(DNS rebinding?): allow it with --allow-host, or set an API key",
+                             "permission_error", "host_not_allowed")
 
     def key_ok(self, headers):
         """Any key header carrying a valid key admits the request."""
@@ -6769,6 +6770,20 @@ def busy_receiving():
                       "shortly", "server_error", "busy_receiving", headers={"Retry-After": "2"})
 
 
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_values(data):
+    """About how many values parsing a JSON body would make (its
+    structural characters), counted without parsing: cheaply, then, when
+    that says too many, with the strings taken out (their commas are text)."""
+    count = data.count(b"[") + data.count(b"{") + data.count(b",") + 1
+    if count <= MAX_JSON_VALUES:
+        return count
+    bare = JSON_STRING.sub(b'""', bytes(data))
+    return bare.count(b"[") + bare.count(b"{") + bare.count(b",") + 1
+
+
 def framing_error(message):
     return ProxyError(400, message, code="bad_framing")
 
@@ -6815,10 +6830,22 @@ class RequestBody:
 
     def read_json(self):
         """The body, parsed; its bytes are let go (and their share of the
-        body budget given back) once parsed."""
+        body budget given back) once parsed.  What parsing builds is bounded
+        first: the values the body holds are counted (MAX_JSON_VALUES), and
+        what they cost parsed is reserved from the budget while it parses."""
         self._reserved = self._reserve()
         try:
-            return parse_json_body(self.read())
+            data = self.read()
+            values = json_values(data)
+            if values > MAX_JSON_VALUES:
+                self.close = True
+                raise ProxyError(413, f"the request body holds more than {MAX_JSON_VALUES} "
+                                 "JSON values; send fewer", code="request_too_large")
+            parsed = values * PARSED_VALUE_BYTES
+            if not self._budget.reserve(parsed, DRAIN_LIMIT + 1):
+                raise busy_receiving()
+            self._reserved += parsed
+            return parse_json_body(data)
         finally:
             self._budget.release(self._reserved)
             self._reserved = 0
@@ -6943,6 +6970,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self._expect = False        # the client waits for 100 Continue before its body
         self.api = None             # the Api its path belongs to: its errors' shape
         self.answered = False       # a status line went out for this request
+        self.stalled = False        # the client took no byte for --send-timeout seconds
 
     def finish(self):
         if self._selector is not None:
@@ -6974,7 +7002,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.raw_requestline = first + self.rfile.readline(65537)
             self._served += 1
             self.body = RequestBody(self)
-            self.headers, self.answered = None, False
+            self.headers, self.answered, self.stalled = None, False, False
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(414)
@@ -7068,10 +7096,14 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 
     # -- answers -------------------------------------------------------------
     def end_headers(self):
+        """Every answer says: sniff no other type, and no other site may
+        embed it (CORS answers to the pages allowed still work)."""
         origin = self.server.access.cors_origin(self.headers)
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         if self.close_connection or self.server.stopping.is_set():
             self.send_header("Connection", "close")
         super().end_headers()
@@ -7088,11 +7120,21 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(data)
         except (OSError, ValueError) as exc:
-            raise ClientGone() from exc
+            raise self._gone(exc)
 
     def send_response(self, code, message=None):
-        self.answered = True        # from here on, an error can only close the connection
+        """The status line: from here on an error can only close the
+        connection, and a client that takes no byte for --send-timeout
+        seconds is cut."""
+        self.answered = True
+        self.connection.settimeout(self.server.config.send_timeout)
         super().send_response(code, message)
+
+    def _gone(self, exc):
+        """A failed write -> ClientGone; `stalled` when the client took no
+        byte for --send-timeout seconds rather than leaving."""
+        self.stalled = self.stalled or isinstance(exc, socket.timeout)
+        return ClientGone("stalled" if self.stalled else "gone")
 
     def send_error_body(self, error):
         """The one place an error body is written, in the shape of the API
@@ -7113,7 +7155,6 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             pass
 
     def start_event_stream(self, content_type="text/event-stream"):
-        self.connection.settimeout(WRITE_STALL_SECONDS)
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
@@ -7129,7 +7170,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
             self.wfile.flush()
         except (OSError, ValueError) as exc:
-            raise ClientGone() from exc
+            raise self._gone(exc)
 
     def end_chunks(self):
         try:
@@ -7137,7 +7178,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (OSError, ValueError) as exc:
-            raise ClientGone() from exc
+            raise self._gone(exc)
 
     def client_gone(self):
         """True once the client closed its side of the connection."""
@@ -7198,7 +7239,9 @@ def endpoint_logs(handler):
         handler.send_header("Content-Length", str(len(data)))
         handler.send_header("Cache-Control", "no-cache")
         handler.send_header("Content-Security-Policy", "default-src 'self'; "
-                            "script-src 'unsafe-inline'; style-src 'unsafe-inline'")
+                            "script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                            "frame-ancestors 'none'")
+        handler.send_header("X-Frame-Options", "DENY")
         handler.end_headers()
         handler.wfile.write(data)
         return
@@ -7408,7 +7451,7 @@ class ProxyHandler(HttpHandler):
             if server.stopping.is_set():   # a kept-alive connection outlived the server
                 raise ProxyError(503, "the proxy is shutting down", "server_error",
                                  code="shutting_down")
-            server.access.check(self.headers, self.connection.getsockname()[0])
+            server.access.check(self.headers)
             route = self._route(method)
             if route is None:
                 return self.preflight()
@@ -7691,6 +7734,10 @@ FLAGS = (
     Flag("--keepalive", "CODEX_PROXY_KEEPALIVE", "keepalive", 15.0,
          "seconds between keepalives while Codex is silent (tunnels drop silent streams "
          "after about 100 s)", kind="float", metavar="S", low=0.05),
+    Flag("--send-timeout", "CODEX_PROXY_SEND_TIMEOUT", "send_timeout", 60.0,
+         "seconds a client may take no byte of its answer before it is cut, its Codex "
+         "turn ended and its slot freed (as nginx's send_timeout)", kind="float", metavar="S",
+         low=1.0),
     Flag("--tool-result-timeout", "CODEX_PROXY_TOOL_RESULT_TIMEOUT", "tool_result_timeout",
          600.0, "how long a parked turn waits for the client's tool results, in seconds",
          kind="float", metavar="S"),
@@ -7919,6 +7966,12 @@ def main(argv=None):
         config = config_from_args(args)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    if "*" in config.allow_origins and not config.api_keys:
+        print("refusing --allow-origin '*' without an API key: every web page you visit "
+              "could use your ChatGPT subscription. Set --api-key-file FILE (or "
+              "CODEX_PROXY_API_KEY); with a key, every origin is allowed already.",
+              file=sys.stderr)
+        return 2
     if not config.api_keys and not is_loopback(config.host) and not config.insecure_no_key:
         print(f"refusing to listen on {config.host} without an API key: anyone who can "
               "reach it would use your ChatGPT subscription. Set --api-key-file FILE "

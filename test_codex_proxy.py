@@ -1563,17 +1563,20 @@ def test_body_framing_is_unambiguous(pairs, framing):
 
 @pytest.mark.parametrize("host, allowed", [
     ("127.0.0.1:11435", True), ("localhost:1", True), ("LOCALHOST", True),
-    ("app.localhost:80", True), ("[::1]:11435", True), ("192.168.1.5:11435", True),
-    ("myhost:11435", True), ("evil.example", False), ("evil.example:11435", False),
-    ("localhost.evil.example", False), ("127.0.0.1:abc", False), ("[::1", False),
-    ("listed.example:9", True), ("8.8.8.8", False), ("10.0.0.9:11435", False),
+    ("app.localhost:80", True), ("[::1]:11435", True), ("127.8.9.1", True),
+    ("listed.example:9", True), ("localhost.", True),
+    # the machine's own name, a .local name, its LAN address: with a key only
+    ("myhost:11435", False), ("myhost.local", False), ("192.168.1.5:11435", False),
+    ("evil.example", False), ("evil.example:11435", False), ("localhost.evil.example", False),
+    ("127.0.0.1:abc", False), ("[::1", False), ("8.8.8.8", False), ("10.0.0.9:11435", False),
     ("[2001:db8::1]:80", False), ("evillocalhost", False), ("evillocalhost:11435", False),
-    ("localhost.", True), ("xlocalhost.example", False),
+    ("xlocalhost.example", False),
 ])
 def test_host_rules(host, allowed):
-    """IP literals: loopback and this machine's own addresses only (a forward
-    such as ssh -R carries the far machine's address)."""
-    assert cp.host_allowed(host, ("listed.example",), {"myhost"}, {"192.168.1.5"}) is allowed
+    """Without a key, loopback names only: an IP literal other than loopback
+    means a forward (ssh -R names the far machine), and a machine or .local
+    name can be answered by any neighbour (rebinding)."""
+    assert cp.host_allowed(host, ("listed.example",)) is allowed
 
 
 @pytest.mark.parametrize("origin, allowed", [
@@ -1773,6 +1776,7 @@ class FakeHandler:
         self.started = self.ended = False
         self.gone = gone
         self.close_connection = False
+        self.stalled = False
         self.server = types.SimpleNamespace(seal=SEAL)
 
     def start_event_stream(self, content_type="text/event-stream"):
@@ -3916,6 +3920,9 @@ def test_keys_come_from_a_file(tmp_path, monkeypatch):
     {"Forwarded": "for=1.2.3.4"}, {"X-Real-IP": "1.2.3.4"}, {"X-Forwarded-For": ""},
     {"Via": "1.1 proxy"}, {"X-Forwarded-Host": "x.example"}, {"True-Client-IP": "1.2.3.4"},
     {"CF-Ray": "abc"}, {"X-Forwarded-Proto": "https"},
+    {"Tailscale-Funnel-Request": "?1"}, {"Tailscale-User-Login": "a@b.example"},
+    {"Fly-Client-IP": "1.2.3.4"}, {"X-Railway-Edge": "railway/us-west2"},
+    {"Rndr-Id": "abc"}, {"Ngrok-Skip-Browser-Warning": "1"}, {"CF-Visitor": "{}"},
 ])
 def test_tunnelled_request_without_key_gets_403(proxy, headers):
     for path in ("/v1/chat/completions", "/health"):
@@ -3977,10 +3984,16 @@ def test_host_names_are_checked_without_a_key(make_proxy, host, status):
     assert post_chat(proxy.base, chat_body(), headers)[0] == status
 
 
-def test_the_machines_own_name_is_a_local_host(proxy):
-    name = socket.gethostname()
-    status, _, _ = http_request(proxy.base, "GET", "/v1/models", headers={"Host": f"{name}:1"})
-    assert status == 200
+def test_the_machines_own_names_need_a_key(make_proxy):
+    """A LAN neighbour can answer for the machine's name or a .local name
+    (and rebind it): without a key, only loopback names are served."""
+    name = socket.gethostname().split(".")[0]
+    open_proxy, keyed = make_proxy(), make_proxy(api_keys=(KEY,))
+    for host in (f"{name}:1", f"{name}.local:1"):
+        assert http_request(open_proxy.base, "GET", "/v1/models",
+                            headers={"Host": host})[0] == 403
+        assert http_request(keyed.base, "GET", "/v1/models", headers={
+            "Host": host, "Authorization": f"Bearer {KEY}"})[0] == 200
 
 
 def test_a_foreign_page_cannot_resume_another_clients_parked_turn(proxy, fake_codex):
@@ -4020,6 +4033,33 @@ def test_bad_framing_gets_400_and_the_connection_closes(proxy, head, body):
     assert raw.startswith(b"HTTP/1.1 400") and b"connection: close" in raw.lower()
     assert json.loads(raw.split(b"\r\n\r\n", 1)[1].split(b"\r\n\r\n")[0] or b"{}")["error"]
     assert http_request(proxy.base, "GET", "/health")[0] == 200
+
+
+def test_a_body_that_would_parse_into_too_many_values_is_refused_unparsed(proxy, fake_codex):
+    lists = b'{"model": "m", "metadata": {"x": [' + b",".join([b"[]"] * 300000) + b']}}'
+    status, _, raw = post_chat(proxy.base, lists)
+    error = json.loads(raw)["error"]
+    assert status == 413 and str(cp.MAX_JSON_VALUES) in error["message"]
+    commas = chat_body("a," * 300000)                  # commas inside a string are text
+    assert post_chat(proxy.base, commas)[0] == 200
+    assert cp.json_values(json.dumps(commas).encode()) < 20
+
+
+def test_the_limits_readme_states_hold(proxy, fake_codex):
+    many = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5001
+    status, _, raw = post_chat(proxy.base, {"model": "m", "messages": many})
+    assert status == 400 and json.loads(raw)["error"]["code"] == "too_many_messages"
+    long_history = [{"role": "user", "content": "x" * 500000},
+                    {"role": "assistant", "content": "y" * 500000}] * 5
+    status, _, raw = post_chat(proxy.base, {"model": "m", "messages": long_history + [
+        {"role": "user", "content": "short question"}]})
+    assert status == 400 and "4194304" in json.loads(raw)["error"]["message"]
+    fine = long_history[:4] + [{"role": "user", "content": "short question"}]
+    assert post_chat(proxy.base, {"model": "m", "messages": fine})[0] == 200   # 2 MB history
+    readme = open(os.path.join(HERE, "README.md")).read()
+    for figure in ("16 MiB", "250,000 JSON values", "10,000 messages", "4 MiB",
+                   "1 MiB"):
+        assert figure in readme, figure
 
 
 def test_a_chunked_body_is_read(proxy, fake_codex):
@@ -4414,6 +4454,29 @@ def test_a_whole_oversized_upload_sees_the_413(make_proxy):
     assert error.value.code == 413
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_reads_nothing_is_cut_and_frees_its_slot(make_proxy, fake_codex, stream):
+    """It takes no byte for --send-timeout: cut, its Codex turn ended, its
+    slot free again (with one slot, the next request is served)."""
+    fake_codex.scenario(("next", [{"thread": True}, {"text": "served"}, {"complete": {}}]),
+                        [{"thread": True}, {"deltas": ["x" * 65536] * 200}, {"complete": {}}])
+    proxy = make_proxy(send_timeout=1.0, max_concurrent=1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port_of(proxy.base)))
+    try:
+        data = json.dumps(chat_body(stream=stream)).encode()
+        sock.sendall(request_bytes(b"Content-Length: %d\r\n" % len(data), data))
+        stalled = proxy.wait_event("client_stalled", timeout=30)[0]     # it never reads
+        if stream:                          # cut mid-turn: the turn ends
+            assert fake_codex.run_ended(fake_codex.wait_records(1)[0])
+        else:                               # the turn was done: its thread stays kept
+            assert len(proxy.server.turns.kept) == 1
+        assert stalled["run"] and post_chat(proxy.base, chat_body("next"))[0] == 200
+    finally:
+        sock.close()
+
+
 def test_a_non_streaming_client_that_leaves_is_noticed_while_tokens_flow(proxy, fake_codex):
     fake_codex.scenario([{"thread": True}, {"touch": "started"},
                          {"deltas": [f"w{n} " for n in range(400)], "pause": 0.05},
@@ -4585,16 +4648,67 @@ SWEEP_BODIES = {
 }
 
 
+SWEEP_BODIES.update({
+    "/v1/messages": {
+        "model": "claude-x", "max_tokens": 100, "stream": False, "system": "s",
+        "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "output_config": {"effort": "low"}, "stop_sequences": ["END"],
+        "tool_choice": {"type": "auto"}, "metadata": {"user_id": "u"},
+        "tools": [{"name": "f", "description": "d", "input_schema": {
+            "type": "object", "properties": {"p": {"type": "string"}}}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                     {"role": "assistant", "content": [
+                         {"type": "thinking", "thinking": "t", "signature": "SIGNED"},
+                         {"type": "tool_use", "id": "t1", "name": "f", "input": {"p": "x"}}]},
+                     {"role": "user", "content": [
+                         {"type": "tool_result", "tool_use_id": "t1", "content": "r"}]}]},
+    "/api/chat": {
+        "model": "5.5-tpg", "stream": False, "think": True, "format": "json",
+        "options": {"temperature": 0.2, "num_ctx": 8192, "stop": ["END"], "seed": 4},
+        "keep_alive": "5m",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"p": {"type": "string"}}}}}],
+        "messages": [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "",
+                      "tool_calls": [{"function": {"name": "f", "arguments": {"p": "x"}}}]},
+                     {"role": "tool", "content": "r", "tool_name": "f"}]},
+    "/api/generate": {
+        "model": "5.5-tpg", "stream": False, "prompt": "hi", "system": "s", "think": "low",
+        "format": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "options": {"stop": ["END"], "num_predict": 10}, "context": [1, 2, 3]},
+})
+SIGNED = {"summary": [{"type": "summary_text", "text": "t"}], "encrypted_content": "E"}
+
+
+def sweep_variants(body, seal):
+    """(where, make) for every field of `body`, and for every field inside
+    its thinking signature's content: make(value) is the body with that
+    field set to value (signatures signed with the proxy's own seal)."""
+    def with_signature(changed, content=SIGNED):
+        """The proxy's own signature around any content, odd ones too."""
+        payload = base64.urlsafe_b64encode(zlib.compress(json.dumps(content).encode())).decode()
+        signature = f"{cp.SIGNATURE_PREFIX}{payload}.{seal._mac(payload)}"
+        return json.loads(json.dumps(changed).replace('"SIGNED"', json.dumps(signature)))
+    for where in field_paths(body):
+        yield where, lambda value, where=where: with_signature(replaced(body, where, value))
+    if "SIGNED" in json.dumps(body):
+        for where in field_paths(SIGNED):
+            yield ("signature",) + where, lambda value, where=where: with_signature(
+                body, replaced(SIGNED, where, value))
+
+
 def test_a_wrong_type_in_any_field_of_any_api_is_never_a_5xx(make_proxy, fake_codex):
+    """Every field of every API, the content inside a thinking signature and
+    Ollama's options and format included."""
     fake_codex.scenario([{"thread": True}, {"text": '{{"a": "x"}}'}, {"complete": {}}])
     proxy = make_proxy(max_concurrent=16)
     rng = random.Random(15)
     statuses = {}
     for path, body in SWEEP_BODIES.items():
-        for where in field_paths(body):
-            for value in rng.sample(FIELD_VALUES, 3):
-                status = http_request(proxy.base, "POST", path, replaced(body, where, value),
-                                      timeout=20)[0]
+        for where, make in sweep_variants(body, proxy.server.seal):
+            for value in rng.sample(FIELD_VALUES, 3 if path.startswith("/v1/chat") or
+                                    path.startswith("/v1/resp") else 2):
+                status = http_request(proxy.base, "POST", path, make(value), timeout=20)[0]
                 statuses.setdefault(status, []).append((path, where, value))
     assert not [s for s in statuses if s >= 500], {s: v[:3] for s, v in statuses.items()
                                                    if s >= 500}
@@ -4670,6 +4784,32 @@ def test_bad_environment_values_are_usage_errors(monkeypatch, capsys):
 def test_non_loopback_bind_without_key_refuses_to_start(capsys):
     assert cp.main(["--addr", "0.0.0.0:0", "--codex-bin", "none"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_a_wildcard_origin_needs_a_key(capsys, make_proxy, fake_codex):
+    assert cp.main(["--addr", "127.0.0.1:0", "--codex-bin", "none", "--allow-origin", "*"]) == 2
+    assert "--api-key-file" in capsys.readouterr().err
+    assert not cp.origin_allowed("https://evil.example", ("*",))     # it means nothing alone
+    keyed = make_proxy(api_keys=(KEY,), allow_origins=("*",))
+    status, headers, _ = post_chat(keyed.base, chat_body(), {
+        "Origin": "https://chat.example", "Authorization": f"Bearer {KEY}"})
+    assert status == 200 and headers["access-control-allow-origin"] == "https://chat.example"
+
+
+def test_every_answer_carries_the_browser_headers(make_proxy, fake_codex):
+    proxy = make_proxy()
+    answers = [http_request(proxy.base, "GET", "/health"),
+               http_request(proxy.base, "GET", "/nothing"),
+               post_chat(proxy.base, chat_body()),
+               post_chat(proxy.base, chat_body(stream=True)),
+               http_request(proxy.base, "POST", "/v1/messages", {"messages": 1}),
+               http_request(proxy.base, "GET", "/logs", headers={"Accept": "text/html"})]
+    for status, headers, _ in answers:
+        assert headers["x-content-type-options"] == "nosniff", status
+        assert headers["cross-origin-resource-policy"] == "same-origin", status
+    page = answers[-1][1]
+    assert "frame-ancestors 'none'" in page["content-security-policy"]
+    assert page["x-frame-options"] == "DENY"
 
 
 def test_help_lists_an_environment_variable_for_every_flag():
@@ -7109,6 +7249,28 @@ def test_e2e_the_anthropic_sdk_tool_round_image_format_and_thinking(e2e, anthrop
     assert body["text"]["format"]["type"] == "json_schema"
     parts = [p for item in body["input"] if item.get("role") == "user" for p in item["content"]]
     assert any(p["type"] == "input_image" for p in parts)
+
+
+def test_e2e_odd_content_inside_a_signature_is_never_a_5xx(e2e):
+    """Codex refuses a history whose reasoning summary holds a number: such
+    content inside one of the proxy's own signatures is dropped, not sent."""
+    e2e.responder = lambda body, index: [upstream_message("fine", index)]
+    proxy = e2e.proxy()
+    seal = proxy.server.seal
+    for summary in ([{"type": "summary_text", "text": 5}], [{"text": "no type"}], "flat"):
+        content = {"summary": summary, "encrypted_content": "ENC"}
+        payload = base64.urlsafe_b64encode(zlib.compress(json.dumps(content).encode())).decode()
+        status, _, raw = http_request(proxy.base, "POST", "/v1/messages", {
+            "model": "claude-x", "max_tokens": 50, "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "t",
+                     "signature": f"{cp.SIGNATURE_PREFIX}{payload}.{seal._mac(payload)}"},
+                    {"type": "text", "text": "a"}]},
+                {"role": "user", "content": "more"}]})
+        assert status == 200, raw
+    assert not any(i.get("type") == "reasoning" for b in e2e.upstream.bodies()
+                   for i in b["input"])
 
 
 def test_e2e_a_usage_limit_is_an_anthropic_rate_limit_error(e2e, anthropic_sdk):
