@@ -8271,6 +8271,74 @@ def bench_client_sessions(env):
         proxy.stop()
 
 
+def peak_rss_mib(pid):
+    """The high-water mark of a process's resident memory (Linux VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def stress_memory_attacks(folder):
+    """Issue 23's three memory attacks on the real Codex, each on a fresh
+    proxy process: the proxy's peak RSS and the largest upstream request."""
+    codex = shutil.which("codex")
+    if not codex:
+        print("memory attacks skipped: codex is not on PATH")
+        return
+    env = E2E(folder, codex)
+    env.responder = lambda body, index: [upstream_message("ok", index)]
+
+    def attack(label, send):
+        before = len(env.upstream.bodies())
+        proxy = BenchProxy(env, max_concurrent=8)
+        try:
+            send(proxy)
+            peak = peak_rss_mib(proxy.proc.pid)
+        finally:
+            proxy.stop()
+        sizes = [len(json.dumps(b)) for b in env.upstream.bodies()[before:]] or [0]
+        print(f"{label}: proxy peak RSS {peak:.0f} MiB; largest upstream request "
+              f"{max(sizes) / 1048576:.2f} MiB")
+
+    def signatures(proxy):
+        data = json.dumps({"summary": [], "encrypted_content": "A" * (4 << 20)}).encode()
+        forged = "cxp2." + base64.urlsafe_b64encode(zlib.compress(data)).decode() + ".x"
+        thinking = [{"type": "thinking", "thinking": "t", "signature": forged}] * 40
+        status = http_request(proxy.base, "POST", "/v1/messages", {
+            "model": "m", "max_tokens": 10, "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": thinking + [{"type": "text", "text": "a"}]},
+                {"role": "user", "content": "more"}]}, timeout=120)[0]
+        assert status == 200, status
+
+    def stored_reasoning(proxy):
+        for n in range(16):
+            status = http_request(proxy.base, "POST", "/v1/responses", {
+                "model": "5.5-tpg", "store": True, "input": [
+                    {"role": "user", "content": f"q{n}"},
+                    {"type": "reasoning", "summary": [],
+                     "encrypted_content": "E" * (14 << 20)},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "more"}]}, timeout=120)[0]
+            assert status == 200, status
+
+    def empty_lists(proxy):
+        body = b'{"model": "m", "metadata": {"x": [' + b",".join([b"[]"] * 4900000) + b"]}}"
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            post_chat(proxy.base, body, timeout=120)[0])) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(150)
+        assert results == [413] * 3, results
+    try:
+        attack("40 forged 4 MiB thinking signatures in one /v1/messages body", signatures)
+        attack("16 stored responses each with a 14 MB reasoning item", stored_reasoning)
+        attack("three 14.7 MB bodies of 4.9 M empty lists at once", empty_lists)
+    finally:
+        env.close()
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve-proxy"]:
     serve_for_bench(json.loads(sys.argv[2]))
 elif __name__ == "__main__" and ("--bench" in sys.argv or "--stress" in sys.argv):
@@ -8285,3 +8353,5 @@ elif __name__ == "__main__" and ("--bench" in sys.argv or "--stress" in sys.argv
             bench_real_codex(base / "b")
         if "--stress" in sys.argv:
             stress(base / "c")
+            (base / "d").mkdir()
+            stress_memory_attacks(base / "d")
