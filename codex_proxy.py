@@ -345,6 +345,7 @@ class ProxyRequest:
     stop: list = dataclasses.field(default_factory=list)
     store: bool = True
     ignored_tools: list = dataclasses.field(default_factory=list)   # hosted: no client side
+    web_search: dict | None = None  # the hosted search asked for: web_search_config()
     echo: dict = dataclasses.field(default_factory=dict)   # fields a Response repeats
 
     def images(self):
@@ -536,10 +537,58 @@ def tool_name(name, where):
 
 
 def hosted_tools(tools):
-    """The hosted tools (web_search...) a request declares: they have no
-    client side, so the model is not offered them."""
+    """The hosted tools a request declares that the proxy cannot offer (all
+    but web search): they have no client side, so the model is not offered
+    them, and the log names them."""
     return [t.get("type") for t in tools or [] if isinstance(t, dict) and
-            t.get("type") in HOSTED_TOOLS]
+            t.get("type") in HOSTED_TOOLS and t.get("type") not in WEB_SEARCH_TOOLS]
+
+
+WEB_SEARCH_TOOLS = ("web_search", "web_search_preview")
+SEARCH_SIZES = ("low", "medium", "high")
+LOCATION_KEYS = ("country", "region", "city", "timezone")
+
+
+def web_search_config(where, context_size=None, location=None, domains=None, max_uses=None,
+                      required=False):
+    """A request's hosted web search, checked -> what Codex's thread config
+    takes (tools.web_search: context_size, location, allowed_domains), and
+    what the proxy enforces itself (max_uses, required)."""
+    if context_size is not None and context_size not in SEARCH_SIZES:
+        raise bad_request(f"{where}: search_context_size must be low, medium or high", where)
+    location = location if location is not None else {}
+    if not isinstance(location, dict) or not all(
+            isinstance(location.get(k), (str, type(None))) for k in LOCATION_KEYS):
+        raise bad_request(f"{where}: user_location must be an object of strings "
+                          "(country, region, city, timezone)", where)
+    if domains is not None and not (isinstance(domains, list) and len(domains) <= 100 and
+                                    all(isinstance(d, str) and d for d in domains)):
+        raise bad_request(f"{where}: allowed_domains must be a list of up to 100 domain names",
+                          where)
+    if max_uses is not None and (type(max_uses) is not int or max_uses < 1):
+        raise bad_request(f"{where}: max_uses must be a whole number of at least 1", where)
+    config = {"context_size": context_size, "max_uses": max_uses, "required": required,
+              "location": {k: location[k] for k in LOCATION_KEYS if location.get(k)} or None,
+              "allowed_domains": domains}
+    return {k: v for k, v in config.items() if v not in (None, False)}
+
+
+def openai_web_search(tools, options=None):
+    """A Responses `web_search` (or `_preview`) tool, or Chat Completions'
+    `web_search_options` -> web_search_config(), or None when not asked."""
+    for n, tool in enumerate(tools or []):
+        if isinstance(tool, dict) and tool.get("type") in WEB_SEARCH_TOOLS:
+            where = f"tools[{n}]"
+            location = field(tool, "user_location", (dict,), f"{where}.user_location")
+            filters = field(tool, "filters", (dict,), f"{where}.filters", {})
+            return web_search_config(where, tool.get("search_context_size"), location,
+                                     filters.get("allowed_domains"))
+    if options is None:
+        return None
+    location = field(options, "user_location", (dict,), "web_search_options.user_location", {})
+    inner = location.get("approximate", location)
+    return web_search_config("web_search_options", options.get("search_context_size"),
+                             inner if isinstance(inner, dict) else None)
 
 
 def normalize_tools(tools):
@@ -914,6 +963,8 @@ def parse_chat_request(body, reasoning_mode="content", store=None):
     request.include_usage = bool(options.get("include_usage"))
     request.tools = normalize_tools(body.get("tools"))
     request.ignored_tools = hosted_tools(body.get("tools"))
+    request.web_search = openai_web_search(body.get("tools"), field(
+        body, "web_search_options", (dict,)))
     reasoning = field(body, "reasoning", (dict,), default={})     # Cursor sends this shape too
     request.reasoning_effort = parse_effort(body.get("reasoning_effort"), "reasoning_effort") \
         or parse_effort(reasoning.get("effort"), "reasoning.effort")
@@ -961,6 +1012,7 @@ def parse_responses_request(body, store=None, strict_previous=True):
     tools = field(body, "tools", (list,), default=[]) + extra_tools
     request.tools = normalize_tools(tools)
     request.ignored_tools = hosted_tools(tools)
+    request.web_search = openai_web_search(tools)
     reasoning = field(body, "reasoning", (dict,), default={})
     request.reasoning_effort = parse_effort(reasoning.get("effort"), "reasoning.effort") or \
         parse_effort(body.get("reasoning_effort"), "reasoning_effort")
@@ -1237,6 +1289,8 @@ def anthropic_message(raw, index, room=None):
             tool_input = field(block, "input", (dict,), f"{at}.input", {})
             main.tool_calls.append(ToolCall(field(block, "id", (str,), f"{at}.id", ""), name,
                                             json.dumps(tool_input, ensure_ascii=False)))
+        elif kind in ("server_tool_use", "web_search_tool_result") and role == "assistant":
+            pass        # a search the model made: its answer's text holds what it found
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             reasoning = (room or Room(0)).reasoning(block.get("signature") or block.get("data"))
             if reasoning is not None:
@@ -1251,16 +1305,23 @@ def anthropic_message(raw, index, room=None):
     return out
 
 
+ANTHROPIC_SEARCH = re.compile(r"web_search_\d{8}")
+
+
 def anthropic_tools(tools):
-    """Messages API tools -> the OpenAI tool shape normalize_tools reads;
-    server tools (web_search_...) have no client side."""
+    """Messages API tools -> (the OpenAI tool shape normalize_tools reads,
+    the server tools the proxy cannot offer, the web search asked for as a
+    web_search_config() with the tool's name, or None)."""
     if tools is None:
-        return [], []
+        return [], [], None
     if not isinstance(tools, list):
         raise bad_request("tools must be a list", "tools")
-    shaped, hosted = [], []
-    for n, (_, tool) in enumerate(objects(tools, "tools", "tools")):
+    shaped, hosted, search = [], [], None
+    for n, (where, tool) in enumerate(objects(tools, "tools", "tools")):
         kind = tool.get("type")
+        if isinstance(kind, str) and ANTHROPIC_SEARCH.fullmatch(kind):
+            search = anthropic_web_search(tool, where)
+            continue
         if kind not in (None, "custom"):
             hosted.append(str(kind))
             continue
@@ -1270,7 +1331,20 @@ def anthropic_tools(tools):
                        "description": field(tool, "description", (str,),
                                             f"tools[{n}].description", ""),
                        "parameters": schema})
-    return shaped, hosted
+    return shaped, hosted, search
+
+
+def anthropic_web_search(tool, where):
+    """The web_search_2025xxxx server tool -> web_search_config() and its
+    name.  Codex's search takes allowed domains, not blocked ones."""
+    if tool.get("blocked_domains"):
+        raise bad_request(f"{where}.blocked_domains cannot be honoured: Codex's web search "
+                          "takes allowed_domains only", "tools")
+    location = field(tool, "user_location", (dict,), f"{where}.user_location")
+    config = web_search_config(where, None, location, tool.get("allowed_domains"),
+                               tool.get("max_uses"))
+    config["name"] = field(tool, "name", (str,), f"{where}.name", "web_search")
+    return config
 
 
 def anthropic_tool_choice(choice):
@@ -1328,10 +1402,13 @@ def parse_messages_request(body, room=None):
         request.notes.append(f"{room.dropped} thinking signature(s) this proxy did not make "
                              "(or altered) were dropped: their reasoning is not sent")
     request.stream = bool(field(body, "stream", (bool,), default=False))
-    tools, request.ignored_tools = anthropic_tools(body.get("tools"))
+    tools, request.ignored_tools, request.web_search = anthropic_tools(body.get("tools"))
     request.tools = normalize_tools(tools)
     request.tool_choice, request.parallel_tool_calls = anthropic_tool_choice(
         body.get("tool_choice"))
+    search = request.web_search
+    if search and request.tool_choice == {"name": search["name"]}:
+        request.tool_choice, search["required"] = "auto", True   # Claude Code's WebSearch
     request.reasoning_effort, request.reasoning_summary = anthropic_reasoning(body)
     fmt = field(body, "output_config", (dict,), default={}).get("format")
     if fmt is not None:
@@ -1521,8 +1598,20 @@ def render_instructions(messages, tools, tool_choice, extras=()):
     return "\n\n".join(parts) + "\n"
 
 
+def search_instruction(search):
+    """What the model is told of the hosted web search it may use."""
+    if not search:
+        return ""
+    text = "You can search the web with your web_search tool; cite the pages you use."
+    if search.get("max_uses"):
+        text += f" Search at most {search['max_uses']} times."
+    if search.get("required"):
+        text += " Search the web for the user's query before you answer."
+    return text
+
+
 def request_instructions(request, tools, names=None):
-    extras = [request.output_instruction]
+    extras = [request.output_instruction, search_instruction(request.web_search)]
     if tools and not request.parallel_tool_calls:
         extras.append("Call at most one tool per reply, then wait for its result.")
     choice = request.tool_choice
@@ -1723,6 +1812,7 @@ class ThreadSettings:
     model: str | None = None
     effort: str | None = None
     summary: str | None = None
+    web_search: str | None = None   # digest of the hosted search's settings, when on
 
     def differences(self, other):
         """What changed from `other` to these, in words."""
@@ -1735,10 +1825,11 @@ class ThreadSettings:
                 [f"\u2212{n}" for n in theirs if n not in mine] + \
                 [f"~{n}" for n in mine if n in theirs and mine[n] != theirs[n]]
             said.append(f"tools changed ({' '.join(changes) or 'order'})")
-        for name in ("model", "effort", "summary"):
+        for name in ("model", "effort", "summary", "web_search"):
             if getattr(self, name) != getattr(other, name):
                 said.append({"model": "model changed", "effort": "reasoning effort changed",
-                             "summary": "reasoning summary changed"}[name])
+                             "summary": "reasoning summary changed",
+                             "web_search": "web search changed"}[name])
         return said
 
 
@@ -2559,6 +2650,7 @@ class RunSpec:
     output_schema: dict | None
     fingerprint: str = ""           # ProxyRequest.fingerprint() of its conversation
     known_ids: frozenset = frozenset()  # the call ids its conversation holds
+    web_search: dict | None = None  # the hosted search the request asked for
 
     @property
     def tools(self):
@@ -2574,7 +2666,8 @@ class RunSpec:
             digest(self.instructions),
             tuple((name, digest(dataclasses.astuple(tool)))
                   for _, name, tool in self.names.offered()),
-            self.model, self.effort, self.summary)
+            self.model, self.effort, self.summary,
+            digest(self.web_search) if self.web_search else None)
 
 
 def run_spec(request, aliases, nested=False, messages=None):
@@ -2590,7 +2683,8 @@ def run_spec(request, aliases, nested=False, messages=None):
                    summary=request.reasoning_summary,
                    instructions=request_instructions(request, tools, names), messages=messages,
                    names=names, output_schema=request.output_schema,
-                   fingerprint=request.fingerprint(), known_ids=frozenset(request.history_ids()))
+                   fingerprint=request.fingerprint(), known_ids=frozenset(request.history_ids()),
+                   web_search=request.web_search)
     last = messages[-1] if messages and messages[-1].role == "user" else None
     check_input_size(len(last.text) if last else 0)      # the turn's own input
     return spec
@@ -2920,6 +3014,7 @@ class TurnPump:
         self.heard_model = False    # anything from the model since this response began
         self.first_output = None    # when the first text, reasoning or call was seen
         self.exit_seen = False      # the run's process ended
+        self.searches = 0           # hosted web searches done
         self.unknown_streak = 0     # model calls in a row of tools nobody declared
         self.silent_calls = 0       # model calls since something reached the client
         self._text_key = None
@@ -3050,6 +3145,10 @@ class TurnPump:
                 return self.text(*payload)
             self.reasoning_chars += len(payload[-1])
             self.responder.reasoning(*payload)
+        elif kind == "search":
+            return self.searched(payload)
+        elif kind == "annotations":
+            self.responder.annotate(*payload)
         elif kind == "model_call":
             self.model_called(payload)
         elif kind == "reasoning_item":
@@ -3093,6 +3192,19 @@ class TurnPump:
         detail = plain or "\n".join(list(self.codex_run.stderr_tail)[-5:])
         return launcher.failure({"message": f"Codex {how} before finishing the turn"
                                             + (f": {detail}" if detail else "")})
+
+    def searched(self, event):
+        """A hosted web search: shown in the API's shape.  Past the request's
+        max_uses (Anthropic's), the search is refused and the turn ends."""
+        self.silent_calls = 0
+        limit = (self.request.web_search or {}).get("max_uses")
+        if limit and event["status"] == "in_progress" and self.searches >= limit:
+            self.responder.search_refused(event, "max_uses_exceeded")
+            return self.answered(cut=True)
+        if event["status"] == "completed":
+            self.searches += 1
+        self.responder.search(event)
+        return None
 
     def model_called(self, unknown):
         """No invisible loops on the user's quota: the model calling tools
@@ -3208,8 +3320,9 @@ def render_prompt(messages, names=None):
     return "\n".join(lines)
 
 
-def translate_codex_event(event):
-    """One parsed `codex exec --json` line -> [(kind, payload)] (CodexRun's kinds).
+def translate_codex_event(event, search=False):
+    """One parsed `codex exec --json` line -> [(kind, payload)] (CodexRun's
+    kinds); `search`: the hosted web search is on for this run.
 
     Text is taken from completed items only, so it goes out exactly once."""
     etype = event.get("type")
@@ -3228,6 +3341,8 @@ def translate_codex_event(event):
     itype = item.get("type")
     if itype == "error":
         return [("warning", item.get("message") or "")] if etype == "item.completed" else []
+    if itype == "web_search" and search:
+        return [("search", search_of(item, etype == "item.completed"))]
     if etype != "item.completed":
         if itype == "mcp_tool_call" and item.get("server") == "client":
             return [("call_announced", (item.get("tool"), item.get("arguments")))]
@@ -3254,6 +3369,7 @@ class ExecRun(CodexRun):
         os.makedirs(self.workdir, exist_ok=True)
         self.secret = secrets.token_hex(24)
         self.argv = []
+        self.search = False         # the hosted web search is on (its items are expected)
 
     def _end(self, reason, grace):
         """Close Codex's input (with `grace`, wait that long for it to exit
@@ -3303,7 +3419,7 @@ class ExecRun(CodexRun):
             if not isinstance(event, dict):
                 plain.append(line)      # config errors come as plain text
                 continue
-            for kind, payload in translate_codex_event(event):
+            for kind, payload in translate_codex_event(event, self.search):
                 if kind == "call_announced":    # under the client's name, as it will arrive
                     spec = self.names.from_codex(None, payload[0])
                     if spec is None:
@@ -3344,12 +3460,19 @@ def write_run_files(run, instructions, images, output_schema):
 
 def codex_argv(prefix, *, model, effort, user_config, extra_config, workdir,
                instructions_path, images=(), bridge_config=None, catalog=None,
-               bridge_timeout, output_schema=None, summary=None):
+               bridge_timeout, output_schema=None, summary=None, web_search=None):
     """The full `codex exec` command line for one run."""
     argv = [*prefix, "exec"]
     for path in images:
         argv += ["-i", path]
-    argv += FORWARDER_FLAGS
+    flags = list(FORWARDER_FLAGS)
+    if web_search:          # the hosted search, asked for: live, with its settings
+        flags[flags.index('web_search="disabled"')] = 'web_search="live"'
+        table = {k: web_search[k] for k in ("context_size", "location", "allowed_domains")
+                 if k in web_search}
+        if table:
+            flags += ["-c", f"tools.web_search={toml_value(table)}"]
+    argv += flags
     argv += ["-C", workdir]
     if output_schema:
         argv += ["--output-schema", output_schema]
@@ -3424,6 +3547,7 @@ class ExecEngine(Engine):
                                       "turn's input)")
         run = ExecRun(new_run_id(), launcher.env, tempfile.mkdtemp(prefix="codex-proxy-"))
         run.assign(spec, launcher.runs)
+        run.search = bool(spec.web_search)
         try:
             instructions, images, schema = write_run_files(
                 run, spec.instructions, [url for m in spec.messages for url in m.images],
@@ -3436,7 +3560,7 @@ class ExecEngine(Engine):
                 instructions_path=instructions, images=images, bridge_config=bridge_path,
                 catalog=launcher.catalog_path,
                 bridge_timeout=launcher.config.tool_result_timeout,
-                output_schema=schema, summary=spec.summary)
+                output_schema=schema, summary=spec.summary, web_search=spec.web_search)
             run.launch(argv, prompt)
         except OSError as exc:
             launcher.discard(run)
@@ -3765,9 +3889,10 @@ class AppServerEvents:
     CODEX_TOOL_ITEMS = ("commandExecution", "fileChange", "webSearch", "mcpToolCall",
                         "imageGeneration", "collabAgentToolCall")
 
-    def __init__(self, names=None, clock=time.time):
+    def __init__(self, names=None, clock=time.time, search=False):
         self.names = names or ToolNames([], False)     # the client's tools
         self.clock = clock
+        self.search = search            # the hosted web search is on for this thread
         self.signals_responses = False  # Codex tells when the model ends a response
         self._deltas = set()            # items whose text arrived as deltas
         self._response_calls = set()    # client calls of the response being written
@@ -3805,11 +3930,14 @@ class AppServerEvents:
             self._deltas.add(params.get("itemId"))
             return [("reasoning", (params.get("itemId"), params.get("summaryIndex", 0),
                                    params.get("delta") or ""))]
-        if method == "item/completed":
-            return self._completed_item(params.get("item") or {})
-        if method == "item/started":
-            kind = (params.get("item") or {}).get("type")
-            return [("codex_tool", kind)] if kind in self.CODEX_TOOL_ITEMS else []
+        if method in ("item/completed", "item/started"):
+            item = params.get("item") or {}
+            if item.get("type") == "webSearch" and self.search:
+                return [("search", search_of(item, method == "item/completed"))]
+            if method == "item/completed":
+                return self._completed_item(item)
+            return [("codex_tool", item.get("type"))] \
+                if item.get("type") in self.CODEX_TOOL_ITEMS else []
         if method in ("rawResponseItem/completed", "rawResponse/completed"):
             return self._raw(method, params)
         if method == "thread/tokenUsage/updated":
@@ -3836,6 +3964,12 @@ class AppServerEvents:
         self.signals_responses = True
         if method == "rawResponseItem/completed":
             item = params.get("item") or {}
+            cited = [a for part in item.get("content") or [] if isinstance(part, dict)
+                     for a in part.get("annotations") or [] if isinstance(a, dict)
+                     and a.get("type") == "url_citation"] if item.get("type") == "message" \
+                else []
+            if cited:           # only the raw item keeps them (the agentMessage has text)
+                return [("annotations", (item.get("id"), cited))]
             if item.get("type") == "reasoning" and item.get("encrypted_content"):
                 return [("reasoning_item", {"type": "reasoning",
                                             "summary": item.get("summary") or [],
@@ -3868,6 +4002,28 @@ class AppServerEvents:
             return [("reasoning", (item_id, n, text))
                     for n, text in enumerate(item.get("summary") or []) if text]
         return []
+
+
+SEARCH_ACTIONS = {"search": "search", "openPage": "open_page", "open_page": "open_page",
+                  "findInPage": "find", "find_in_page": "find", "find": "find"}
+
+
+def search_of(item, done):
+    """A web search item of Codex's (app-server's webSearch, or exec's
+    web_search) -> the `search` event: {id, status, query, action}, the
+    action as the Responses API names it."""
+    action = item.get("action") if isinstance(item.get("action"), dict) else {}
+    kind = SEARCH_ACTIONS.get(action.get("type"), "search")
+    shaped = {"type": kind}
+    for key in ("query", "queries", "url", "pattern"):
+        if action.get(key):
+            shaped[key] = action[key]
+    if kind == "search" and item.get("query"):
+        shaped["query"] = item["query"]
+    return {"id": str(item.get("id") or "ws_" + secrets.token_hex(8)),
+            "status": "completed" if done else "in_progress",
+            "query": item.get("query") or action.get("query") or action.get("url") or "",
+            "action": shaped}
 
 
 def dynamic_tools(names):
@@ -4159,6 +4315,7 @@ class AppServerRun(CodexRun):
     def assign(self, spec, runs):
         super().assign(spec, runs)
         self.protocol.names = spec.names
+        self.protocol.search = bool(spec.web_search)
 
     def thread_params(self, instructions, names, thread_config, model=None):
         """thread/start for a pure forwarder: the client's instructions and
@@ -4302,8 +4459,18 @@ class AppServerEngine(Engine):
             argv += ["-c", item]
         return argv
 
-    def thread_config(self):
-        return dict(FORWARDER_THREAD_CONFIG)
+    def thread_config(self, spec=None):
+        """The forwarder settings, and the hosted web search when the
+        request asked for it (per thread: Codex takes it nowhere else)."""
+        config = dict(FORWARDER_THREAD_CONFIG)
+        search = spec.web_search if spec is not None else None
+        if search:
+            config["web_search"] = "live"
+            table = {k: search[k] for k in ("context_size", "location", "allowed_domains")
+                     if k in search}
+            if table:
+                config["tools.web_search"] = table
+        return config
 
     def _new_process(self, argv):
         return AppServerProcess(self.argv(argv), self.launcher.env, self.launcher.rate_limits)
@@ -4377,7 +4544,7 @@ class AppServerEngine(Engine):
             run.warm = warm
             run.assign(spec, self.launcher.runs)
             try:
-                run.open_thread(spec, self.thread_config())
+                run.open_thread(spec, self.thread_config(spec))
                 return run
             except ProxyError:
                 self.launcher.discard(run)
@@ -5290,6 +5457,9 @@ class Responder:
                                     reasoning summary text; a new item or
                                     part starts a new paragraph
         keepalive()                 while Codex is silent (streams only)
+        search(event)               a hosted web search begun or done (search_of)
+        annotate(key, citations)    the url_citations of message `key`'s text
+        search_refused(event, code) a search past max_uses: the turn ends
         tool_calls(calls)           at most once: [ToolCall] for the client
         end_output()                no more output comes: what is open is
                                     closed, so history_messages() and stored()
@@ -5318,6 +5488,15 @@ class Responder:
     def keepalive(self):
         if self.stream:
             self.handler.write_chunk(b": keepalive\n\n")
+
+    def search(self, event):
+        """A web search of the model's (shown where the API has a shape for it)."""
+
+    def annotate(self, key, citations):
+        """The url_citations of a message's text (where the API shows them)."""
+
+    def search_refused(self, event, code):
+        """A search past the request's max_uses (where the API says so)."""
 
     def end_output(self):
         """Close what is still open (nothing, unless a subclass keeps items open)."""
@@ -5463,6 +5642,9 @@ class ChatResponder(Responder):
         super().__init__(handler, request, reasoning_mode)
         self.id = new_completion_id()
         self.reasoning_text = []
+        self.annotations = []               # url_citations, at their place in the content
+        self._starts = {}                   # message key -> where its text begins
+        self._length = 0                    # characters of content sent
         self._text_key = self._reasoning_key = None
         self._think_open = False
 
@@ -5481,6 +5663,7 @@ class ChatResponder(Responder):
 
     def _content(self, text):
         self.content.append(text)
+        self._length += len(text)
         self._send({"content": text})
 
     def text(self, key, delta):
@@ -5491,8 +5674,21 @@ class ChatResponder(Responder):
             prefix, self._think_open = "\n</think>\n\n", False
         elif key != self._text_key and self.content:
             prefix = "\n\n"
+        if key != self._text_key:
+            self._starts[key] = self._length + len(prefix)
         self._text_key = key
         self._content(prefix + delta)
+
+    def annotate(self, key, citations):
+        """Chat Completions' `annotations`: url_citation objects whose indices
+        count in the whole content; streamed, in a delta of their own."""
+        offset = self._starts.get(key, self._starts.get(self._text_key, 0))
+        shaped = [{"type": "url_citation", "url_citation": {
+            "url": c.get("url"), "title": c.get("title"),
+            "start_index": offset + (c.get("start_index") or 0),
+            "end_index": offset + (c.get("end_index") or 0)}} for c in citations]
+        self.annotations += shaped
+        self._send({"annotations": shaped})
 
     def reasoning(self, item, part, delta):
         """Reasoning summary text: as reasoning_content, inside <think> in the
@@ -5525,13 +5721,18 @@ class ChatResponder(Responder):
             self._think_open = False
 
     def finish(self, reason, usage):
+        """The finish chunk, the usage chunk when asked, [DONE] (or one
+        chat.completion)."""
         self.end_output()
         usage = openai_usage(usage)
         if not self.stream:
             reasoning = "".join(self.reasoning_text) if self.reasoning_mode == "content" else ""
-            self.handler.send_json(200, make_completion(
-                self.id, self.created, self.model, "".join(self.content), reasoning,
-                self.calls, reason, usage))
+            completion = make_completion(self.id, self.created, self.model,
+                                         "".join(self.content), reasoning, self.calls,
+                                         reason, usage)
+            if self.annotations:
+                completion["choices"][0]["message"]["annotations"] = self.annotations
+            self.handler.send_json(200, completion)
             return
         data = sse(self._chunk({}, reason))
         if self.request.include_usage:
@@ -5556,10 +5757,17 @@ def responses_usage(usage):
             "total_tokens": prompt + completion}
 
 
-def output_message_item(item_id, text, status="completed"):
+def output_message_item(item_id, text, status="completed", annotations=()):
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [],
+            "content": [{"type": "output_text", "text": text, "annotations": list(annotations),
                          "logprobs": []}] if status == "completed" else []}
+
+
+def output_search_item(event):
+    """A web search as the Responses API's web_search_call item."""
+    action = event["action"] if event["status"] == "completed" else {"type": "search"}
+    return {"type": "web_search_call", "id": event["id"], "status": event["status"],
+            "action": action}
 
 
 def output_reasoning_item(item_id, parts):
@@ -5615,6 +5823,8 @@ class ResponsesResponder(Responder):
         self.output = []            # finished output items
         self._seq = 0
         self._item = None           # the item being written: {kind, key, id, parts}
+        self._searches = {}         # web search id -> its place in the output
+        self._messages = {}         # message key -> its place in the output, once done
 
     def _event(self, kind, **fields):
         if self.stream:
@@ -5687,13 +5897,14 @@ class ResponsesResponder(Responder):
             return
         index = len(self.output)
         if item["kind"] == "message":
-            text = item["parts"][0]
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            text, cited = item["parts"][0], item.get("annotations", [])
+            part = {"type": "output_text", "text": text, "annotations": cited, "logprobs": []}
             self._event("response.output_text.done", item_id=item["id"], output_index=index,
                         content_index=0, text=text, logprobs=[])
             self._event("response.content_part.done", item_id=item["id"],
                         output_index=index, content_index=0, part=part)
-            done = output_message_item(item["id"], text)
+            done = output_message_item(item["id"], text, annotations=cited)
+            self._messages[item["key"]] = index
         else:
             for n, text in enumerate(item["parts"]):
                 self._event("response.reasoning_summary_text.done", item_id=item["id"],
@@ -5704,6 +5915,50 @@ class ResponsesResponder(Responder):
             done = output_reasoning_item(item["id"], item["parts"])
         self.output.append(done)
         self._event("response.output_item.done", output_index=index, item=done)
+
+    def search(self, event):
+        """A web search as a web_search_call item: added (in progress,
+        searching), then completed and done with its action."""
+        index = self._searches.get(event["id"])
+        if index is None:
+            self._close()
+            index = self._searches[event["id"]] = len(self.output)
+            self.output.append(output_search_item(dict(event, status="in_progress")))
+            self._event("response.output_item.added", output_index=index,
+                        item=self.output[index])
+            for step in ("in_progress", "searching"):
+                self._event(f"response.web_search_call.{step}", item_id=event["id"],
+                            output_index=index)
+        if event["status"] == "completed":
+            self.output[index] = output_search_item(event)
+            self._event("response.web_search_call.completed", item_id=event["id"],
+                        output_index=index)
+            self._event("response.output_item.done", output_index=index,
+                        item=self.output[index])
+
+    def annotate(self, key, citations):
+        """url_citation annotations on the message's output_text, each with
+        its response.output_text.annotation.added event."""
+        shaped = [{"type": "url_citation", "url": c.get("url"), "title": c.get("title"),
+                   "start_index": c.get("start_index"), "end_index": c.get("end_index")}
+                  for c in citations]
+        item = self._item if self._item is not None and self._item["kind"] == "message" \
+            else None
+        index = len(self.output) if item is not None else \
+            self._messages.get(key, max(self._messages.values(), default=None))
+        if item is not None:
+            cited = item.setdefault("annotations", [])
+            item_id = item["id"]
+        elif index is not None:
+            cited = self.output[index]["content"][0]["annotations"]
+            item_id = self.output[index]["id"]
+        else:
+            return
+        for annotation in shaped:
+            self._event("response.output_text.annotation.added", item_id=item_id,
+                        output_index=index, content_index=0, annotation_index=len(cited),
+                        annotation=annotation)
+            cited.append(annotation)
 
     def tool_calls(self, calls):
         """Each call as a function_call (or custom_tool_call) item: added, its
@@ -5733,6 +5988,7 @@ class ResponsesResponder(Responder):
         return (self.id, self.output) if self.request.store else None
 
     def finish(self, reason, usage):
+        """response.completed with the whole Response (or it alone)."""
         self._close()
         response = self._response("completed", usage)
         if not self.stream:
@@ -5801,16 +6057,25 @@ class MessagesResponder(Responder):
         self.blocks = []            # finished content blocks
         self._block = None          # the block being written
         self._key = None
+        self.searches = []          # web searches done, in order
+        self._held = None           # text after a search, held until its citations come
+        self._cited = []            # ... and those citations (url_citation)
 
     def _event(self, kind, **fields):
         if self.stream:
             self.handler.write_chunk(sse(dict(type=kind, **fields), kind))
 
+    def _usage(self, usage):
+        shaped = anthropic_usage(usage or {})
+        if self.searches:
+            shaped["server_tool_use"] = {"web_search_requests": len(self.searches)}
+        return shaped
+
     def _message(self, stop_reason=None, usage=None):
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": self.blocks if stop_reason else [], "stop_reason": stop_reason,
                 "stop_sequence": self.stop_sequence if stop_reason else None,
-                "usage": anthropic_usage(usage or {})}
+                "usage": self._usage(usage)}
 
     def open(self):
         if self.stream:
@@ -5841,12 +6106,79 @@ class MessagesResponder(Responder):
     def text(self, key, delta):
         if not delta:
             return
+        self.content.append(delta)
+        if self._held is not None:      # after a search: it waits for its citations
+            self._held += delta
+            return
         if self._block is None or self._block["type"] != "text" or self._key != key:
             self._begin({"type": "text", "text": ""}, key)
         self._block["text"] += delta
-        self.content.append(delta)
         self._event("content_block_delta", index=len(self.blocks),
                     delta={"type": "text_delta", "text": delta})
+
+    # -- web search: server_tool_use, web_search_tool_result, cited text -------
+    def search(self, event):
+        """A done search: its blocks come with the results its answer cites,
+        so the text after it is held until the citations arrive."""
+        if event["status"] == "completed":
+            self._close()
+            self.searches.append(event)
+            self._held = "" if self._held is None else self._held
+
+    def annotate(self, key, citations):
+        self._cited += citations
+        self._flush()
+
+    def search_refused(self, event, code):
+        self._close()
+        self._flush()
+        self._search_blocks(event, {"type": "web_search_tool_result_error", "error_code": code})
+
+    def _flush(self):
+        """The held searches and text: for each search its server_tool_use
+        and web_search_tool_result (the last one holds the cited pages),
+        then the text with its citations (web_search_result_location)."""
+        if self._held is None:
+            return
+        text, cited, self._held, self._cited = self._held, self._cited, None, []
+        results = list({c.get("url"): c for c in cited if c.get("url")}.values())
+        pending = [s for s in self.searches if not s.get("shown")]
+        for n, event in enumerate(pending):
+            event["shown"] = True
+            self._search_blocks(event, [{
+                "type": "web_search_result", "url": c["url"], "title": c.get("title") or "",
+                "encrypted_content": base64.urlsafe_b64encode(c["url"].encode()).decode()}
+                for c in results] if n == len(pending) - 1 else [])
+        if text:
+            locations = [{"type": "web_search_result_location", "url": c.get("url"),
+                          "title": c.get("title"),
+                          "encrypted_index": base64.urlsafe_b64encode(b"%d" % n).decode(),
+                          "cited_text": text[c.get("start_index") or 0:c.get("end_index") or 0]
+                          or c.get("title") or ""} for n, c in enumerate(cited)]
+            self._whole({"type": "text", "text": text, "citations": locations},
+                        [{"type": "citations_delta", "citation": loc} for loc in locations] +
+                        [{"type": "text_delta", "text": text}],
+                        {"type": "text", "text": "", "citations": []})
+
+    def _search_blocks(self, event, content):
+        tool_id = "srvtoolu_" + re.sub(r"[^A-Za-z0-9_]", "", event["id"])[:40]
+        query = {"query": event.get("query") or ""}
+        self._whole({"type": "server_tool_use", "id": tool_id, "name": "web_search",
+                     "input": query},
+                    [{"type": "input_json_delta", "partial_json": json.dumps(query)}],
+                    {"type": "server_tool_use", "id": tool_id, "name": "web_search",
+                     "input": {}})
+        self._whole({"type": "web_search_tool_result", "tool_use_id": tool_id,
+                     "content": content})
+
+    def _whole(self, block, deltas=(), start=None):
+        """A block written at once: its start, its deltas, its stop."""
+        index = len(self.blocks)
+        self._event("content_block_start", index=index, content_block=start or block)
+        for delta in deltas:
+            self._event("content_block_delta", index=index, delta=delta)
+        self._event("content_block_stop", index=index)
+        self.blocks.append(block)
 
     def reasoning(self, item, part, delta):
         if not delta or not self.show_thinking:
@@ -5872,6 +6204,7 @@ class MessagesResponder(Responder):
 
     def end_output(self):
         self._close()
+        self._flush()
         for block in self.blocks:
             block.pop("part", None)
 
@@ -5883,7 +6216,7 @@ class MessagesResponder(Responder):
             return
         self._event("message_delta", delta={"stop_reason": stop,
                                             "stop_sequence": self.stop_sequence},
-                    usage=anthropic_usage(usage))
+                    usage=self._usage(usage))
         self._event("message_stop")
         self.handler.end_chunks()
 
@@ -6085,7 +6418,8 @@ class Turns:
     def serve(self, handler, request, api):
         """Answer one request: resume, continue or start its run, relay the
         run's events in the API's shape, then settle how the turn ended."""
-        self._log_incoming(handler, request)
+        self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id, **incoming_fields(
+            request, handler.client_address[0], self.config.log_bodies))
         codex_run = self.resume(request, handler.request_id) or \
             self.admit(request, handler.request_id)     # each holds a slot now
         responder = api.responder(handler, request, self.config.reasoning)
@@ -6106,9 +6440,8 @@ class Turns:
         self.settle(handler, codex_run, responder, end, started)
 
     def _restart(self, codex_run, request, request_id):
-        """The Codex process of a turn died before anything reached the
-        client: the turn starts again on a fresh thread, from the history
-        the request holds -> the new run (the request keeps its slot)."""
+        """A turn whose Codex died before anything reached the client starts
+        again on a fresh thread from the request's history -> the new run."""
         self.release(codex_run, "exited")
         try:
             spec = run_spec(request, self.config.aliases, self.launcher.engine.namespaces)
@@ -6120,11 +6453,6 @@ class Turns:
                       reason="process died (the turn starts again)",
                       history_messages=len(spec.messages) - 1)
         return codex_run
-
-    def _log_incoming(self, handler, request):
-        self.logs.add(LogEvent.INCOMING_REQUEST, handler.request_id,
-                      **incoming_fields(request, handler.client_address[0],
-                                        self.config.log_bodies))
 
     def settle(self, handler, codex_run, responder, end, started):
         """The end of a turn, in one place.  First what becomes of the run
@@ -6864,6 +7192,8 @@ class RequestBody:
         return length if kind == "length" else 0
 
     def read(self):
+        """The body's bytes (b"" when it has none), read once; a client that
+        waits for 100 Continue gets it now."""
         kind, length = self._framing
         self._framing = ("read", 0)
         if kind not in ("length", "chunked"):
@@ -7292,6 +7622,9 @@ def endpoint_turn(handler):
     finally:
         room.release()
     request.api = api.name
+    if request.web_search and server.config.no_web_search:
+        raise bad_request("this request asks for web search, which this proxy was started "
+                          "without (--no-web-search)", "tools", "web_search_disabled")
     server.turns.serve(handler, request, api)
 
 
@@ -7770,6 +8103,9 @@ FLAGS = (
          "responses", metavar="DIR",
          shown="`~/.local/state/codex-openai-proxy` (`%LOCALAPPDATA%\\codex-openai-proxy` "
                "on Windows)"),
+    Flag("--no-web-search", "CODEX_PROXY_NO_WEB_SEARCH", "no_web_search", False,
+         "refuse requests that ask for Codex's hosted web search (400), instead of "
+         "searching (see Web search)", kind="switch"),
     Flag("--log-size", "CODEX_PROXY_LOG_SIZE", "log_size", 2000,
          "events kept for `/logs`", kind="int", metavar="N", low=1),
     Flag("--log-bodies", "CODEX_PROXY_LOG_BODIES", "log_bodies", False,

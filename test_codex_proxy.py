@@ -2596,8 +2596,8 @@ def test_a_tool_declared_twice_differently_is_named_in_a_400():
         cp.normalize_tools([same, dict(same, description="other")])
     assert "'f'" in error.value.message
     request = cp.parse_responses_request({"input": "x", "tools": [
-        {"type": "web_search"}, same, {"type": "namespace", "name": "ns", "tools": [same]}]})
-    assert request.ignored_tools == ["web_search"] and len(request.tools) == 2
+        {"type": "file_search"}, same, {"type": "namespace", "name": "ns", "tools": [same]}]})
+    assert request.ignored_tools == ["file_search"] and len(request.tools) == 2
 
 
 def test_what_the_codex_cli_sends_parses():
@@ -2807,7 +2807,7 @@ def test_a_claude_code_turn_parses_into_the_request_model():
     tool = request.messages[4]
     assert tool.tool_call_id == "toolu_1" and tool.text == "1\thello" and len(tool.images) == 1
     assert request.tools[0].name == "Read" and "$schema" not in request.tools[0].parameters
-    assert request.ignored_tools == ["web_search_20250305"]
+    assert request.ignored_tools == [] and request.web_search == {"name": "web"}
     assert (request.reasoning_effort, request.reasoning_summary) == ("xhigh", "auto")
     assert cp.resolve_model(request.model, {}) == (None, None)         # Codex's default
     assert cp.resolve_model("claude-opus-4-8", {"claude-opus-4-8": "gpt-5.5"})[0] == "gpt-5.5"
