@@ -567,9 +567,9 @@ def web_search_config(where, context_size=None, location=None, domains=None, max
                           where)
     if max_uses is not None and (type(max_uses) is not int or max_uses < 1):
         raise bad_request(f"{where}: max_uses must be a whole number of at least 1", where)
-    config = {"context_size": context_size, "max_uses": max_uses, "required": required,
-              "location": {k: location[k] for k in LOCATION_KEYS if location.get(k)} or None,
-              "allowed_domains": domains}
+    config = {"mode": "live", "context_size": context_size, "max_uses": max_uses,
+              "required": required, "allowed_domains": domains,
+              "location": {k: location[k] for k in LOCATION_KEYS if location.get(k)} or None}
     return {k: v for k, v in config.items() if v not in (None, False)}
 
 
@@ -2577,17 +2577,37 @@ class CodexInfo:
                 self._checked_at -= LOGIN_CACHE_SECONDS + 1
 
 
+@dataclasses.dataclass
+class Catalog:
+    """The proxy's copy of Codex's model catalog: the file every Codex gets,
+    the one for threads with web search, and what each model says of
+    itself (context window, input kinds, efforts)."""
+    path: str | None = None
+    search_path: str | None = None  # "lite" wire format off: Codex drops hosted tools in it
+    models: list = dataclasses.field(default_factory=list)
+
+    def listed(self):
+        """The slugs Codex shows users."""
+        return [m.get("slug") for m in self.models if m.get("visibility") == "list"]
+
+    def model(self, slug):
+        return next((m for m in self.models if m.get("slug") == slug), None)
+
+
 def build_model_catalog(codex_argv, env, state_dir, version):
     """Write Codex's model catalog with tool search, apply_patch, code mode and
-    Codex's experimental tools turned off.
+    Codex's experimental tools turned off -> a Catalog (empty when Codex
+    could not say and no earlier copy exists).
 
     Catalog models otherwise see MCP tools only behind `tool_search` (exec),
     would be offered Codex's own apply_patch and experimental tools (both
     engines), and newer ones would reach the client's tools only through a
-    JavaScript `exec` tool of Codex's (code mode).
-    Returns (path, [model slugs listed for users]) or (None, [])."""
+    JavaScript `exec` tool of Codex's (code mode).  A second copy has
+    Codex's "lite" wire format off too, for threads with web search: in it
+    Codex offers no hosted tool."""
     safe = re.sub(r"[^A-Za-z0-9.]+", "-", version or "unknown")
     path = os.path.join(state_dir, f"model-catalog-{safe}.json")
+    search_path = os.path.join(state_dir, f"model-catalog-{safe}-search.json")
     data = None
     for extra in ([], ["--bundled"]):
         rc, out = run_quick(codex_argv + ["debug", "models"] + extra, env, timeout=30)
@@ -2599,12 +2619,11 @@ def build_model_catalog(codex_argv, env, state_dir, version):
             break
         data = None
     if data is None:
-        if os.path.isfile(path):    # an earlier copy for this version
+        if os.path.isfile(path) and os.path.isfile(search_path):   # an earlier copy
             with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            return path, [m.get("slug") for m in data.get("models", [])
-                          if m.get("visibility") == "list"]
-        return None, []
+                return Catalog(path, search_path, json.load(f).get("models", []))
+        return Catalog()
+    data["models"] = [m for m in data["models"] if isinstance(m, dict)]
     for model in data["models"]:
         model["supports_search_tool"] = False
         model["apply_patch_tool_type"] = None
@@ -2613,12 +2632,18 @@ def build_model_catalog(codex_argv, env, state_dir, version):
         model["tool_mode"] = None
         model["experimental_supported_tools"] = []
     os.makedirs(state_dir, exist_ok=True)
+    write_json_file(path, data)
+    write_json_file(search_path, {"models": [dict(m, use_responses_lite=False)
+                                             for m in data["models"]]})
+    return Catalog(path, search_path, data["models"])
+
+
+def write_json_file(path, data):
+    """Write a JSON file whole: readers see the old one or the new one."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
     os.replace(tmp, path)
-    return path, [m.get("slug") for m in data["models"]
-                  if isinstance(m, dict) and m.get("visibility") == "list"]
 
 
 # ---------------------------------------------------------------------------
@@ -3558,7 +3583,8 @@ class ExecEngine(Engine):
                 user_config=launcher.user_config.read(),
                 extra_config=launcher.config.codex_config, workdir=run.workdir,
                 instructions_path=instructions, images=images, bridge_config=bridge_path,
-                catalog=launcher.catalog_path,
+                catalog=launcher.catalog.search_path if spec.web_search
+                else launcher.catalog.path,
                 bridge_timeout=launcher.config.tool_result_timeout,
                 output_schema=schema, summary=spec.summary, web_search=spec.web_search)
             run.launch(argv, prompt)
@@ -4453,8 +4479,8 @@ class AppServerEngine(Engine):
         """The process's command line: threads unload as soon as they are let
         go, and the catalog copy is given once, for every thread."""
         argv = [*prefix, "app-server", "-c", "thread_unload_delay_secs=0"]
-        if self.launcher.catalog_path:
-            argv += ["-c", f"model_catalog_json={toml_value(self.launcher.catalog_path)}"]
+        if self.launcher.catalog.path:
+            argv += ["-c", f"model_catalog_json={toml_value(self.launcher.catalog.path)}"]
         for item in self.launcher.config.codex_config:
             argv += ["-c", item]
         return argv
@@ -4470,6 +4496,8 @@ class AppServerEngine(Engine):
                      if k in search}
             if table:
                 config["tools.web_search"] = table
+            if self.launcher.catalog.search_path:
+                config["model_catalog_json"] = self.launcher.catalog.search_path
         return config
 
     def _new_process(self, argv):
@@ -4513,7 +4541,7 @@ class AppServerEngine(Engine):
             auth_stamp = os.stat(auth).st_mtime_ns
         except OSError:
             auth_stamp = None
-        return (tuple(argv), version, launcher.catalog_path, launcher.user_config.stamp(),
+        return (tuple(argv), version, launcher.catalog.path, launcher.user_config.stamp(),
                 auth_stamp, tuple(launcher.config.codex_config))
 
     def spawn(self):
@@ -4759,7 +4787,7 @@ class CodexLauncher:
         self.stopping = stopping
         self.codex = CodexInfo(config, env)
         self.user_config = CodexConfigFile(config.codex_home_dir)
-        self.catalog_path, self.catalog_models = None, []
+        self.catalog = Catalog()
         self.catalog_error = None       # why the catalog copy could not be written
         self.engines = {name: kind(self) for name, kind in ENGINES.items()}
         forced = self.engines.get(config.engine)
@@ -4803,7 +4831,7 @@ class CodexLauncher:
             self._catalog_version = version
             state_dir = self.config.state_dir or default_state_dir()
             try:
-                self.catalog_path, self.catalog_models = build_model_catalog(
+                self.catalog = build_model_catalog(
                     argv, self.env, state_dir, version)
                 self.catalog_error = None
             except OSError as exc:      # the log never holds a path: the banner names it
@@ -4904,7 +4932,7 @@ class CodexLauncher:
         user_config = self.user_config.read()
         names = []
         base = [user_config.get("model")] + list(self.config.aliases) + \
-            list(self.config.aliases.values()) + list(self.catalog_models)
+            list(self.config.aliases.values()) + self.catalog.listed()
         for name in base:
             if not isinstance(name, str) or not name:
                 continue

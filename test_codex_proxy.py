@@ -569,6 +569,15 @@ class FakeExec:
             self.calls(value)
         elif kind == "command":
             emit({"type": "item.completed", "item": {"id": "c", "type": "command_execution"}})
+        elif kind == "search":          # exec tells a search, with no citations
+            emit({"type": "item.started", "item": {"id": f"ws_{n}", "type": "web_search",
+                                                   "query": "", "action": {"type": "search"}}})
+            emit({"type": "item.completed", "item": {
+                "id": f"ws_{n}", "type": "web_search", "query": value,
+                "action": {"type": "search", "query": value, "queries": [value]}}})
+        elif kind == "cited":
+            emit({"type": "item.completed", "item": {"id": f"item_{n}", "type": "agent_message",
+                                                     "text": value["text"]}})
         elif kind == "loop_unknown":          # exec tells only its log of each refused call
             for n in range(200):
                 print(f"ERROR codex_core::tools::router: error=unsupported call: {value}",
@@ -812,8 +821,27 @@ class FakeThread:
             self.notify("warning", {"message": value})
         elif kind == "loop_unknown":
             self.loop_unknown(value)
+        elif kind == "search":
+            self.search(f"ws_{n}", value)
+        elif kind == "cited":
+            self.message(f"m{n}", [value["text"]], None)
+            self.raw("rawResponseItem/completed", {"item": {
+                "type": "message", "id": f"m{n}", "role": "assistant", "content": [{
+                    "type": "output_text", "text": value["text"], "annotations": [
+                        dict(c, type="url_citation") for c in value["citations"]]}]}})
         elif kind != "thread":
             self.fake.common_step(kind, value)
+
+    def search(self, item_id, query):
+        """A hosted web search, as app-server tells it (webSearch items)."""
+        self.notify("item/started", {"item": {"type": "webSearch", "id": item_id, "query": "",
+                                              "action": {"type": "search", "query": None}}})
+        self.notify("item/completed", {"item": {
+            "type": "webSearch", "id": item_id, "query": query,
+            "action": {"type": "search", "query": query, "queries": [query]}}})
+        self.raw("rawResponseItem/completed", {"item": {
+            "type": "web_search_call", "id": item_id, "status": "completed",
+            "action": {"type": "search", "query": query}}})
 
     def answer_of(self, slot):
         while not slot[0].wait(0.05):
@@ -2807,7 +2835,7 @@ def test_a_claude_code_turn_parses_into_the_request_model():
     tool = request.messages[4]
     assert tool.tool_call_id == "toolu_1" and tool.text == "1\thello" and len(tool.images) == 1
     assert request.tools[0].name == "Read" and "$schema" not in request.tools[0].parameters
-    assert request.ignored_tools == [] and request.web_search == {"name": "web"}
+    assert request.ignored_tools == [] and request.web_search == {"mode": "live", "name": "web"}
     assert (request.reasoning_effort, request.reasoning_summary) == ("xhigh", "auto")
     assert cp.resolve_model(request.model, {}) == (None, None)         # Codex's default
     assert cp.resolve_model("claude-opus-4-8", {"claude-opus-4-8": "gpt-5.5"})[0] == "gpt-5.5"
@@ -3488,7 +3516,7 @@ def test_a_new_codex_version_gets_its_own_catalog(proxy, fake_codex, tmp_path):
     assert all(m["supports_search_tool"] is False and m["apply_patch_tool_type"] is None
                and m["tool_mode"] is None and m["experimental_supported_tools"] == []
                for m in models)        # the client's tools directly, none of Codex's own
-    assert wait_until(lambda: proxy.server.launcher.catalog_path == str(catalog), 10)
+    assert wait_until(lambda: proxy.server.launcher.catalog.path == str(catalog), 10)
     post_chat(proxy.base, chat_body())
     assert argv_config(fake_codex.wait_records(2)[-1])["model_catalog_json"] == \
         cp.toml_value(str(catalog))         # a process of the new version, with its catalog
@@ -5822,6 +5850,174 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
           "required": ["city", "temp"]}
 
 
+SEARCH_TURN = [{"thread": True}, {"search": "python 3.14 release"},
+               {"cited": {"text": "Python 3.14 came out in October 2025.", "citations": [
+                   {"url": "https://python.org/3.14", "title": "Python 3.14", "start_index": 0,
+                    "end_index": 11}]}}, {"complete": {}}]
+SEARCH_TOOL = {"type": "web_search", "search_context_size": "high",
+               "user_location": {"type": "approximate", "country": "DE", "city": "Berlin"},
+               "filters": {"allowed_domains": ["python.org"]}}
+
+
+def test_web_search_is_off_unless_asked_and_fails_closed(proxy, fake_codex):
+    fake_codex.scenario(SEARCH_TURN)
+    status, _, raw = post_chat(proxy.base, chat_body("search, uninvited"))
+    assert status == 502 and json.loads(raw)["error"]["code"] == "codex_tool_used"
+    record = fake_codex.wait_records(1)[0]
+    assert record["thread"]["config"]["web_search"] == "disabled"
+    assert "tools.web_search" not in record["thread"]["config"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_web_search_gives_its_items_annotations_and_events(both, fake_codex,
+                                                                       stream):
+    fake_codex.scenario(SEARCH_TURN)
+    status, _, raw = post_responses(both.base, {"model": "5.5-tpg", "input": "when?",
+                                                "tools": [SEARCH_TOOL], "stream": stream})
+    assert status == 200, raw
+    if stream:
+        events = response_events(raw)
+        kinds = [e["type"] for e in events]
+        for kind in ("response.web_search_call.in_progress", "response.web_search_call.searching",
+                     "response.web_search_call.completed"):
+            assert kind in kinds
+        output = events[-1]["response"]["output"]
+    else:
+        output = json.loads(raw)["output"]
+    search, message = output[0], output[-1]
+    assert search.pop("id").startswith("ws_") and search == {
+        "type": "web_search_call", "status": "completed",
+        "action": {"type": "search", "query": "python 3.14 release",
+                   "queries": ["python 3.14 release"]}}
+    record = fake_codex.wait_records(1)[0]
+    if record["engine"] == "app-server":
+        assert message["content"][0]["annotations"] == [{
+            "type": "url_citation", "url": "https://python.org/3.14", "title": "Python 3.14",
+            "start_index": 0, "end_index": 11}]
+        if stream:
+            added = [e for e in events if e["type"] == "response.output_text.annotation.added"]
+            assert added[0]["annotation"]["url"] == "https://python.org/3.14"
+    config = record["thread"]["config"] if record["engine"] == "app-server" else {
+        k: cp.read_toml("v = " + v)["v"] for k, v in record["conf"].items()
+        if k in ("web_search", "tools.web_search")}
+    assert config["web_search"] == "live"
+    catalog = record["thread"]["config"]["model_catalog_json"] \
+        if record["engine"] == "app-server" else \
+        cp.read_toml("v = " + record["conf"]["model_catalog_json"])["v"]
+    assert catalog.endswith("-search.json")         # Codex's lite format drops hosted tools
+    assert all(m["use_responses_lite"] is False for m in json.load(open(catalog))["models"])
+    assert config["tools.web_search"] == {"context_size": "high", "allowed_domains":
+                                          ["python.org"], "location": {"country": "DE",
+                                                                       "city": "Berlin"}}
+    assert "search the web" in record["instructions"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_web_search_options_give_url_citations(proxy, fake_codex, stream):
+    fake_codex.scenario(SEARCH_TURN)
+    status, _, raw = post_chat(proxy.base, chat_body("when?", stream=stream,
+                                                      web_search_options={}))
+    assert status == 200, raw
+    if stream:
+        deltas = [e["choices"][0]["delta"] for e in sse_events(raw)
+                  if e != "[DONE]" and e.get("choices")]
+        annotations = [a for d in deltas for a in d.get("annotations") or []]
+    else:
+        annotations = json.loads(raw)["choices"][0]["message"]["annotations"]
+    assert annotations == [{"type": "url_citation", "url_citation": {
+        "url": "https://python.org/3.14", "title": "Python 3.14", "start_index": 0,
+        "end_index": 11}}]
+
+
+def claude_search_body(**extra):
+    """What Claude Code's WebSearch tool sends (observed on 2.1.197)."""
+    return dict({"model": "claude-sonnet-4-5", "max_tokens": 32000, "stream": True,
+                 "messages": [{"role": "user", "content": [{"type": "text", "text":
+                               "Perform a web search for the query: python 3.14 release"}]}],
+                 "system": [{"type": "text", "text": "You are an assistant for performing a "
+                                                     "web search tool use"}],
+                 "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+                 "tool_choice": {"type": "tool", "name": "web_search"},
+                 "thinking": {"type": "disabled"}, "temperature": 1}, **extra)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_anthropic_web_search_gives_anthropics_blocks(proxy, fake_codex, stream):
+    fake_codex.scenario(SEARCH_TURN)
+    status, _, raw = http_request(proxy.base, "POST", "/v1/messages?beta=true",
+                                  claude_search_body(stream=stream))
+    assert status == 200, raw
+    if stream:
+        events = sse_events(raw, named=True)
+        kinds = [e["content_block"]["type"] for e in events
+                 if e["type"] == "content_block_start"]
+        assert kinds == ["server_tool_use", "web_search_tool_result", "text"]
+        usage = [e for e in events if e["type"] == "message_delta"][0]["usage"]
+        starts = [e for e in events if e["type"] == "content_block_start"]
+        assert starts[0]["content_block"]["input"] == {}
+        deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+        assert deltas[0] == {"type": "input_json_delta",
+                             "partial_json": '{"query": "python 3.14 release"}'}
+        blocks = [starts[1]["content_block"]]
+        assert [d["type"] for d in deltas[1:]] == ["citations_delta", "text_delta"]
+    else:
+        message = json.loads(raw)
+        usage, blocks = message["usage"], message["content"]
+        assert [b["type"] for b in blocks] == ["server_tool_use", "web_search_tool_result",
+                                               "text"]
+        assert blocks[0]["input"] == {"query": "python 3.14 release"}
+        assert blocks[2]["citations"][0]["cited_text"] == "Python 3.14"
+        blocks = blocks[1:]
+    result = blocks[0]
+    assert result["tool_use_id"].startswith("srvtoolu_")
+    assert [(r["type"], r["url"], r["title"]) for r in result["content"]] == [
+        ("web_search_result", "https://python.org/3.14", "Python 3.14")]
+    assert result["content"][0]["encrypted_content"]
+    assert usage["server_tool_use"] == {"web_search_requests": 1}
+    record = fake_codex.wait_records(1)[0]
+    assert "Search the web for the user's query before you answer" in record["instructions"]
+    assert not proxy.server.turns.parked and record["thread"]["config"]["web_search"] == "live"
+
+
+def test_anthropic_max_uses_and_blocked_domains(proxy, fake_codex):
+    fake_codex.scenario([{"thread": True}, {"search": "one"}, {"search": "two"},
+                         {"text": "never"}, {"complete": {}}])
+    body = claude_search_body(stream=False, tools=[{"type": "web_search_20250305",
+                                                    "name": "web_search", "max_uses": 1}])
+    status, _, raw = http_request(proxy.base, "POST", "/v1/messages", body)
+    blocks = json.loads(raw)["content"]
+    assert status == 200 and [b["type"] for b in blocks] == [
+        "server_tool_use", "web_search_tool_result", "server_tool_use",
+        "web_search_tool_result"]
+    assert blocks[3]["content"] == {"type": "web_search_tool_result_error",
+                                    "error_code": "max_uses_exceeded"}
+    assert fake_codex.run_ended(fake_codex.wait_records(1)[0])       # the turn went no further
+    blocked = claude_search_body(tools=[{"type": "web_search_20250305", "name": "web_search",
+                                         "blocked_domains": ["evil.example"]}])
+    status, _, raw = http_request(proxy.base, "POST", "/v1/messages", blocked)
+    assert status == 400 and "blocked_domains" in json.loads(raw)["error"]["message"]
+
+
+def test_no_web_search_refuses_every_api_that_asks(make_proxy, fake_codex):
+    proxy = make_proxy(no_web_search=True)
+    for path, body in (("/v1/responses", {"input": "x", "tools": [{"type": "web_search"}]}),
+                       ("/v1/chat/completions", chat_body(web_search_options={})),
+                       ("/v1/messages", claude_search_body(stream=False))):
+        status, _, raw = http_request(proxy.base, "POST", path, body)
+        assert status == 400 and "--no-web-search" in raw.decode(), path
+    assert fake_codex.records() == []
+
+
+def test_a_kept_thread_continues_only_with_the_same_search(proxy, fake_codex):
+    fake_codex.scenario(CHAT_TURN)
+    messages = [{"role": "user", "content": "one"}]
+    answer, _ = converse(proxy, messages)
+    converse(proxy, messages + [answer, {"role": "user", "content": "two"}],
+             web_search_options={})
+    assert proxy.wait_event("conversation_started", 2)[1]["reason"] == \
+        "instructions changed, web search changed"
+
+
 def test_structured_output_becomes_the_output_schema(both, fake_codex):
     post_chat(both.base, chat_body(response_format={"type": "json_schema", "json_schema": {
         "name": "weather", "schema": SCHEMA, "strict": True}}))
@@ -7357,7 +7553,7 @@ def claude_code():
     return path
 
 
-def run_claude(claude, proxy, prompt, cwd, home, model=None):
+def run_claude(claude, proxy, prompt, cwd, home, model=None, extra=()):
     """`claude -p` against the proxy, as a user would run it, offline."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ANTHROPIC_", "CLAUDE", "OPENAI_"))}
@@ -7366,7 +7562,8 @@ def run_claude(claude, proxy, prompt, cwd, home, model=None):
                CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", NO_PROXY="127.0.0.1,localhost")
     if model:
         env["ANTHROPIC_MODEL"] = model
-    done = subprocess.run([claude, "-p", prompt, "--output-format", "json"], cwd=cwd, env=env,
+    done = subprocess.run([claude, "-p", prompt, "--output-format", "json", *extra], cwd=cwd,
+                          env=env,
                           capture_output=True, text=True, timeout=150,
                           stdin=subprocess.DEVNULL)
     result = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
@@ -7412,6 +7609,83 @@ def test_e2e_claude_code_answers_and_runs_its_own_read_tool(e2e, claude_code, tm
 # ---------------------------------------------------------------------------
 # logs.html in a real browser (headless Chromium through chromedriver)
 # ---------------------------------------------------------------------------
+
+SEARCHED = [{"type": "web_search_call", "id": "ws_e2e", "status": "completed",
+             "action": {"type": "search", "query": "python 3.14 release",
+                        "sources": [{"type": "url", "url": "https://python.org/3.14"}]}},
+            {"type": "message", "role": "assistant", "id": "msg_searched", "content": [{
+                "type": "output_text", "text": "Python 3.14 came out in October 2025.",
+                "annotations": [{"type": "url_citation", "url": "https://python.org/3.14",
+                                 "title": "Python 3.14", "start_index": 0,
+                                 "end_index": 11}]}]}]
+
+
+def searching(body, index):
+    """A model that searches when it has the hosted search tool."""
+    if any(t.get("type") == "web_search" for t in body.get("tools", [])):
+        return SEARCHED
+    return [upstream_message("no search tool", index)]
+
+
+def test_e2e_web_search_in_each_api(e2e, openai_sdk, anthropic_sdk):
+    e2e.responder = searching
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    response = client.responses.create(model="5.5-tpg", input="when did 3.14 come out?",
+                                       tools=[SEARCH_TOOL])
+    assert [o.type for o in response.output] == ["web_search_call", "message"]
+    assert response.output[0].action.query == "python 3.14 release"
+    assert response.output[1].content[0].annotations[0].url == "https://python.org/3.14"
+    tool = e2e.upstream.bodies()[0]["tools"][0]
+    assert tool["type"] == "web_search" and tool["external_web_access"] is True
+    assert tool["search_context_size"] == "high"
+    assert tool["filters"] == {"allowed_domains": ["python.org"]}
+    assert tool["user_location"]["country"] == "DE"
+    chunks = list(client.chat.completions.create(
+        model="5.5-tpg", messages=[{"role": "user", "content": "when?"}], stream=True,
+        extra_body={"web_search_options": {}}))
+    annotations = [a for c in chunks if c.choices for a in
+                   (getattr(c.choices[0].delta, "annotations", None) or [])]
+    assert annotations[0]["url_citation"]["url"] == "https://python.org/3.14"
+    message = anthropic_sdk.Anthropic(base_url=proxy.base, api_key="x", max_retries=0).messages \
+        .create(model="claude-x", max_tokens=100, messages=[{"role": "user", "content": "q"}],
+                tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}])
+    assert [b.type for b in message.content] == ["server_tool_use", "web_search_tool_result",
+                                                 "text"]
+    assert message.content[1].content[0].url == "https://python.org/3.14"
+    assert message.content[2].citations[0].url == "https://python.org/3.14"
+    assert message.usage.server_tool_use.web_search_requests == 1
+    plain = client.chat.completions.create(model="5.5-tpg", messages=[
+        {"role": "user", "content": "no search, please"}])
+    assert plain.choices[0].message.content == "no search tool"       # off unless asked
+    assert e2e.upstream.bodies()[-1]["tools"] == []
+
+
+def test_e2e_claude_codes_web_search_tool_works(e2e, claude_code, tmp_path):
+    """Claude Code's WebSearch is a second /v1/messages request with the
+    web_search server tool: it gets Anthropic's blocks, searches once, and
+    the main turn goes on with the links."""
+    def responder(body, index):
+        outputs = [i for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(f"FOUND: {json.dumps(outputs[-1])[:400]}", index)]
+        if any(t.get("type") == "web_search" for t in body.get("tools", [])):
+            return SEARCHED
+        return [offered_call(body, "WebSearch", {"query": "python 3.14 release"}, "call_ws")]
+    e2e.responder = responder
+    proxy = e2e.proxy()
+    project, home = tmp_path / "project", tmp_path / "claude-home"
+    project.mkdir()
+    home.mkdir()
+    code, result, output = run_claude(claude_code, proxy, "when did python 3.14 come out?",
+                                      project, home, extra=("--allowedTools", "WebSearch"))
+    assert code == 0 and "FOUND" in result.get("result", ""), output[-3000:]
+    assert "python.org/3.14" in result["result"]                    # the links reached it
+    searches = [b for b in e2e.upstream.bodies()
+                if any(t.get("type") == "web_search" for t in b.get("tools", []))]
+    assert len(searches) == 1                                        # searched once, no loop
+    assert [e["name"] for e in proxy.events("tool_call_forwarded")] == ["WebSearch"]
+
 
 class WebDriver:
     """Just enough of the W3C WebDriver protocol, over urllib."""
@@ -7851,7 +8125,7 @@ def bench_real_codex(folder, runs=20):
                                                 None)
         argv = cp.codex_argv(argv_prefix, model="gpt-5.5", effort=None, user_config=user_config,
                              extra_config=[], workdir=run.workdir,
-                             instructions_path=instructions, catalog=proxy.server.launcher.catalog_path)
+                             instructions_path=instructions, catalog=proxy.server.launcher.catalog.path)
         env.responder = lambda body, index: [message_item("ok")]
         via, direct = [], []
         for _ in range(runs):       # interleaved, so both see the same machine load
