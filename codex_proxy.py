@@ -169,6 +169,7 @@ PROCESS_RECYCLE_BYTES = 2 << 30    # ... or that grew to this much resident memo
 INJECT_BATCH_BYTES = 256 * 1024    # a long history goes in batches, so one never holds the pipe
 APP_SERVER_START_SECONDS = 30.0    # initialize must answer within this
 RPC_SECONDS = 30.0                 # thread/start, turn/start... must answer within this
+EXIT_NOTICE_SECONDS = 5.0          # a child whose stdin broke is seen to exit within this
 MAX_INPUT_CHARS = 1048576          # Codex refuses a turn input longer than this
 MAX_CONVERSATION_CHARS = 4 << 20   # all a conversation's text: past any model's context
 MAX_MESSAGES = 10000               # messages in one request's history
@@ -3840,8 +3841,12 @@ class JsonRpcPipe:
             slot = self._waiting[rid] = [threading.Event(), None]
         # The reader sets `exited` before it wakes the waiting slots, so a
         # process that is already gone is noticed here, not after `timeout`.
-        if not self.send({"id": rid, "method": method, "params": params}) or \
-                self._exited.is_set():
+        # A write that fails means the child is going: the reader is given
+        # a moment to see it go, so that callers find `exited` set.
+        if not self.send({"id": rid, "method": method, "params": params}):
+            self._exited.wait(EXIT_NOTICE_SECONDS)
+            slot[0].set()
+        elif self._exited.is_set():
             slot[0].set()
         answered = slot[0].wait(timeout)
         with self._lock:

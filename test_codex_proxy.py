@@ -5018,6 +5018,27 @@ def test_engine_exec_is_chosen_without_a_probe(make_proxy, fake_codex):
     assert [r["engine"] for r in fake_codex.all_records()] == ["exec"]
 
 
+def test_a_call_to_a_codex_whose_pipe_broke_waits_to_see_it_exit():
+    class Exited(threading.Event):
+        def wait(self, timeout=None):       # the reader sees EOF while the call waits
+            self.set()
+            return True
+
+    class BrokenStdin:
+        def write(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    exited = Exited()
+    pipe = cp.JsonRpcPipe(BrokenStdin(), exited, ["codex: killed"])
+    with pytest.raises(cp.ProxyError) as caught:
+        pipe.call("thread/start", {}, timeout=20)
+    assert "did not answer thread/start (it exited)" in caught.value.message
+    assert exited.is_set()      # so the pool and a kept thread see it gone
+
+
 def pool_ready(proxy):
     """Every process of the pool is up (--codex-processes of them)."""
     return len(proxy.server.launcher.pool) == proxy.server.config.codex_processes
