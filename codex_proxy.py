@@ -7045,6 +7045,24 @@ class BodyBudget:
             self._used = max(0, self._used - size)
 
 
+WARN_PERCENT = 90          # a window this full is a warning in Anthropic's status header
+# Anthropic's name for a window of about five hours or about a week: (in the
+# header names, in representative-claim)
+ANTHROPIC_WINDOWS = {"session": ("5h", "five_hour"), "week": ("7d", "seven_day")}
+
+
+def window_span(minutes):
+    """A plan window by its length: "session" (a day or less), "week" (three
+    days to a month), else None."""
+    if not isinstance(minutes, (int, float)) or minutes <= 0:
+        return None
+    return "session" if minutes <= 1440 else "week" if 4320 <= minutes <= 44640 else None
+
+
+def _int_text(value):
+    return str(int(value)) if isinstance(value, (int, float)) and value >= 0 else None
+
+
 class RateLimits:
     """The plan's usage windows as Codex last reported them
     (account/rateLimits/read and .../updated), for /health, the log page's
@@ -7074,7 +7092,8 @@ class RateLimits:
         now, windows = self._clock(), []
         for name in ("primary", "secondary"):
             window = limits.get(name)
-            if not isinstance(window, dict) or window.get("usedPercent") is None:
+            if not isinstance(window, dict) or not isinstance(window.get("usedPercent"),
+                                                               (int, float)):
                 continue
             resets = window.get("resetsAt")
             windows.append({"name": name, "used_percent": window.get("usedPercent"),
@@ -7084,6 +7103,41 @@ class RateLimits:
                             if isinstance(resets, (int, float)) else None})
         return {"plan": limits.get("planType"), "windows": windows,
                 "reached": limits.get("rateLimitReachedType"), "updated_at": int(at)}
+
+    def headers(self, dialect, refused=False):
+        """The windows as headers in a dialect ("openai": the x-codex-* that
+        Codex itself reads from its upstream; "anthropic": the
+        anthropic-ratelimit-unified-* that Claude Code reads); `refused`
+        when this answer is the plan's 429.  [] while nothing is known."""
+        view = self.view() or {}
+        windows = view.get("windows") or []
+        if dialect == "openai":
+            return [item for w in windows for item in (
+                (f"x-codex-{w['name']}-used-percent", f"{float(w['used_percent']):g}"),
+                (f"x-codex-{w['name']}-window-minutes", _int_text(w["window_minutes"])),
+                (f"x-codex-{w['name']}-reset-at", _int_text(w["resets_at"])))
+                if item[1] is not None]
+        if dialect != "anthropic" or not windows:
+            return []
+        prefix, headers = "anthropic-ratelimit-unified-", []
+        for w in windows:
+            claim = ANTHROPIC_WINDOWS.get(window_span(w["window_minutes"]))
+            if claim:
+                headers.append((f"{prefix}{claim[0]}-utilization",
+                                f"{w['used_percent'] / 100:g}"))
+                if _int_text(w["resets_at"]):
+                    headers.append((f"{prefix}{claim[0]}-reset", _int_text(w["resets_at"])))
+        fullest = max(windows, key=lambda w: w["used_percent"])
+        used = fullest["used_percent"]
+        status = ("rejected" if refused or used >= 100 or view.get("reached")
+                  else "allowed_warning" if used >= WARN_PERCENT else "allowed")
+        headers.append((prefix + "status", status))
+        if _int_text(fullest["resets_at"]):
+            headers.append((prefix + "reset", _int_text(fullest["resets_at"])))
+        claim = ANTHROPIC_WINDOWS.get(window_span(fullest["window_minutes"]))
+        if claim:
+            headers.append((prefix + "representative-claim", claim[1]))
+        return headers
 
     def reset_seconds(self):
         """Seconds until the fullest window resets, when Codex told us."""
@@ -7737,6 +7791,7 @@ class Api:
     errors: object              # ProxyError -> the error body in this API's shape
     parse: object = None        # (body, server, room) -> ProxyRequest, for its turns
     responder: object = None    # the Responder class that writes its turns
+    plan: str = None            # whose headers carry the plan's windows (RateLimits.headers)
 
 
 TURN = Route()
@@ -7746,14 +7801,15 @@ TURN = Route()
 APIS = (
     Api("chat", {"/chat/completions": TURN}, ProxyError.body,
         lambda body, server, room: parse_chat_request(body, server.config.reasoning,
-                                                       server.turns.responses), ChatResponder),
+                                                       server.turns.responses), ChatResponder,
+        "openai"),
     Api("responses", {"/responses": TURN}, ProxyError.body,
         lambda body, server, room: parse_responses_request(body, server.turns.responses),
-        ResponsesResponder),
+        ResponsesResponder, "openai"),
     Api("messages", {"/messages": TURN,
                      "/messages/count_tokens": Route(endpoint=endpoint_count_tokens)},
         anthropic_error, lambda body, server, room: parse_messages_request(body, room),
-        MessagesResponder),
+        MessagesResponder, "anthropic"),
     Api("ollama_chat", {"/api/chat": TURN,
                         "/api/tags": Route(("GET",), endpoint_ollama_tags),
                         "/api/show": Route(("POST",), endpoint_ollama_show),
@@ -7800,6 +7856,8 @@ class ProxyHandler(HttpHandler):
     then its route's endpoint; every error is answered and logged here."""
 
     methods = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+    plan = None         # whose plan headers this request's answer carries (Api.plan)
+    refused = False     # its answer is the plan's 429
 
     def dispatch(self, method):
         """One request: framing and access checks, its route, its endpoint;
@@ -7808,6 +7866,7 @@ class ProxyHandler(HttpHandler):
         self.request_id = "req_" + secrets.token_hex(5)
         server = self.server
         self.api = api_near(server.routes, self.route)    # whose error shape
+        self.plan, self.refused = None, False
         try:
             try:
                 self.body = RequestBody(self, body_framing(self.headers), self._expect)
@@ -7823,6 +7882,7 @@ class ProxyHandler(HttpHandler):
                 return self.preflight()
             if route.key == "required":
                 server.access.require_key(self.headers)
+                self.plan = self.api.plan       # a caller with the key may see the windows
             (route.endpoint or endpoint_turn)(self)
         except ProxyError as error:
             self.reject(error)
@@ -7857,6 +7917,19 @@ class ProxyHandler(HttpHandler):
                              f"not {method}", code="method_not_allowed",
                              headers={"Allow": ", ".join(route.methods + ("OPTIONS",))})
         return route
+
+    def send_response(self, code, message=None):
+        """The status line, then the plan's windows in the API's own headers
+        for a success or a 429 (the last known for a stream, those after
+        its turn for a whole answer)."""
+        super().send_response(code, message)
+        if self.plan is not None and (code < 400 or code == 429):
+            for name, value in self.server.rate_limits.headers(self.plan, self.refused):
+                self.send_header(name, value)
+
+    def send_error_body(self, error):
+        self.refused = error.code == "usage_limit_reached"
+        super().send_error_body(error)
 
     def reject(self, error, log=True):
         """Answer with an error before any response started, and log it."""

@@ -229,6 +229,7 @@ class FakeUpstream:
 
     def __init__(self, responder):
         self.responder = responder
+        self.headers = {}       # sent on every streamed answer (the plan's x-codex-* windows)
         self.requests = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()      # ends a "sleep" or "drip" early at close()
@@ -283,6 +284,8 @@ class FakeUpstream:
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Connection", "close")
+        for name, value in self.headers.items():
+            handler.send_header(name, value)
         handler.end_headers()
         handler.close_connection = True
         rid = f"resp_{index}"
@@ -6115,6 +6118,87 @@ def test_plan_limits_show_in_health_and_name_the_reset_in_a_429(make_proxy, fake
     assert health["rate_limits"]["windows"][0]["used_percent"] == 43
 
 
+def messages_body(text, stream=False):
+    return {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": stream,
+            "messages": [{"role": "user", "content": text}]}
+
+
+def post_messages(base, body, headers=None):
+    return http_request(base, "POST", "/v1/messages", body, headers, 60)
+
+
+def plan_step(five_hours, week, reset):
+    """A fake step reporting the plan's windows: a 5-hour and a weekly one."""
+    return {"rate_limits": {
+        "primary": {"usedPercent": five_hours, "windowDurationMins": 300, "resetsAt": reset},
+        "secondary": {"usedPercent": week, "windowDurationMins": 10080,
+                      "resetsAt": reset + 86400}}}
+
+
+def test_a_whole_answer_carries_the_windows_after_its_own_turn(proxy, fake_codex):
+    reset = int(time.time()) + 3600
+    fake_codex.scenario(("first", [{"thread": True}, {"text": "a"}, plan_step(42.5, 12, reset),
+                                   {"complete": {}}]),
+                        [{"thread": True}, {"text": "b"}, plan_step(93, 12, reset),
+                         {"complete": {}}])
+    status, headers, _ = post_chat(proxy.base, chat_body("first"))
+    assert status == 200
+    assert (headers["x-codex-primary-used-percent"], headers["x-codex-primary-window-minutes"],
+            headers["x-codex-primary-reset-at"]) == ("42.5", "300", str(reset))
+    assert (headers["x-codex-secondary-used-percent"], headers["x-codex-secondary-window-minutes"],
+            headers["x-codex-secondary-reset-at"]) == ("12", "10080", str(reset + 86400))
+    status, headers, _ = post_responses(proxy.base, {"model": "m", "input": "second"})
+    assert status == 200 and headers["x-codex-primary-used-percent"] == "93"
+    status, headers, _ = post_messages(proxy.base, messages_body("third"))
+    prefix = "anthropic-ratelimit-unified-"
+    assert status == 200 and not any(h.startswith("x-codex-") for h in headers)
+    assert {k[len(prefix):]: v for k, v in headers.items() if k.startswith(prefix)} == {
+        "5h-utilization": "0.93", "5h-reset": str(reset),
+        "7d-utilization": "0.12", "7d-reset": str(reset + 86400),
+        "status": "allowed_warning", "reset": str(reset), "representative-claim": "five_hour"}
+
+
+def test_a_stream_carries_the_last_known_windows(proxy, fake_codex):
+    reset = int(time.time()) + 3600
+    fake_codex.scenario(("first", [{"thread": True}, {"text": "a"}, plan_step(10, 60, reset),
+                                   {"complete": {}}]),
+                        [{"thread": True}, {"text": "b"}, plan_step(50, 70, reset),
+                         {"complete": {}}])
+    status, headers, _ = post_chat(proxy.base, chat_body("not yet known", stream=True))
+    assert status == 200 and not any(h.startswith("x-codex-") for h in headers)
+    assert post_chat(proxy.base, chat_body("first"))[0] == 200
+    status, headers, raw = post_messages(proxy.base, messages_body("later", stream=True))
+    prefix = "anthropic-ratelimit-unified-"
+    assert status == 200 and sse_events(raw, named=True)[-1]["type"] == "message_stop"
+    assert (headers[prefix + "5h-utilization"], headers[prefix + "7d-utilization"],
+            headers[prefix + "status"], headers[prefix + "representative-claim"]) == (
+        "0.1", "0.6", "allowed", "seven_day")
+    status, headers, _ = post_chat(proxy.base, chat_body("after", stream=True))
+    assert headers["x-codex-primary-used-percent"] == "50"       # the turn before's
+
+
+def test_the_plans_429_carries_retry_after_and_the_windows(make_proxy, fake_codex):
+    proxy = make_proxy(api_keys=(KEY,))
+    auth = {"Authorization": f"Bearer {KEY}", "x-api-key": KEY}
+    reset = int(time.time()) + 3600
+    fake_codex.scenario([{"thread": True}, plan_step(100, 40, reset),
+                         {"fail": "You've hit your usage limit.", "info": "usageLimitExceeded"}])
+    status, headers, _ = post_messages(proxy.base, messages_body("x"), auth)
+    prefix = "anthropic-ratelimit-unified-"
+    assert status == 429 and 3500 <= int(headers["retry-after"]) <= 3600
+    assert (headers[prefix + "status"], headers[prefix + "reset"],
+            headers[prefix + "5h-utilization"]) == ("rejected", str(reset), "1")
+    status, headers, _ = post_chat(proxy.base, chat_body(), auth)
+    assert status == 429 and headers["x-codex-primary-used-percent"] == "100"
+    status, headers, _ = http_request(proxy.base, "POST", "/api/chat", {
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": False}, auth)
+    assert status == 429 and not any("ratelimit" in h or h.startswith("x-codex") for h in headers)
+    for path in ("/v1/chat/completions", "/v1/messages"):     # no key: no windows
+        status, headers, _ = http_request(proxy.base, "POST", path, {})
+        assert status == 401 and not any("ratelimit" in h or h.startswith("x-codex")
+                                         for h in headers)
+
+
 # ---------------------------------------------------------------------------
 # End to end: the real Codex CLI against a fake Responses upstream
 # ---------------------------------------------------------------------------
@@ -6382,6 +6466,30 @@ def test_e2e_usage_limit_is_429_or_one_error_event(e2e, openai_sdk):
     errors = [e for e in events[:-1] if "error" in e]
     assert status == 200 and events[-1] == "[DONE]" and len(errors) == 1
     assert errors[0]["error"]["code"] == "usage_limit_reached"
+
+
+def test_e2e_the_plans_windows_reach_each_dialects_headers(e2e):
+    reset = int(time.time()) + 3600
+    e2e.upstream.headers = {
+        "x-codex-primary-used-percent": "42.5", "x-codex-primary-window-minutes": "300",
+        "x-codex-primary-reset-at": str(reset), "x-codex-secondary-used-percent": "12.4",
+        "x-codex-secondary-window-minutes": "10080",
+        "x-codex-secondary-reset-at": str(reset + 86400)}
+    e2e.write_config('model = "gpt-5.5"\n')
+    proxy = e2e.proxy()
+    status, headers, _ = post_chat(proxy.base, chat_body(model="5.5-tpg"))
+    assert status == 200
+    assert ({k: v for k, v in headers.items() if k.startswith("x-codex-")} == {   # as Codex read them
+        "x-codex-primary-used-percent": "43", "x-codex-primary-window-minutes": "300",
+        "x-codex-primary-reset-at": str(reset), "x-codex-secondary-used-percent": "12",
+        "x-codex-secondary-window-minutes": "10080",
+        "x-codex-secondary-reset-at": str(reset + 86400)})
+    status, headers, _ = post_messages(proxy.base, messages_body("x", stream=True))
+    prefix = "anthropic-ratelimit-unified-"
+    assert status == 200
+    assert (headers[prefix + "5h-utilization"], headers[prefix + "7d-utilization"],
+            headers[prefix + "7d-reset"], headers[prefix + "status"]) == (
+        "0.43", "0.12", str(reset + 86400), "allowed")
 
 
 def test_e2e_the_usage_of_a_tool_turn_is_exact(e2e, openai_sdk):
