@@ -53,22 +53,25 @@ One request's trip, a streamed chat whose model calls a client tool:
         6-8 again, to TurnEnd("answered"): settle keeps the thread
         (KeptThreads) for the conversation's next turn.
 
-The sections, in file order:
+The sections (a map: read the trip above for the flow):
 
     Defaults                 fixed numbers and settings (flags: see FLAGS)
     Errors                   ProxyError and ClientGone
     The request model        ToolSpec, ToolCall, Message, ProxyRequest
-    Parsing requests         JSON checks; Chat Completions, Responses,
-                             Anthropic Messages and Ollama bodies ->
-                             ProxyRequest (pure)
-    Instructions             what the model is told (pure)
+    Parsing requests         JSON checks; Chat Completions, Responses
+                             (web search asked in OpenAI's ways),
+                             Anthropic Messages (Room: what opened thinking
+                             signatures may grow to; Seal: only ours open)
+                             and Ollama bodies -> ProxyRequest (pure)
+    Instructions             what the model is told, search included (pure)
     Tool names               ToolNames: names Codex takes, aliases, and back
     Conversation keys        conversation_key, ThreadSettings: what a kept
                              thread has seen and was started with (pure)
     Configuration            TOML, $CODEX_HOME/config.toml, the environment
     The log                  LogEvent names, LogBuffer (/logs, stderr)
     Codex failures           Codex's errors -> ProxyError (pure)
-    Processes                process trees, finding Codex, CodexInfo, catalog
+    Processes                process trees, finding Codex, CodexInfo, the
+                             Catalog (and model_facts: context windows)
     Runs                     the engine interface: CodexRun and its events,
                              Engine, RunSpec, PendingCall
     The pump                 TurnPump: one run's events -> one responder,
@@ -79,14 +82,15 @@ The sections, in file order:
                              AppServerEvents, AppServerProcess, AppServerRun
                              (a thread), AppServerEngine, ProcessPool; ENGINES
     Launching Codex          RunTable, CodexLauncher: the engine choice,
-                             starting runs, what failures mean
+                             starting runs, what failures mean, the models
     Parked, kept and stored  ParkedTurns, KeptThreads, ResponseStore, DiskStore
     Responders               one per API: Responder (the contract), Chat,
                              Responses, Messages, Ollama; error bodies
     Turns                    serve, settle (park, keep, store, release)
     Access, connections and rate limits
                              AccessPolicy, ConnectionTable, BodyBudget,
-                             RateLimits
+                             RateLimits (the plan's windows, and the
+                             headers each dialect reads)
     HTTP                     framing (pure), RequestBody, HttpHandler
     APIs                     endpoints, the APIS table, ProxyHandler
     The server               ProxyServer: wiring and lifecycle
@@ -2314,7 +2318,31 @@ def classify_failure(message, reset_seconds=None):
             or "maximum context" in lower or "exceeds the maximum length" in lower:
         return ProxyError(400, message, "invalid_request_error",
                           "context_length_exceeded")
+    if MODEL_REFUSED.search(message):
+        return ProxyError(400, message, "invalid_request_error", "model_not_supported", "model")
     return ProxyError(502, message, "api_error", "codex_error")
+
+
+# The backend's words for a model this login may not use ("The 'gpt-4o' model
+# is not supported when using Codex with a ChatGPT account.").
+MODEL_REFUSED = re.compile(r"\bmodel\b(?! metadata)[^.]{0,200}?\b(?:is not supported|"
+                           r"not supported|unsupported|does not exist|not found|"
+                           r"is not available|not enabled)", re.IGNORECASE)
+
+
+def backend_words(message):
+    """Codex passes some backend errors on as their JSON body
+    ({"detail": "..."} or {"error": {"message": "..."}}) -> the words in it."""
+    try:
+        body = json.loads(message) if message.lstrip().startswith("{") else None
+    except ValueError:
+        return message
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        for key in ("detail", "message"):
+            if isinstance(inner.get(key), str) and inner[key].strip():
+                return inner[key].strip()
+    return message
 
 
 # codexErrorInfo (app-server) -> status, type, code
@@ -2340,7 +2368,7 @@ def classify_codex_error(error, reset_seconds=None):
     """An app-server TurnError {message, codexErrorInfo, additionalDetails}
     -> ProxyError; unknown kinds fall back to reading the message."""
     error = error if isinstance(error, dict) else {}
-    message = str(error.get("message") or "Codex turn failed")
+    message = backend_words(str(error.get("message") or "Codex turn failed"))
     details = error.get("additionalDetails")
     if isinstance(details, str) and details and details not in message:
         message = f"{message} ({details[:300]})"
@@ -2354,6 +2382,8 @@ def classify_codex_error(error, reset_seconds=None):
             info = "unauthorized"
     if info in ("usageLimitExceeded", "sessionBudgetExceeded"):
         return usage_limit_error(message, reset_seconds)
+    if info != "modelNotFound" and MODEL_REFUSED.search(message):
+        return ProxyError(400, message, "invalid_request_error", "model_not_supported", "model")
     if isinstance(info, str) and info in CODEX_ERROR_INFO:
         status, kind, code = CODEX_ERROR_INFO[info]
         if code == "codex_unauthorized":
@@ -2593,6 +2623,31 @@ class Catalog:
 
     def model(self, slug):
         return next((m for m in self.models if m.get("slug") == slug), None)
+
+    def default(self):
+        """The slug Codex takes when neither the request nor config.toml names
+        one: the listed model it ranks first (lowest `priority`), as
+        app-server's model/list marks isDefault."""
+        listed = [(m.get("priority") if isinstance(m.get("priority"), (int, float))
+                   and not isinstance(m.get("priority"), bool) else float("inf"), n, m)
+                  for n, m in enumerate(self.models) if m.get("visibility") == "list"]
+        return min(listed, key=lambda entry: entry[:2])[2].get("slug") if listed else None
+
+
+def model_facts(model):
+    """A catalog entry -> what clients look for: the context window, and
+    what the model takes and does (Ollama's capability words)."""
+    model = model if isinstance(model, dict) else {}
+    window = model.get("context_window")
+    inputs = model.get("input_modalities")
+    efforts = model.get("supported_reasoning_levels")
+    capabilities = ["completion", "tools"] + (["thinking"] if efforts else []) + \
+        (["vision"] if isinstance(inputs, list) and "image" in inputs else [])
+    return {"context_length": window if isinstance(window, int) and
+            not isinstance(window, bool) and window > 0 else None,
+            "display_name": model.get("display_name") if
+            isinstance(model.get("display_name"), str) else None,
+            "capabilities": capabilities}
 
 
 def build_model_catalog(codex_argv, env, state_dir, version):
@@ -4924,6 +4979,8 @@ class CodexLauncher:
         the client sees: the right status, no backtrace, no paths."""
         error = classify_codex_error(payload, self.rate_limits.reset_seconds())
         error.message = self.redact(clean_codex_output(error.message) or error.message)
+        if error.code in ("model_not_supported", "model_not_found") and self.catalog.listed():
+            error.message += f" Models Codex offers: {', '.join(self.catalog.listed())}."
         if error.status == 401:
             self.codex.expire()
             error.headers.update(NO_RETRY)      # a retry cannot log Codex in
@@ -4947,8 +5004,19 @@ class CodexLauncher:
         return names
 
     def default_model(self):
-        """The model Codex uses when a request names none (config.toml's)."""
-        return self.user_config.read().get("model")
+        """The model Codex uses when a request names none: config.toml's, else
+        the catalog's first."""
+        return self.configured_model() or self.catalog.default()
+
+    def configured_model(self):
+        model = self.user_config.read().get("model")
+        return model if isinstance(model, str) and model else None
+
+    def facts(self, name):
+        """What the catalog says of the model a client's name reaches (see
+        model_facts); a name outside the catalog knows no window."""
+        model, _ = resolve_model(name, self.config.aliases)
+        return model_facts(self.catalog.model(model or self.default_model()))
 
 # ---------------------------------------------------------------------------
 # Parked turns, kept conversations and stored responses
@@ -7637,9 +7705,23 @@ def endpoint_health(handler):
 
 
 def endpoint_models(handler):
-    handler.send_json(200, {"object": "list", "data": [
-        {"id": name, "object": "model", "created": 0, "owned_by": "codex-openai-proxy"}
-        for name in handler.server.launcher.model_names()]})
+    """The model names a client may send, with their context windows where
+    the catalog knows them; in Anthropic's list shape for a caller that
+    sends `anthropic-version` (the anthropic SDK and Claude Code do)."""
+    launcher = handler.server.launcher
+    names = launcher.model_names()
+    facts = {name: launcher.facts(name) for name in names}
+    if handler.headers.get("anthropic-version"):
+        handler.send_json(200, {"data": [
+            {"type": "model", "id": name, "display_name": facts[name]["display_name"] or name,
+             "created_at": "1970-01-01T00:00:00Z"} for name in names],
+            "has_more": False, "first_id": names[0] if names else None,
+            "last_id": names[-1] if names else None})
+        return
+    handler.send_json(200, {"object": "list", "data": [dict(
+        {"id": name, "object": "model", "created": 0, "owned_by": "codex-openai-proxy"},
+        **({"context_length": facts[name]["context_length"]}
+           if facts[name]["context_length"] else {})) for name in names]})
 
 
 def endpoint_logs(handler):
@@ -7755,11 +7837,13 @@ def endpoint_ollama_show(handler):
         field(body if isinstance(body, dict) else {}, "name", (str,), "name")
     if not name:
         raise bad_request("model is required", "model")
+    facts = handler.server.launcher.facts(name)
+    info = {"general.architecture": "codex", "general.basename": name}
+    if facts["context_length"]:
+        info["codex.context_length"] = facts["context_length"]
     handler.send_json(200, {"license": "", "modelfile": "", "parameters": "", "template": "",
-                            "details": OLLAMA_DETAILS,
-                            "model_info": {"general.architecture": "codex",
-                                           "general.basename": name},
-                            "capabilities": ["completion", "tools", "thinking", "vision"],
+                            "details": OLLAMA_DETAILS, "model_info": info,
+                            "capabilities": facts["capabilities"],
                             "modified_at": "1970-01-01T00:00:00Z"})
 
 
@@ -8373,6 +8457,13 @@ def banner(server):
              f"  API key: {key}",
              f"  engine: {launcher.engine.name} ({launcher.engine_reason}){warm}",
              f"  logs: {base}/logs"]
+    model = launcher.default_model()
+    if model:
+        window = launcher.facts(model)["context_length"]
+        whose = "config.toml" if launcher.configured_model() else "Codex"
+        lines.insert(-1, f"  model: {model} ({whose}'s default"
+                      + (f", a {window:,}-token context" if window else "")
+                      + "; a request's model picks another)")
     user_config = launcher.user_config
     user_config.read()
     if user_config.error:

@@ -949,10 +949,14 @@ def fake_codex_main(args):
     if args[:2] == ["debug", "models"]:
         print(json.dumps({"models": [
             {"slug": "gpt-5.5", "visibility": "list", "supports_search_tool": True,
-             "apply_patch_tool_type": "freeform"},
+             "apply_patch_tool_type": "freeform", "priority": 13, "context_window": 272000,
+             "input_modalities": ["text", "image"], "display_name": "GPT-5.5",
+             "supported_reasoning_levels": [{"effort": "low"}, {"effort": "high"}]},
             {"slug": "gpt-6-sol", "visibility": "list", "tool_mode": "code_mode_only",
-             "experimental_supported_tools": ["clock"]},
-            {"slug": "secret-model", "visibility": "hide"}]}))
+             "experimental_supported_tools": ["clock"], "priority": 6,
+             "context_window": 500000, "input_modalities": ["text"],
+             "supported_reasoning_levels": []},
+            {"slug": "secret-model", "visibility": "hide", "priority": 1}]}))
         return 0
     if args[0] == "app-server" and os.path.exists(os.path.join(state, "no_app_server")):
         print("error: unrecognized subcommand 'app-server'", file=sys.stderr)
@@ -1131,8 +1135,8 @@ def stop_process(proc):
             proc.wait()
 
 
-def start_proxy(config, extra_env=None):
-    server = cp.ProxyServer(config, log_stream=None)
+def start_proxy(config, extra_env=None, apis=cp.APIS):
+    server = cp.ProxyServer(config, log_stream=None, apis=apis)
     server.env.update(extra_env or {})
     server.start_background()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -1188,12 +1192,12 @@ def make_proxy(tmp_path, fake_codex, run_tmp):
     home = tmp_path / "home"
     home.mkdir()
 
-    def make(**overrides):
+    def make(apis=cp.APIS, **overrides):
         fields = dict(port=0, codex_bin=str(fake_codex.script), codex_home=str(home),
                       state_dir=str(tmp_path / "state"), quiet=True, tool_quiet=0.1, codex_processes=1,
                       logs_html=os.path.join(HERE, "logs.html"))
         fields.update(overrides)
-        proxy = start_proxy(cp.Config(**fields), fake_codex.env)
+        proxy = start_proxy(cp.Config(**fields), fake_codex.env, apis)
         proxies.append(proxy)
         return proxy
 
@@ -1366,6 +1370,12 @@ def test_classify_failure(message, status, code, retry):
     ({"message": "busy", "codexErrorInfo": "serverOverloaded"}, 503, "server_overloaded", None),
     ({"message": "boom", "codexErrorInfo": "internalServerError"}, 502, "codex_error", None),
     ({"message": "odd", "codexErrorInfo": "somethingNew"}, 502, "codex_error", None),
+    ({"message": json.dumps({"detail": "The 'gpt-4o' model is not supported when using "
+                                       "Codex with a ChatGPT account."})},
+     400, "model_not_supported", None),
+    ({"message": "The model `o9` does not exist", "codexErrorInfo": "badRequest"},
+     400, "model_not_supported", None),
+    ({"message": "Model metadata for `o9` not found."}, 502, "codex_error", None),
     ({"message": "You've hit your usage limit. Try again in 2 minutes."}, 429,
      "usage_limit_reached", "120"),
 ])
@@ -4797,6 +4807,50 @@ def test_an_old_python_gets_a_clear_message():
     assert done.returncode == 1 and "needs Python 3.9 or newer" in done.stderr
 
 
+class ToyResponder(cp.Responder):
+    """A toy API's answer: its text as plain text, whole."""
+
+    def open(self):
+        pass
+
+    def text(self, key, delta):
+        self.content.append(delta)
+
+    def reasoning(self, item, part, delta):
+        pass
+
+    def tool_calls(self, calls):
+        pass
+
+    def finish(self, reason, usage):
+        data = ("toy says: " + self.answer_text()).encode()
+        self.handler.send_response(200)
+        self.handler.send_header("Content-Type", "text/plain")
+        self.handler.send_header("Content-Length", str(len(data)))
+        self.handler.end_headers()
+        self.handler.wfile.write(data)
+
+
+def parse_toy(body, server, room):
+    if not isinstance(body.get("say"), str):
+        raise cp.bad_request("say must be a string", "say")
+    return cp.ProxyRequest(None, [cp.Message("user", body["say"])])
+
+
+def test_a_new_api_is_one_row_plus_its_parser_and_responder(make_proxy, fake_codex):
+    toy = cp.Api("toy", {"/toy": cp.TURN}, cp.ProxyError.body, parse_toy, ToyResponder)
+    proxy = make_proxy(apis=cp.APIS + (toy,))
+    for path in ("/toy", "/v1/toy"):
+        status, _, raw = http_request(proxy.base, "POST", path, {"say": "hello"})
+        assert (status, raw) == (200, b"toy says: fake answer")
+    assert fake_codex.wait_records(2)[-1]["turn"]["input"][0]["text"].endswith("hello")
+    assert [e["api"] for e in proxy.events("incoming_request")] == ["toy", "toy"]
+    status, _, raw = http_request(proxy.base, "POST", "/toy", {"say": 5})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "say"
+    with pytest.raises(ValueError, match="two APIs serve /toy"):
+        cp.route_table(cp.APIS + (toy, toy))
+
+
 def test_the_file_is_python_39_source():
     """No syntax newer than 3.9 (CI also runs the whole suite on 3.9)."""
     import ast
@@ -6200,6 +6254,89 @@ def test_the_plans_429_carries_retry_after_and_the_windows(make_proxy, fake_code
 
 
 # ---------------------------------------------------------------------------
+# Models: context windows where clients look, the default, refused models
+# ---------------------------------------------------------------------------
+
+def test_v1_models_carries_each_names_context_window(make_proxy):
+    proxy = make_proxy(aliases={"fast": "gpt-5.5-low"})
+    models = {m["id"]: m for m in
+              json.loads(http_request(proxy.base, "GET", "/v1/models")[2])["data"]}
+    assert [models[n]["context_length"] for n in ("gpt-5.5", "5.5-tpg", "fast", "gpt-6-sol")] \
+        == [272000, 272000, 272000, 500000]
+    assert "secret-model" not in models
+
+
+def test_v1_models_answers_an_anthropic_caller_in_anthropics_shape(make_proxy):
+    proxy = make_proxy()
+    status, _, raw = http_request(proxy.base, "GET", "/v1/models",
+                                  headers={"anthropic-version": "2023-06-01"})
+    listed = json.loads(raw)
+    assert status == 200 and listed["has_more"] is False
+    assert {"type": "model", "id": "gpt-5.5", "display_name": "GPT-5.5",
+            "created_at": "1970-01-01T00:00:00Z"} in listed["data"]
+    assert {"type": "model", "id": "gpt-6-sol", "display_name": "gpt-6-sol",
+            "created_at": "1970-01-01T00:00:00Z"} in listed["data"]
+    assert (listed["first_id"], listed["last_id"]) == (listed["data"][0]["id"],
+                                                       listed["data"][-1]["id"])
+    assert set(listed) == {"data", "has_more", "first_id", "last_id"}
+
+
+@pytest.mark.parametrize("name, window, capabilities", [
+    ("gpt-5.5", 272000, ["completion", "tools", "thinking", "vision"]),
+    ("5.5-tpg:latest", 272000, ["completion", "tools", "thinking", "vision"]),
+    ("gpt-6-sol", 500000, ["completion", "tools"]),
+    ("claude-sonnet-4-5", 500000, ["completion", "tools"]),     # Codex's default
+    ("llama3", None, ["completion", "tools"]),                  # the catalog knows nothing
+])
+def test_api_show_says_the_context_window_and_capabilities(make_proxy, name, window,
+                                                          capabilities):
+    proxy = make_proxy()
+    status, _, raw = http_request(proxy.base, "POST", "/api/show", {"model": name})
+    shown = json.loads(raw)
+    assert status == 200 and shown["capabilities"] == capabilities
+    assert shown["model_info"].get("codex.context_length") == window
+
+
+def test_the_banner_names_the_default_model_and_its_window(make_proxy):
+    proxy = make_proxy()
+    lines = cp.banner(proxy.server).splitlines()
+    assert "  model: gpt-6-sol (Codex's default, a 500,000-token context; a request's " \
+           "model picks another)" in lines
+    with open(os.path.join(proxy.server.config.codex_home_dir, "config.toml"), "w") as f:
+        f.write('model = "gpt-5.5"\n')
+    assert "  model: gpt-5.5 (config.toml's default, a 272,000-token context; a request's " \
+           "model picks another)" in cp.banner(proxy.server).splitlines()
+
+
+REFUSED = "The 'gpt-4o' model is not supported when using Codex with a ChatGPT account."
+
+
+@pytest.mark.parametrize("path, body, shape", [
+    ("/v1/chat/completions", chat_body(model="gpt-4o"), "openai"),
+    ("/v1/messages", {"model": "gpt-4o", "max_tokens": 9,
+                      "messages": [{"role": "user", "content": "x"}]}, "anthropic"),
+    ("/api/chat", {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
+                   "stream": False}, "ollama"),
+])
+def test_a_refused_model_is_a_400_naming_the_models_codex_offers(proxy, fake_codex, path,
+                                                                 body, shape):
+    fake_codex.scenario([{"thread": True}, {"fail": json.dumps({"detail": REFUSED})}])
+    status, _, raw = http_request(proxy.base, "POST", path, body)
+    error = json.loads(raw)
+    message = f"{REFUSED} Models Codex offers: gpt-5.5, gpt-6-sol."
+    assert status == 400
+    if shape == "openai":
+        assert error["error"]["message"] == message
+        assert (error["error"]["code"], error["error"]["param"]) == ("model_not_supported",
+                                                                    "model")
+    elif shape == "anthropic":
+        assert error == {"type": "error", "error": {"type": "invalid_request_error",
+                                                    "message": message}}
+    else:
+        assert error == {"error": message}
+
+
+# ---------------------------------------------------------------------------
 # End to end: the real Codex CLI against a fake Responses upstream
 # ---------------------------------------------------------------------------
 
@@ -6490,6 +6627,34 @@ def test_e2e_the_plans_windows_reach_each_dialects_headers(e2e):
     assert (headers[prefix + "5h-utilization"], headers[prefix + "7d-utilization"],
             headers[prefix + "7d-reset"], headers[prefix + "status"]) == (
         "0.43", "0.12", str(reset + 86400), "allowed")
+
+
+def test_e2e_the_catalogs_default_is_the_model_codex_uses(e2e):
+    e2e.responder = lambda body, index: [upstream_message("hi", index)]
+    proxy = e2e.proxy()
+    assert wait_until(lambda: pool_ready(proxy), 20)
+    launcher = proxy.server.launcher
+    listed = launcher.pool.processes()[0].call("model/list", {}, 20)["data"]
+    assert [m["id"] for m in listed if m["isDefault"]] == [launcher.catalog.default()]
+    assert post_messages(proxy.base, messages_body("x"))[0] == 200     # a claude name
+    assert e2e.upstream.bodies()[-1]["model"] == launcher.catalog.default()
+    window = launcher.catalog.model(launcher.catalog.default())["context_window"]
+    shown = json.loads(http_request(proxy.base, "POST", "/api/show",
+                                    {"model": "claude-sonnet-4-5"})[2])
+    assert shown["model_info"]["codex.context_length"] == window
+
+
+def test_e2e_a_model_the_plan_refuses_names_the_models_codex_offers(e2e, openai_sdk):
+    e2e.responder = lambda body, index: ("status", 400, {"detail": REFUSED})
+    proxy = e2e.proxy()
+    client = sdk_client(openai_sdk, proxy.base + "/v1")
+    # streamed, the answer's head has gone out: the error comes as a stream event
+    for stream, kind in ((False, openai_sdk.BadRequestError), (True, openai_sdk.APIError)):
+        with pytest.raises(kind) as caught:
+            list(client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=stream))
+        assert caught.value.code == "model_not_supported"
+        assert (REFUSED + " Models Codex offers: gpt-") in caught.value.message
 
 
 def test_e2e_the_usage_of_a_tool_turn_is_exact(e2e, openai_sdk):
