@@ -5907,20 +5907,24 @@ def test_a_whole_answer_carries_the_windows_after_its_own_turn(proxy, fake_codex
 
 def test_a_stream_carries_the_last_known_windows(proxy, fake_codex):
     reset = int(time.time()) + 3600
+    # the streamed turns ("quiet") report no windows of their own: what their
+    # headers carry was known before they started, whenever Codex speaks
     fake_codex.scenario(("first", [{"thread": True}, {"text": "a"}, plan_step(10, 60, reset),
                                    {"complete": {}}]),
+                        ("quiet", [{"thread": True}, {"text": "q"}, {"complete": {}}]),
                         [{"thread": True}, {"text": "b"}, plan_step(50, 70, reset),
                          {"complete": {}}])
-    status, headers, _ = post_chat(proxy.base, chat_body("not yet known", stream=True))
+    status, headers, _ = post_chat(proxy.base, chat_body("quiet: not yet known", stream=True))
     assert status == 200 and not any(h.startswith("x-codex-") for h in headers)
     assert post_chat(proxy.base, chat_body("first"))[0] == 200
-    status, headers, raw = post_messages(proxy.base, messages_body("later", stream=True))
+    status, headers, raw = post_messages(proxy.base, messages_body("quiet later", stream=True))
     prefix = "anthropic-ratelimit-unified-"
     assert status == 200 and sse_events(raw, named=True)[-1]["type"] == "message_stop"
     assert (headers[prefix + "5h-utilization"], headers[prefix + "7d-utilization"],
             headers[prefix + "status"], headers[prefix + "representative-claim"]) == (
         "0.1", "0.6", "allowed", "seven_day")
-    status, headers, _ = post_chat(proxy.base, chat_body("after", stream=True))
+    assert post_chat(proxy.base, chat_body("second"))[0] == 200
+    status, headers, _ = post_chat(proxy.base, chat_body("quiet after", stream=True))
     assert headers["x-codex-primary-used-percent"] == "50"       # the turn before's
 
 
