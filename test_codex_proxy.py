@@ -4556,18 +4556,16 @@ def test_e2e_odd_tool_names_reach_the_model_and_come_back_as_their_own(e2e, open
 def test_e2e_a_model_looping_on_an_undeclared_tool_is_stopped(e2e, openai_sdk):
     e2e.responder = lambda body, index: [function_call_item("nobody_tool", {}, f"call_{index}")]
     proxy = e2e.proxy()
-    started = time.monotonic()
     with pytest.raises(openai_sdk.APIStatusError) as error:
         sdk_client(openai_sdk, proxy.base + "/v1").chat.completions.create(
             model="5.5-tpg", tools=TOOLS, messages=[{"role": "user", "content": "go"}])
-    assert time.monotonic() - started < 30 and error.value.status_code == 502
-    assert "nobody_tool" in str(error.value)
+    assert error.value.status_code == 502 and "nobody_tool" in str(error.value)
     thread = proxy.events("codex_forward")[0]["thread_id"]
+    # its thread is gone from Codex: nothing is left that could call the model
     assert wait_until(lambda: thread not in loaded_threads(proxy), 8)
-    calls = len(e2e.upstream.requests)
-    assert calls <= 20
-    time.sleep(1.0)                         # nothing calls the model afterwards
-    assert len(e2e.upstream.requests) == calls
+    # 3 undeclared calls are allowed (--max-unknown-calls), the 4th stops the
+    # turn; one more model call may be under way as the stop lands
+    assert 4 <= len(e2e.upstream.requests) <= 5
 
 
 def test_e2e_the_codex_cli_as_a_client_runs_its_own_shell_tool(e2e, tmp_path):
