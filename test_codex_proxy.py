@@ -2137,6 +2137,17 @@ def one_tool_round(trigger, call, answer, otherwise):
     return responder
 
 
+def read_then_answer(path, call_id, answer):
+    """A model that calls read_file(path) until the request holds results,
+    then answers answer(body, [the results' outputs])."""
+    def responder(body, index):
+        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+        if outputs:
+            return [upstream_message(answer(body, outputs), index)]
+        return [call_for(body, "read_file", {"path": path}, call_id)]
+    return responder
+
+
 def session_responder(body, index):
     """The model: read the file the user's last message names, then answer
     with what the tool gave; every response starts with encrypted reasoning."""
@@ -4303,13 +4314,10 @@ def test_e2e_parallel_tool_calls_false(e2e, openai_sdk):
 
 
 def test_e2e_alices_call_id_in_bobs_history_resumes_nothing_of_hers(e2e, openai_sdk):
-    def responder(body, index):
-        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
+    def answer(body, outputs):
         users = [i["content"][0]["text"] for i in body["input"] if i.get("role") == "user"]
-        if outputs:
-            return [upstream_message(f"{users[0]} got {outputs[-1]}", index)]
-        return [call_for(body, "read_file", {"path": "a.py"}, "call_shared")]
-    e2e.responder = responder
+        return f"{users[0]} got {outputs[-1]}"
+    e2e.responder = read_then_answer("a.py", "call_shared", answer)
     proxy = e2e.proxy()
     client = sdk_client(openai_sdk, proxy.base + "/v1")
     alice = [{"role": "user", "content": "alice asks"}]
@@ -5400,14 +5408,10 @@ def test_e2e_a_chat_uis_side_requests_never_push_its_chat_out(e2e, openai_sdk):
 
 
 def test_e2e_an_image_changed_inside_a_tool_result_is_a_new_conversation(e2e, openai_sdk):
-    def responder(body, index):
-        outputs = [i["output"] for i in body["input"] if i.get("type") == "function_call_output"]
-        if outputs:
-            images = [p["image_url"][-12:] for o in outputs if isinstance(o, list)
-                      for p in o if p.get("type") == "input_image"]
-            return [upstream_message(f"I see {images}", index)]
-        return [call_for(body, "read_file", {"path": "shot.png"}, "call_img")]
-    e2e.responder = responder
+    def answer(body, outputs):
+        return "I see " + str([p["image_url"][-12:] for o in outputs if isinstance(o, list)
+                               for p in o if p.get("type") == "input_image"])
+    e2e.responder = read_then_answer("shot.png", "call_img", answer)
     proxy = e2e.proxy()
     client = sdk_client(openai_sdk, proxy.base + "/v1")
     messages = [{"role": "user", "content": "look at the screenshot"}]
