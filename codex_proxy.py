@@ -113,6 +113,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1568,8 +1569,8 @@ def parse_ollama_generate(body, store=None):
     earlier, notes = [], []
     context = field(body, "context", (list,), default=[])
     if context:
-        found = store.get(context_id_of(context)) if store is not None and \
-            context_id_of(context) else None
+        context_id = context_id_of(context)
+        found = store.get(context_id) if store is not None and context_id else None
         if found is None:
             notes.append("the context is not one this proxy knows (expired, or from "
                          "another server): answered without it")
@@ -1798,12 +1799,12 @@ def hint_candidates(message):
     newest message only (aider's "Reply in English."), which the next
     request drops -> {digest of the message without the hint: the hint}.
     A hint starts at a line break in the last HINT_CHARS characters."""
-    text, found = message.text, {}
+    text, found, images = message.text, {}, image_digests(message)
     for match in re.finditer(r"\n", text[-HINT_CHARS:]):
         cut = len(text) - min(len(text), HINT_CHARS) + match.start()
         before, hint = text[:cut].strip(), text[cut:].strip()
         if before and hint:
-            found[entry_digest("user", before, image_digests(message))] = hint
+            found[entry_digest("user", before, images)] = hint
     return found
 
 
@@ -2318,8 +2319,6 @@ def classify_failure(message, reset_seconds=None):
             or "maximum context" in lower or "exceeds the maximum length" in lower:
         return ProxyError(400, message, "invalid_request_error",
                           "context_length_exceeded")
-    if MODEL_REFUSED.search(message):
-        return ProxyError(400, message, "invalid_request_error", "model_not_supported", "model")
     return ProxyError(502, message, "api_error", "codex_error")
 
 
@@ -2737,9 +2736,10 @@ class RunSpec:
     def tools(self):
         return self.names.tools
 
-    @property
+    @functools.cached_property
     def match(self):
-        """What a kept thread shares with a request that continues it."""
+        """What a kept thread shares with a request that continues it
+        (worked out once: a spec is not changed after it is made)."""
         def digest(value):
             data = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
             return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -4246,7 +4246,6 @@ class AppServerProcess:
         self.user_overrides = {}        # switches for what the user's config.toml adds
         self.exited = threading.Event()
         self.stderr_tail = collections.deque(maxlen=40)
-        self.born = time.monotonic()
         self.retired = False            # takes no new thread; stops once it hosts none
         # _lock guards _threads (thread id -> AppServerRun), _opening and `served`.
         self._lock = threading.Lock()
@@ -4305,6 +4304,11 @@ class AppServerProcess:
         """Its threads, those being opened included."""
         with self._lock:
             return len(self._threads) + self._opening
+
+    def taken(self):
+        """Threads it has served, those being opened included."""
+        with self._lock:
+            return self.served + self._opening
 
     def _run_of(self, params):
         thread_id = params.get("threadId") or (params.get("thread") or {}).get("id")
@@ -4656,12 +4660,11 @@ class ProcessPool:
     kept threads move to fresh ones when next used) and stops once it
     hosts none."""
 
-    def __init__(self, size, spawn, key, max_threads=0, clock=time.monotonic, on_error=None):
+    def __init__(self, size, spawn, key, max_threads=0, on_error=None):
         self.size = size
         self.max_threads = max_threads      # 0: as many as come
         self._spawn = spawn          # () -> initialized AppServerProcess
         self._key = key              # () -> hashable, or None when Codex is missing
-        self._clock = clock
         self._on_error = on_error
         # _lock guards _processes [(process, key)]; processes start and stop outside it.
         self._lock = threading.Lock()
@@ -4705,7 +4708,7 @@ class ProcessPool:
 
     def _full(self, process):
         """With `max_threads`, a process serves that many threads, once each."""
-        return self.max_threads and process.served + process.thread_count() >= self.max_threads
+        return self.max_threads and process.taken() >= self.max_threads
 
     def refresh(self):
         """Look at the processes again now (Codex or its config changed)."""
@@ -4837,7 +4840,7 @@ class CodexLauncher:
     the pool of app-server processes, and what Codex's failures mean for a
     client."""
 
-    def __init__(self, config, env, logs, rate_limits, runs, stopping, clock=time.monotonic):
+    def __init__(self, config, env, logs, rate_limits, runs, stopping):
         """The launcher's parts; nothing starts until open()."""
         self.config = config
         self.env = env
@@ -4855,7 +4858,7 @@ class CodexLauncher:
         self.engine_reason = "not checked yet"
         self.pool = ProcessPool(config.codex_processes if forced is None or forced.pooled
                                 else 0, lambda: self.engine.spawn(), self.process_key,
-                                config.process_threads, clock=clock,
+                                config.process_threads,
                                 on_error=self._spawn_failed)
         # _catalog_lock guards _catalog_version and the engine choice; the
         # catalog build and the probe run under it, off the request path.
@@ -5238,8 +5241,8 @@ class KeptThreads:
                     why = max(why, (1, common, said)) if common else why
                 elif size == len(key):
                     why = max(why, (2, size, "nothing new since its last turn"))
-                elif match.differences(kept.match):
-                    why = max(why, (2, size, ", ".join(match.differences(kept.match))))
+                elif (differences := match.differences(kept.match)):
+                    why = max(why, (2, size, ", ".join(differences)))
                 elif kept.run.exited.is_set():
                     why = max(why, (2, size, "process died"))
                 elif best is None or size > len(best[0].key):
@@ -5300,12 +5303,11 @@ class ResponseStore:
                  max_bytes=RESPONSES_KEPT_BYTES, clock=time.monotonic):
         self._keep, self._ttl, self._max_bytes, self._clock = keep, ttl, max_bytes, clock
         # _lock guards _entries (response id -> (data, size, stored_at)),
-        # _by_item (output item id -> response id), _bytes and _seen.
+        # _by_item (output item id -> response id) and _bytes.
         self._lock = threading.Lock()
         self._entries = collections.OrderedDict()
         self._by_item = {}
         self._bytes = 0
-        self._seen = collections.OrderedDict()     # conversation digests kept
         self.error = None
 
     def __len__(self):
@@ -5347,15 +5349,15 @@ class ResponseStore:
         return next((i for i in json.loads(entry[0])["output"] if i.get("id") == item_id), None)
 
     def remember(self, digest):
-        """A kept conversation's digest (see DiskStore.seen_before)."""
-        with self._lock:
-            self._seen[digest] = True
-            while len(self._seen) > 4096:
-                self._seen.popitem(last=False)
+        """A kept conversation's digest (see DiskStore.seen_before): in
+        memory there is no restart to tell of, so nothing is kept."""
 
     def seen_before(self, digests):
         """In memory a restart forgets everything: never."""
         return False
+
+    def close(self):
+        """Nothing to close in memory (DiskStore closes its database)."""
 
     def _drop(self, response_id):
         entry = self._entries.pop(response_id, None)
@@ -6542,18 +6544,16 @@ class Turns:
 
     def _restart(self, codex_run, request, request_id):
         """A turn whose Codex died before anything reached the client starts
-        again on a fresh thread from the request's history -> the new run."""
+        again on a fresh thread from the request's history -> the new run.
+        Should it fail to start, serve() ends the old run and gives the slot
+        back, once."""
+        spec = run_spec(request, self.config.aliases, self.launcher.engine.namespaces)
+        fresh = self.launcher.start_run(spec)
         self.release(codex_run, "exited")
-        try:
-            spec = run_spec(request, self.config.aliases, self.launcher.engine.namespaces)
-            codex_run = self.launcher.start_run(spec)
-        except BaseException:
-            self._done_answering()
-            raise
-        self.logs.add(LogEvent.CONVERSATION_STARTED, request_id, run=codex_run.id,
+        self.logs.add(LogEvent.CONVERSATION_STARTED, request_id, run=fresh.id,
                       reason="process died (the turn starts again)",
                       history_messages=len(spec.messages) - 1)
-        return codex_run
+        return fresh
 
     def settle(self, handler, codex_run, responder, end, started):
         """The end of a turn, in one place.  First what becomes of the run
@@ -7263,7 +7263,7 @@ def json_values(data):
     count = data.count(b"[") + data.count(b"{") + data.count(b",") + 1
     if count <= MAX_JSON_VALUES:
         return count
-    bare = JSON_STRING.sub(b'""', bytes(data))
+    bare = JSON_STRING.sub(b'""', data)
     return bare.count(b"[") + bare.count(b"{") + bare.count(b",") + 1
 
 
@@ -8069,7 +8069,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.env = child_environment(os.environ, config.api_keys, config.codex_home)
         self.runs = RunTable()
         self.launcher = CodexLauncher(config, self.env, self.logs, self.rate_limits,
-                                      self.runs, self.stopping, clock)
+                                      self.runs, self.stopping)
         self.store = open_store(config, self.instance, self.logs)
         self.seal, self.seal_error = Seal.in_folder(config.state_dir or default_state_dir())
         self.turns = Turns(config, self.launcher, self.logs, self.runs, self.stopping,
@@ -8099,8 +8099,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.turns.wait_answered(SHUTDOWN_ANSWER_SECONDS)    # before their sockets close
         self.connections.close_all()
         self.launcher.close()
-        if hasattr(self.store, "close"):
-            self.store.close()
+        self.store.close()
         self.server_close()
 
     # -- socketserver hooks: connections ----------------------------------------
